@@ -1,0 +1,70 @@
+"""The errors fxpatch raises, and how it finds the user's line.
+
+Every error for a user mistake is an ``FxpatchError`` whose message starts
+with the user's ``file:line`` and ends with what to do instead::
+
+    try:
+        with model.trace("hello"):
+            model.transformer.hh[0].output.save()
+    except fxpatch.errors.ModulePathError as e:
+        print(e)   # demo.py:3: GPT2Model has no module 'hh' ... did you mean 'h'?
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+
+import torch
+
+from .passes.diagnostics import FlowError, FxpatchError, Location, ShapeError
+
+__all__ = [
+    "BarrierError", "ControlFlowError", "FlowError", "FxpatchError", "InputError", "Location",
+    "ModuleNotRunError", "ModulePathError", "ProxyScopeError", "ShapeError", "user_location",
+]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SKIP_DIRS = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)))
+_USER_FILES = (os.path.join(_PACKAGE_DIR, "cli.py"),)  # the demo is user code
+
+
+def _is_internal(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return (path.startswith(_SKIP_DIRS) and path not in _USER_FILES) or filename.startswith("<frozen")
+
+
+class ModulePathError(FxpatchError, AttributeError):
+    """A module path that does not exist in the model."""
+
+
+class ModuleNotRunError(FxpatchError):
+    """A module that exists but does not run in the forward pass."""
+
+
+class BarrierError(FxpatchError):
+    """A barrier called by fewer or more invokes than it was made for."""
+
+
+class ControlFlowError(FxpatchError, TypeError):
+    """Python control flow, ``.item()`` or ``len()`` on a value that only exists in the run."""
+
+
+class ProxyScopeError(FxpatchError, RuntimeError):
+    """A traced value used outside the trace it belongs to."""
+
+
+class InputError(FxpatchError, ValueError):
+    """Prompts or inputs that cannot be run."""
+
+
+def user_location(depth: int = 1) -> Location:
+    """The innermost calling line outside fxpatch and torch."""
+    frame = sys._getframe(depth)
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return Location("<unknown>", 0)
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    return Location(filename, lineno, linecache.getline(filename, lineno).strip())

@@ -1,0 +1,110 @@
+"""Turning what users pass to ``trace`` / ``invoke`` into rows of one batch.
+
+Each invoke's input becomes a list of token-id rows (padding removed); the
+batch is all invokes' rows in invoke order, left-padded, with an attention
+mask and position ids counted from the first real token of each row, so that
+every row computes what it computes alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .passes.diagnostics import Location
+
+
+def to_rows(inputs, tokenizer, loc: Location, max_length: int | None) -> list[list[int]]:
+    """Token-id rows for one invoke's ``inputs``.
+
+    Accepts a string, a list of strings, token ids (``list[int]``, a list of
+    such lists, a 1-D or 2-D ``LongTensor``) or a tokenizer's ``BatchEncoding``
+    / a dict with ``input_ids`` (and optionally ``attention_mask``).
+    """
+    rows = _rows(inputs, tokenizer, loc)
+    if not rows:
+        raise InputError("no prompts were given to this invoke", at=loc,
+                         hint="Pass a prompt (a string, a list of strings or token ids), or use an empty "
+                         "tracer.invoke() only beside invokes that have prompts.")
+    for i, row in enumerate(rows):
+        if not row:
+            raise InputError(f"prompt {i} of this invoke is empty (it has no tokens)", at=loc,
+                             hint="Give every prompt at least one token.")
+        if max_length is not None and len(row) > max_length:
+            raise InputError(
+                f"prompt {i} of this invoke has {len(row)} tokens, more than the model's context of "
+                f"{max_length}", at=loc, hint=f"Shorten the prompt to at most {max_length} tokens.")
+    return rows
+
+
+def _rows(inputs, tokenizer, loc: Location) -> list[list[int]]:
+    if isinstance(inputs, str):
+        return [_tokenize([inputs], tokenizer, loc)[0]]
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(f"token ids must be an integer tensor, got dtype {inputs.dtype}", at=loc,
+                             hint="Pass token ids as a LongTensor, or pass the prompt text.")
+        if inputs.dim() == 1:
+            return [inputs.tolist()]
+        if inputs.dim() == 2:
+            return [r.tolist() for r in inputs]
+        raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}", at=loc)
+    if isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise InputError(f"a dict of inputs needs 'input_ids'; it has {sorted(inputs)}", at=loc)
+        ids = torch.as_tensor(inputs["input_ids"])
+        ids = ids[None] if ids.dim() == 1 else ids
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            return [r.tolist() for r in ids]
+        mask = torch.as_tensor(mask)
+        mask = mask[None] if mask.dim() == 1 else mask
+        return [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    if isinstance(inputs, (list, tuple)):
+        if not inputs:
+            return []
+        if all(isinstance(x, str) for x in inputs):
+            return _tokenize(list(inputs), tokenizer, loc)
+        if all(isinstance(x, int) for x in inputs):
+            return [list(inputs)]
+        if all(isinstance(x, (list, tuple)) and all(isinstance(t, int) for t in x) for x in inputs):
+            return [list(x) for x in inputs]
+    raise InputError(f"cannot use {type(inputs).__name__} as model input", at=loc,
+                     hint="Pass a string, a list of strings, token ids (list[int] or a LongTensor) or a "
+                     "tokenizer's BatchEncoding.")
+
+
+def _tokenize(texts: list[str], tokenizer, loc: Location) -> list[list[int]]:
+    if tokenizer is None:
+        raise InputError("text prompts need a tokenizer, and this model has none", at=loc,
+                         hint="Pass tokenizer=... to LanguageModel, or give token ids.")
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+@dataclass
+class Batch:
+    """A left-padded batch: ``input_ids``, ``attention_mask``, ``position_ids``, shape (rows, width)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.attention_mask.sum(-1).tolist()
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> Batch:
+    """One batch from token rows, padded on the left with ``pad_id``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), mask.to(device), position_ids.to(device))

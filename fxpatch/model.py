@@ -1,0 +1,163 @@
+"""``LanguageModel``: a Hugging Face causal LM wrapped for batched interventions.
+
+Example::
+
+    from fxpatch import LanguageModel, TINY_GPT2
+    model = LanguageModel(TINY_GPT2)
+    with model.trace("Madison square garden is located in the city of New"):
+        logits = model.lm_head.output.save()
+    print(model.tokenizer.decode(logits[0, -1].argmax()))   # ' York'
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from .envoy import Envoy
+from .export import SiteGraph, export_sites
+from .tracing import Tracer
+
+
+class _Forward(torch.nn.Module):
+    """The forward run mode: logits for a left-padded batch."""
+
+    def __init__(self, model: torch.nn.Module, position_ids: bool):
+        super().__init__()
+        self.model = model
+        self.position_ids = position_ids
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        kwargs = {"position_ids": position_ids} if self.position_ids else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+
+
+class LanguageModel(Envoy):
+    """A causal language model whose modules can be read and patched per prompt.
+
+    ``LanguageModel(name_or_path | PreTrainedModel, tokenizer=None, device_map=None, dtype=None, **kwargs)``;
+    ``kwargs`` go to ``from_pretrained``. Attribute access mirrors the model's module
+    tree (``model.transformer.h[3].mlp``); ``model.trace(...)`` records and runs
+    interventions.
+
+    Example::
+
+        model = LanguageModel("openai-community/gpt2", device_map="auto")
+        with model.trace() as tracer:
+            with tracer.invoke("Prompt 1"):
+                x = model.transformer.wte.output.save()
+    """
+
+    def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, device_map: Any = None,
+                 dtype: torch.dtype | str | None = None, **from_pretrained_kwargs: Any):
+        if isinstance(model, torch.nn.Module):
+            hf_model = model
+            if dtype is not None:
+                hf_model = hf_model.to(dtype=_dtype(dtype))
+        else:
+            hf_model = _load_model(model, device_map, dtype, from_pretrained_kwargs)
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(model if isinstance(model, str) else
+                                        getattr(getattr(hf_model, "config", None), "_name_or_path", None))
+        if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None and tokenizer.eos_token:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"
+        hf_model.eval()
+        super().__init__(self, hf_model, "")
+        own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": set()}
+        for k, v in own.items():
+            object.__setattr__(self, k, v)
+
+    # -- facts about the model ----------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self._model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    @property
+    def config(self):
+        return self._model.config
+
+    @property
+    def max_length(self) -> int | None:
+        cfg = getattr(self._model, "config", None)
+        for name in ("n_positions", "max_position_embeddings"):
+            if getattr(cfg, name, None):
+                return int(getattr(cfg, name))
+        return None
+
+    @property
+    def pad_token_id(self) -> int:
+        for source in (self.tokenizer, getattr(self._model, "config", None)):
+            for name in ("pad_token_id", "eos_token_id"):
+                value = getattr(source, name, None)
+                if isinstance(value, list):
+                    value = value[0] if value else None
+                if value is not None:
+                    return int(value)
+        return 0
+
+    # -- exported graphs ------------------------------------------------------------------
+    def site_graph(self, mode: str = "forward") -> SiteGraph:
+        """The model exported once for ``mode``, with a site at every module boundary (cached)."""
+        sg = self._site_graphs.get(mode)
+        if sg is None:
+            sg = self._site_graphs[mode] = self._export(mode)
+        return sg
+
+    def _export(self, mode: str) -> SiteGraph:
+        if mode != "forward":
+            raise ValueError(f"unknown run mode {mode!r}")
+        takes_positions = "position_ids" in inspect.signature(self._model.forward).parameters
+        vocab = int(getattr(self._model.config, "vocab_size", 2) or 2)
+        ids = torch.arange(2 * 8, device=self.device).reshape(2, 8) % vocab
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        example = {"input_ids": ids, "attention_mask": mask}
+        if takes_positions:
+            example["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return export_sites(self._model, _Forward(self._model, takes_positions), example)
+
+    # -- tracing ---------------------------------------------------------------------
+    def trace(self, inputs: Any = None, **kwargs: Any) -> Tracer:
+        """A context that records interventions and runs them in one batched pass at exit.
+
+        ``model.trace("prompt")`` is a one-invoke shortcut; ``model.trace()`` with
+        ``tracer.invoke(...)`` blocks batches several.
+        """
+        return Tracer(self, inputs, **kwargs)
+
+
+def _dtype(dtype):
+    return getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+
+
+def _load_model(name: str, device_map, dtype, kwargs) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if dtype is not None:
+        kwargs["dtype"] = _dtype(dtype)
+    move_to = None
+    if device_map == "auto":
+        # device_map="auto" needs accelerate; one device is all fxpatch uses, so pick it here.
+        move_to = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    return model.to(move_to) if move_to else model
+
+
+def _load_tokenizer(name):
+    if not name:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        return None

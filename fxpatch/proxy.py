@@ -1,0 +1,176 @@
+"""``Proxy``: a value recorded inside a trace.
+
+Inside a ``with model.trace(...)`` block nothing runs: indexing, arithmetic,
+tensor methods and ``torch.*`` functions on a proxy add nodes to the trace's
+program. After the outermost block exits, every proxy that was ``.save()``d is
+replaced, in the user's variables, by its real value.
+
+Example::
+
+    with model.trace("The Eiffel Tower is in") :
+        h = model.transformer.h[-1].output          # Proxy
+        top = h[:, -1].norm(dim=-1).save()          # Proxy, saved
+    print(top)                                      # tensor([...])
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from .errors import ControlFlowError, ProxyScopeError, user_location
+from .passes.ops import assign
+
+_UNSET = object()
+
+
+class Proxy:
+    """A recorded value: a node of a trace's program.
+
+    ``site`` is ``(site name, start, stop)`` when the proxy is a read of a
+    module's value (so item assignment writes back into the model), and
+    ``view_of`` is ``(base proxy, index)`` when it is ``base[index]``.
+    """
+
+    __slots__ = ("node", "tracer", "site", "view_of", "saved", "value", "__weakref__")
+
+    def __init__(self, node: torch.fx.Node, tracer, site=None, view_of=None):
+        object.__setattr__(self, "node", node)
+        object.__setattr__(self, "tracer", tracer)
+        object.__setattr__(self, "site", site)
+        object.__setattr__(self, "view_of", view_of)
+        object.__setattr__(self, "saved", False)
+        object.__setattr__(self, "value", _UNSET)
+
+    # -- recording -----------------------------------------------------------------
+    def _record(self, op: str, target: Any, args: tuple, kwargs: dict | None = None, **extra) -> Proxy:
+        return self.tracer.record(op, target, args, kwargs or {}, **extra)
+
+    def save(self) -> Proxy:
+        """Keep this value: after the trace, the variable holding it is the real value."""
+        self.tracer.check_live(self, user_location())
+        object.__setattr__(self, "saved", True)
+        self.tracer.saved.append(self)
+        return self
+
+    def _rebind(self, node: torch.fx.Node) -> None:
+        object.__setattr__(self, "node", node)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        tracer = _find_tracer(args, kwargs)
+        if func is torch.Tensor.__setitem__:
+            raise ProxyScopeError(
+                "a traced value was assigned into a real tensor, which would need its value now",
+                at=user_location(), hint="Do the assignment on a traced value (a module's .output or a "
+                "value computed from it), or .save() the value and assign after the trace.")
+        return tracer.record("call_function", func, tuple(args), dict(kwargs or {}))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return self._record("call_function", getattr, (self, name))
+
+    def __call__(self, *args, **kwargs) -> Proxy:
+        # ``h.sum`` is recorded as getattr(h, "sum"); calling it becomes a method call.
+        node = self.node
+        if node.target is getattr and len(node.args) == 2:
+            base = Proxy(node.args[0], self.tracer)
+            if not node.users:
+                node.graph.erase_node(node)
+            return self._record("call_method", node.args[1], (base, *args), kwargs)
+        return self._record("call_function", operator.call, (self, *args), kwargs)
+
+    def __getitem__(self, index) -> Proxy:
+        return self._record("call_function", operator.getitem, (self, index), view_of=(self, index))
+
+    def __setitem__(self, index, value) -> None:
+        """Item assignment writes through: into the module value this proxy was read from."""
+        new = self._record("call_function", assign, (self, index, value))
+        self._rebind(new.node)
+        if self.site is not None:
+            self.tracer.write_site(self.site, self)
+        elif self.view_of is not None:
+            base, base_index = self.view_of
+            base[base_index] = self
+
+    # -- values that only exist when the model runs -------------------------------------
+    def _no_python_value(self, what: str, hint: str):
+        raise ControlFlowError(
+            f"{what} needs the value of a traced tensor, which does not exist until the model runs "
+            "after the `with` block", at=user_location(), hint=hint)
+
+    def __bool__(self):
+        self._no_python_value(
+            "Python control flow (if/while/and/or/not) on a traced value",
+            "Use tensor operations instead (torch.where(cond, a, b), masks), or .save() the value "
+            "and branch on it after the trace.")
+
+    def item(self):
+        self._no_python_value(".item()", "Keep it a tensor inside the trace (x.sum(), x[..., 0]), "
+                              "or .save() it and call .item() after the trace.")
+
+    def tolist(self):
+        self._no_python_value(".tolist()", ".save() the value and call .tolist() after the trace.")
+
+    def __int__(self):
+        self._no_python_value("int()", "Keep it a tensor inside the trace, or .save() it and convert after the trace.")
+
+    def __float__(self):
+        self._no_python_value("float()", "Keep it a tensor inside the trace, or .save() it and convert after the trace.")
+
+    def __index__(self):
+        self._no_python_value("Using a traced value as a Python index",
+                              "Index with tensors (torch.gather, x[idx_tensor]) or constants.")
+
+    def __len__(self):
+        self._no_python_value("len()", "Use .shape[0] (a traced value) or .size(0) inside the trace.")
+
+    def __iter__(self):
+        self._no_python_value("Iterating over a traced value",
+                              "Index it explicitly (x[0], x[1]) or use tensor ops such as .unbind() after the trace.")
+
+    def __repr__(self) -> str:
+        if self.value is not _UNSET:
+            return repr(self.value)
+        return f"Proxy({self.node.name}{' saved' if self.saved else ''})"
+
+    def __hash__(self):
+        return id(self)
+
+
+def _find_tracer(args, kwargs):
+    for a in list(args) + list((kwargs or {}).values()):
+        if isinstance(a, Proxy):
+            return a.tracer
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, Proxy):
+                    return b.tracer
+    raise ProxyScopeError("a torch function was called with traced values it cannot find", at=user_location())
+
+
+def _binary(op, reflected=False):
+    def method(self, other):
+        args = (other, self) if reflected else (self, other)
+        return self._record("call_function", op, args)
+    return method
+
+
+def _unary(op):
+    def method(self):
+        return self._record("call_function", op, (self,))
+    return method
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+              "lshift", "rshift"):
+    _op = getattr(operator, _name if _name not in ("and", "or") else _name + "_")
+    setattr(Proxy, f"__{_name}__", _binary(_op))
+    setattr(Proxy, f"__r{_name}__", _binary(_op, reflected=True))
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(Proxy, f"__{_name}__", _binary(getattr(operator, _name)))
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(Proxy, f"__{_name}__", _unary(getattr(operator, _name)))

@@ -1,0 +1,420 @@
+"""The ``trace`` context: recording a program of invokes, then running it once.
+
+``Tracer`` is what ``model.trace(...)`` returns. Inside its block,
+``tracer.invoke(prompt)`` adds rows to the batch and module accesses record a
+program (a ``torch.fx.Graph`` of reads, writes and user ops, each tagged with
+the user's line). At the exit of the block the program is checked, rewritten
+into the model's exported graph and run as one batched pass; saved values are
+then bound to the user's variables.
+
+Example::
+
+    with model.trace() as tracer:
+        with tracer.invoke("The Eiffel Tower is in the city of"):
+            clean = model.transformer.h[2].output[:, -1].save()
+        with tracer.invoke("The Colosseum is in the city of"):
+            model.transformer.h[2].output[:, -1] = clean
+            logits = model.lm_head.output[:, -1].save()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from typing import Any
+
+import torch
+from torch.fx.node import map_aggregate
+
+from .errors import (
+    BarrierError,
+    FxpatchError,
+    InputError,
+    ModuleNotRunError,
+    ProxyScopeError,
+    user_location,
+)
+from .inputs import to_rows
+from .passes.diagnostics import Location
+from .passes.ops import read_site, write_site
+from .proxy import _UNSET, Proxy
+from .structure import Spec, flatten, unflatten
+
+_ACTIVE: list[Tracer] = []
+
+
+def active_tracer() -> Tracer | None:
+    """The innermost trace being recorded, if any."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+class _SiteContainer:
+    def save(self):
+        """Save every traced value inside; after the trace this holds real values."""
+        leaves, _ = flatten(self)
+        for _, leaf in leaves:
+            if isinstance(leaf, Proxy) and not leaf.saved:
+                leaf.save()
+        return self
+
+
+class SiteTuple(_SiteContainer, tuple):
+    """A module's tuple output inside a trace; ``out[i] = v`` writes element ``i``."""
+
+    def __setitem__(self, index, value):
+        _write_element(self[index], value)
+
+
+class SiteList(_SiteContainer, list):
+    """A module's list output inside a trace; ``out[i] = v`` writes element ``i``."""
+
+    def __setitem__(self, index, value):
+        _write_element(self[index], value)
+        super().__setitem__(index, value)
+
+
+class SiteDict(_SiteContainer, dict):
+    """A module's dict / ``ModelOutput`` inside a trace: ``out.logits``, ``out['logits']``, ``out[0]``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"this output has no field {name!r}; it has {list(self)}") from None
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return list(self.values())[key]
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        _write_element(self[key], value)
+        super().__setitem__(key if not isinstance(key, int) else list(self)[key], value)
+
+    __setattr__ = __setitem__
+
+
+def _write_element(current, value):
+    if isinstance(current, Proxy) and current.site is not None:
+        current.tracer.write_site(current.site, value)
+        return
+    raise FxpatchError("this element of the module's value is not a tensor the model uses, so it cannot be set",
+                       at=user_location(), hint="Assign to a tensor element instead.")
+
+
+def _build_container(spec: Spec, items: list) -> Any:
+    if spec.kind == "dict":
+        return SiteDict(zip(spec.keys, items))
+    return SiteList(items) if spec.kind == "list" else SiteTuple(items)
+
+
+class Invoker:
+    """One ``tracer.invoke(...)``: the rows of the batch its interventions apply to.
+
+    An invoke with no inputs applies to every row of the batch.
+    """
+
+    def __init__(self, tracer: Tracer, inputs: Any, loc: Location):
+        self.tracer, self.inputs, self.loc = tracer, inputs, loc
+        self.index = len(tracer.invokes)
+        self.rows: list[list[int]] = []
+        self.start, self.stop = 0, None
+        self.reads: dict[tuple[str, str], Any] = {}
+
+    def __enter__(self) -> Invoker:
+        t = self.tracer
+        t._check_recording(self.loc)
+        if t.current_invoke is not None:
+            raise FxpatchError("tracer.invoke() was opened inside another invoke", at=self.loc,
+                               hint="Close the first invoke before opening the next; invokes do not nest.")
+        if t.shortcut and self is not t._shortcut_invoke:
+            raise FxpatchError("model.trace(inputs) already makes one invoke of its inputs", at=self.loc,
+                               hint="Use either model.trace(prompt) or model.trace() with tracer.invoke(...).")
+        if self.inputs is not None:
+            self.rows = to_rows(self.inputs, t.model.tokenizer, self.loc, t.model.max_length)
+            self.start = sum(len(i.rows) for i in t.invokes)
+            self.stop = self.start + len(self.rows)
+        t.invokes.append(self)
+        t.current_invoke = self
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.tracer.current_invoke = None
+        return False
+
+
+class Barrier:
+    """``tracer.barrier(n)``: a point that exactly ``n`` invokes must each call once.
+
+    fxpatch orders a program by its data flow, so the barrier does not change
+    what runs; it keeps NNsight's contract and checks that it is kept.
+    """
+
+    def __init__(self, tracer: Tracer, n: int, loc: Location):
+        if not isinstance(n, int) or n < 1:
+            raise BarrierError(f"a barrier needs a positive number of invokes, got {n!r}", at=loc,
+                               hint="Create it as tracer.barrier(2) for two invokes.")
+        self.tracer, self.n, self.loc = tracer, n, loc
+        self.calls: list[tuple[int, Location]] = []
+
+    def __call__(self) -> None:
+        loc = user_location()
+        invoke = self.tracer.current_invoke
+        if invoke is None:
+            raise BarrierError("barrier() was called outside an invoke", at=loc,
+                               hint="Call the barrier inside each `with tracer.invoke(...)` block that takes part.")
+        if any(i == invoke.index for i, _ in self.calls):
+            raise BarrierError("barrier() was called twice in the same invoke", at=loc,
+                               also=[("barrier created at", self.loc)], hint="Call it once per invoke.")
+        if len(self.calls) >= self.n:
+            raise BarrierError(
+                f"barrier() made for {self.n} invokes is called by a {len(self.calls) + 1}th invoke", at=loc,
+                also=[("barrier created at", self.loc)] + [("called at", c) for _, c in self.calls],
+                hint=f"Create it with tracer.barrier({len(self.calls) + 1}), or remove this call.")
+        self.calls.append((invoke.index, loc))
+
+    def check(self) -> None:
+        if len(self.calls) != self.n:
+            raise BarrierError(
+                f"barrier made for {self.n} invokes was called by {len(self.calls)}", at=self.loc,
+                also=[("called at", c) for _, c in self.calls],
+                hint=f"Call barrier() in {self.n} invokes, or create it with tracer.barrier({len(self.calls)}).")
+
+
+class Tracer:
+    """``model.trace(inputs=None, **kwargs)``: record interventions, run once at exit.
+
+    Attributes after the block: ``graph`` (the rewritten ``GraphModule`` that
+    ran), ``inserted`` (a table of the nodes the rewrite inserted) and
+    ``batch`` (the padded inputs).
+    """
+
+    mode = "forward"
+
+    def __init__(self, model, inputs: Any = None, **kwargs: Any):
+        self.model = model
+        self.kwargs = kwargs
+        self.loc = user_location(2)
+        self.graph = None
+        self.program = torch.fx.Graph()
+        self.invokes: list[Invoker] = []
+        self.barriers: list[Barrier] = []
+        self.saved: list[Proxy] = []
+        self.current_invoke: Invoker | None = None
+        self.finished = False
+        self.shortcut = inputs is not None
+        self._shortcut_invoke = Invoker(self, inputs, self.loc) if self.shortcut else None
+        self._constants: dict[int, tuple[torch.Tensor, torch.fx.Node]] = {}
+        self.batch = None
+        self.inserted = None
+
+    # -- context -----------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        if any(t.model is not self.model for t in _ACTIVE) or any(t is self for t in _ACTIVE):
+            raise FxpatchError("a trace was opened inside another model's trace", at=self.loc,
+                               hint="Finish one trace before starting another.")
+        if _ACTIVE:
+            raise FxpatchError("a trace was opened inside another trace of the same model", at=self.loc,
+                               hint="Use several tracer.invoke(...) blocks in one trace instead.")
+        _ACTIVE.append(self)
+        if self._shortcut_invoke is not None:
+            try:
+                self._shortcut_invoke.__enter__()
+            except BaseException:
+                self._close()
+                raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._shortcut_invoke is not None:
+            self._shortcut_invoke.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            self._close()
+            return False
+        frame = sys._getframe(1)  # the frame running the `with` statement
+        try:
+            self._execute()
+        finally:
+            self._close()
+        _bind_saved(frame, self.saved)
+        return False
+
+    def _close(self) -> None:
+        self.finished = True
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    # -- API ---------------------------------------------------------------------
+    def invoke(self, inputs: Any = None, **kwargs: Any) -> Invoker:
+        """Add ``inputs`` as rows of the batch; interventions inside apply to those rows."""
+        return Invoker(self, inputs, user_location())
+
+    def barrier(self, n: int) -> Barrier:
+        """A barrier that ``n`` invokes call, to share values between them."""
+        b = Barrier(self, n, user_location())
+        self.barriers.append(b)
+        return b
+
+    # -- recording ---------------------------------------------------------------------
+    def _check_recording(self, loc: Location) -> None:
+        if self.finished:
+            raise ProxyScopeError("this trace has already ended", at=loc,
+                                  hint="Start a new `with model.trace(...)` block.")
+        if active_tracer() is not self:
+            raise ProxyScopeError("a value of one trace was used inside another model's trace", at=loc,
+                                  also=[("its trace started at", self.loc)],
+                                  hint=".save() it in its own trace; the saved tensor can be used anywhere.")
+
+    def check_live(self, proxy: Proxy, loc: Location) -> Any:
+        """``proxy`` as something this trace's program can use: a node, or the saved value."""
+        if proxy.tracer is self and not self.finished:
+            return proxy.node
+        if proxy.value is not _UNSET:
+            return proxy.value
+        if proxy.tracer.finished:
+            raise ProxyScopeError(
+                "a traced value was used after its trace ended, but it was not saved", at=loc,
+                also=[("it was recorded at", proxy.node.meta["fxpatch_loc"])],
+                hint="Call .save() on it inside the trace to keep its value.")
+        raise ProxyScopeError(
+            "a value of one trace was used inside another trace", at=loc,
+            also=[("it was recorded at", proxy.node.meta["fxpatch_loc"])],
+            hint=".save() it in its own trace; once that trace ends the saved tensor can be used anywhere.")
+
+    def _graph_arg(self, value: Any, loc: Location) -> Any:
+        def convert(v):
+            if isinstance(v, Proxy):
+                v = self.check_live(v, loc)
+                if isinstance(v, torch.fx.Node):
+                    return v
+            if isinstance(v, torch.Tensor):
+                return self._constant(v, loc)
+            return v
+        return map_aggregate(value, convert)
+
+    def _constant(self, tensor: torch.Tensor, loc: Location) -> torch.fx.Node:
+        # Tensors from outside are program inputs, not baked-in constants, so a
+        # rewritten graph can be reused for runs that differ only in values.
+        entry = self._constants.get(id(tensor))
+        if entry is None:
+            node = self.program.placeholder(f"const_{len(self._constants)}")
+            node.meta["fxpatch_loc"] = loc
+            node.meta["fxpatch_invoke"] = None
+            node.meta["fxpatch_value"] = tensor
+            entry = self._constants[id(tensor)] = (tensor, node)
+        return entry[1]
+
+    def record(self, op: str, target: Any, args: tuple, kwargs: dict, *, site=None, view_of=None) -> Proxy:
+        """Add one operation to the program and return its ``Proxy``."""
+        loc = user_location()
+        self._check_recording(loc)
+        node = self.program.create_node(op, target, self._graph_arg(args, loc), self._graph_arg(kwargs, loc))
+        node.meta["fxpatch_loc"] = loc
+        node.meta["fxpatch_invoke"] = self.current_invoke.index if self.current_invoke else None
+        return Proxy(node, self, site=site, view_of=view_of)
+
+    def _require_invoke(self, what: str) -> Invoker:
+        loc = user_location()
+        self._check_recording(loc)
+        if self.current_invoke is None:
+            raise FxpatchError(f"{what} was used outside an invoke", at=loc,
+                               hint="Use it inside `with tracer.invoke(...)`; an empty tracer.invoke() "
+                               "covers every row of the batch.")
+        return self.current_invoke
+
+    def module_sites(self, path: str, kind: str, what: str):
+        """The recorded structure of a module's ``inputs`` or ``output``, checked to exist."""
+        sites = self.model.site_graph(self.mode).modules.get(path, {}).get(kind)
+        if sites is None:
+            name = path or "the model"
+            raise ModuleNotRunError(
+                f"module {name!r} does not run in the model's forward pass, so it has no {what}",
+                at=user_location(),
+                hint="Pick a module that runs (print(model) shows the tree; the demo's table lists sites).")
+        return sites
+
+    def read(self, path: str, kind: str) -> Any:
+        """A module's ``output`` or ``inputs`` for the current invoke, as proxies."""
+        invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
+        sites = self.module_sites(path, kind, kind)
+        cached = invoke.reads.get((path, kind))
+        if cached is not None:
+            return cached
+        leaves = [self._read_leaf(name, invoke) if is_site else name
+                  for name, is_site in zip(sites.leaves, sites.is_site)]
+        value = unflatten(sites.spec, leaves, _build_container)
+        invoke.reads[(path, kind)] = value
+        return value
+
+    def _read_leaf(self, name: str, invoke: Invoker) -> Proxy:
+        ref = (name, invoke.start, invoke.stop)
+        proxy = self.record("call_function", read_site, ref, {}, site=ref)
+        proxy.node.meta["fxpatch_site"] = name
+        return proxy
+
+    def write_site(self, ref: tuple[str, int, int | None], value: Any) -> None:
+        """Record that the rows ``ref`` names of a site now hold ``value``."""
+        invoke = self._require_invoke("a module assignment")
+        name, start, stop = ref
+        if (start, stop) != (invoke.start, invoke.stop):
+            raise FxpatchError("a module value read in one invoke was assigned in another", at=user_location(),
+                               hint="Read the value again in this invoke (m.output) and assign to that.")
+        node = self.record("call_function", write_site, (name, start, stop, value), {}).node
+        node.meta["fxpatch_site"] = name
+        owner = self.model.site_graph(self.mode).owner(name)
+        invoke.reads.pop(owner, None)
+
+    # -- running -----------------------------------------------------------------------
+    def _execute(self) -> None:
+        for b in self.barriers:
+            b.check()
+        if not any(i.rows for i in self.invokes):
+            raise InputError("the trace has no inputs: no invoke was given a prompt", at=self.loc,
+                             hint="Pass a prompt to model.trace(...) or to a tracer.invoke(...).")
+        from .runner import run_trace
+
+        values = run_trace(self)
+        for proxy, value in zip(self.saved, values):
+            object.__setattr__(proxy, "value", value)
+
+
+def _replace_saved(value: Any, seen: set) -> Any:
+    if isinstance(value, Proxy):
+        return value.value if value.value is not _UNSET else value
+    if id(value) in seen:
+        return value
+    if type(value) is list:
+        seen.add(id(value))
+        value[:] = [_replace_saved(v, seen) for v in value]
+    elif type(value) is dict:
+        seen.add(id(value))
+        for k in list(value):
+            value[k] = _replace_saved(value[k], seen)
+    elif type(value) is tuple or isinstance(value, _SiteContainer):
+        # module values become plain containers of real values
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        new = [(k, _replace_saved(v, seen)) for k, v in items]
+        if isinstance(value, SiteDict):
+            return SiteDict(new)
+        return (list if isinstance(value, list) else tuple)(v for _, v in new)
+    return value
+
+
+def _bind_saved(frame, saved: list[Proxy]) -> None:
+    """Replace saved proxies by their values in the variables of the trace's frame."""
+    if frame is None or not saved:
+        return
+    local_vars = frame.f_locals
+    is_module_level = local_vars is frame.f_globals
+    changed = {}
+    seen: set = set()
+    for name, value in list(local_vars.items()):
+        new = _replace_saved(value, seen)
+        if new is not value:
+            changed[name] = new
+    if not changed:
+        return
+    for name, new in changed.items():
+        local_vars[name] = new
+    if sys.version_info < (3, 13) and not is_module_level:
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))

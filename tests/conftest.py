@@ -1,0 +1,72 @@
+"""Shared fixtures: the embedded tiny GPT-2 and a tiny random Llama (grouped-query attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import fxpatch
+from fxpatch import LanguageModel
+
+PROMPT_1 = "Madison square garden is located in the city of New"
+PROMPT_2 = "_ _ _ _ _ _ _ _ _ _"
+PROMPTS = [PROMPT_1, "The Eiffel Tower is in Paris", "_ _ _", PROMPT_2]
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer random Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(fxpatch.TINY_GPT2)
+
+
+@pytest.fixture(scope="session")
+def gpt2() -> LanguageModel:
+    return LanguageModel(fxpatch.TINY_GPT2)
+
+
+@pytest.fixture(scope="session")
+def llama(tokenizer) -> LanguageModel:
+    return LanguageModel(tiny_llama(len(tokenizer)), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def lm(request) -> LanguageModel:
+    """Each test using ``lm`` runs on both architectures."""
+    return request.getfixturevalue(request.param)
+
+
+def layers(lm: LanguageModel):
+    """The decoder layers' envoys and modules, whatever the architecture calls them."""
+    if hasattr(lm._model, "transformer"):
+        return lm.transformer.h, lm._model.transformer.h
+    return lm.model.layers, lm._model.model.layers
+
+
+def state(lm: LanguageModel) -> dict:
+    """Everything a trace must leave as it was: weights and every module's hooks."""
+    model = lm._model
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "hooks": {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+                  for name, m in model.named_modules()},
+        "global": (dict(torch.nn.modules.module._global_forward_hooks),
+                   dict(torch.nn.modules.module._global_forward_pre_hooks)),
+    }
+
+
+def assert_state_unchanged(lm: LanguageModel, before: dict) -> None:
+    after = state(lm)
+    assert after["hooks"] == before["hooks"]
+    assert after["global"] == before["global"]
+    assert after["weights"].keys() == before["weights"].keys()
+    for k, v in before["weights"].items():
+        torch.testing.assert_close(after["weights"][k], v, rtol=0, atol=0)
