@@ -13,6 +13,7 @@ import torch
 
 def demo() -> None:
     """Run the reference page's trace examples and print what they give."""
+    import fxpatch
     from fxpatch import TINY_GPT2, LanguageModel
     from fxpatch.runner import format_inserted
 
@@ -71,6 +72,36 @@ def demo() -> None:
                    for layer in model.transformer.h]
     print("   " + "  ".join(f"h[{i}]: {tok.decode(g)!r}" for i, g in enumerate(guesses)))
     torch.testing.assert_close(guesses[-1], original)
+
+    print("\n6. Generation: the page's generate blocks (3 new tokens, greedy)")
+    with model.generate(max_new_tokens=3) as tracer:
+        with tracer.invoke(p1):
+            batch1 = model.generator.output.save()
+        with tracer.invoke(p2):
+            batch2 = model.generator.output.save()
+    print(f"   batching:            {tok.batch_decode(batch1)} {tok.batch_decode(batch2)}")
+    with model.generate(max_new_tokens=3) as tracer:
+        barrier = tracer.barrier(2)
+        with tracer.invoke(p1):
+            embeddings = model.transformer.wte.output
+            barrier()
+            original = model.generator.output.save()
+        with tracer.invoke(p2):
+            barrier()
+            model.transformer.wte.output = embeddings
+            intervened = model.generator.output.save()
+    print(f"   cross-prompt:        {tok.batch_decode(original)} {tok.batch_decode(intervened)}")
+    with model.generate(p1, max_new_tokens=3):
+        embeddings = model.transformer.wte.output.save()
+    with model.generate(p2, max_new_tokens=3):
+        model.transformer.wte.output = embeddings
+        intervened = model.generator.output.save()
+    print(f"   two separate runs:   {tok.batch_decode(intervened)}")
+    with model.generate(p1, max_new_tokens=3) as tracer:
+        last = fxpatch.save([])
+        for _step in tracer.all():
+            last.append(model.lm_head.output[:, -1].argmax(dim=-1))
+    print(f"   per-step argmax:     {[tok.decode(t) for t in last]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,8 +70,9 @@ class Envoy:
             try:
                 return self._child(names[index])
             except IndexError:
-                raise ModulePathError(f"{self._path or 'the model'} has {len(names)} modules; index {index} is out of range",
-                                      at=user_location(), hint=f"Use an index from 0 to {len(names) - 1} (or negative).") from None
+                raise ModulePathError(
+                    f"{self._path or 'the model'} has {len(names)} modules; index {index} is out of range",
+                    at=user_location(), hint=f"Use an index from 0 to {len(names) - 1} (or negative).") from None
         if isinstance(index, str) and index in self._module._modules:
             return self._child(index)
         raise ModulePathError(f"cannot index {self._path or 'the model'} with {index!r}", at=user_location())
@@ -144,7 +145,8 @@ def _assign_structure(current: Any, value: Any, where: str) -> None:
         raise FxpatchError(
             f"{where} is a {cur_spec.kind} of {len(cur_leaves)} values, but a "
             f"{'single value' if new_spec.kind == 'leaf' else f'{new_spec.kind} of {len(new_leaves)}'} was assigned",
-            at=user_location(), hint=f"Assign one element ({where}[0] = ...) or a {cur_spec.kind} of the same structure.")
+            at=user_location(),
+            hint=f"Assign one element ({where}[0] = ...) or a {cur_spec.kind} of the same structure.")
     for (_, old), (_, new) in zip(cur_leaves, new_leaves):
         if new is old:
             continue

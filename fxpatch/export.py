@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from .passes.ops import is_site, site
+from .passes.ops import site
 from .structure import Spec, flatten, unflatten
 
 
@@ -59,7 +59,7 @@ class SiteGraph:
     outputs: list[str]
     modules: dict[str, dict[str, ModuleSites]]
     export_seconds: float
-    site_order: dict[str, int] = field(default_factory=dict)
+    input_names: list[str] = field(default_factory=list)
 
     def owner(self, name: str) -> tuple[str, str]:
         """``(module path, kind)`` of the site called ``name``."""
@@ -142,16 +142,24 @@ def _transformers_export_patches(model: torch.nn.Module):
         yield
 
 
+def _all_dynamic(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return dict.fromkeys(range(value.dim()), Dim.AUTO)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_all_dynamic(v) for v in value)
+    return None
+
+
 def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[str, Any],
-                 prefix: str = "model.") -> SiteGraph:
+                 dynamic_shapes: dict[str, Any] | None = None, prefix: str = "model.") -> SiteGraph:
     """Export ``entry`` (which holds ``model`` at attribute ``prefix``) with sites.
 
-    Every tensor in ``example`` gets dynamic dims (``Dim.AUTO``); they must be
-    given as keyword inputs. Returns a ``SiteGraph``; the model is left as it was.
+    ``example`` holds keyword inputs (tensors or lists of tensors); without
+    ``dynamic_shapes`` every dim is ``Dim.AUTO``. Returns a ``SiteGraph``; the
+    model is left as it was.
     """
     record: dict[str, dict[str, ModuleSites]] = {}
-    dynamic = {k: ({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
-               for k, v in example.items()}
+    dynamic = dynamic_shapes or {k: _all_dynamic(v) for k, v in example.items()}
     start = time.perf_counter()
     with torch.no_grad(), _transformers_export_patches(model), _site_hooks(model, record):
         ep = torch.export.export(entry, (), dict(example), dynamic_shapes=dynamic, strict=False)
@@ -170,9 +178,4 @@ def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[s
         else:
             state.append(("constant", ep.constants[spec.target]))
     outputs = [o.arg.name for o in sig.output_specs]
-    gm = ep.graph_module
-    order = {}
-    for i, node in enumerate(gm.graph.nodes):
-        if is_site(node):
-            order.setdefault(node.args[1], i)
-    return SiteGraph(gm, state, inputs, outputs, record, seconds, order)
+    return SiteGraph(ep.graph_module, state, inputs, outputs, record, seconds, list(example))

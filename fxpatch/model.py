@@ -59,12 +59,14 @@ class LanguageModel(Envoy):
         else:
             hf_model = _load_model(model, device_map, dtype, from_pretrained_kwargs)
         if tokenizer is None:
+            # A tokenizer fxpatch loads pads like its batches (left, EOS when it has no pad
+            # token); one the user passes is theirs and stays as it is.
             tokenizer = _load_tokenizer(model if isinstance(model, str) else
                                         getattr(getattr(hf_model, "config", None), "_name_or_path", None))
-        if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None and tokenizer.eos_token:
-            tokenizer.pad_token = tokenizer.eos_token
-        if tokenizer is not None:
-            tokenizer.padding_side = "left"
+            if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None and tokenizer.eos_token:
+                tokenizer.pad_token = tokenizer.eos_token
+            if tokenizer is not None:
+                tokenizer.padding_side = "left"
         hf_model.eval()
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": set()}
@@ -111,6 +113,11 @@ class LanguageModel(Envoy):
         return sg
 
     def _export(self, mode: str) -> SiteGraph:
+        if mode in ("prefill", "decode"):
+            from .generation import export_entry
+
+            entry, example, dynamic = export_entry(self, mode)
+            return export_sites(self._model, entry, example, dynamic)
         if mode != "forward":
             raise ValueError(f"unknown run mode {mode!r}")
         takes_positions = "position_ids" in inspect.signature(self._model.forward).parameters
@@ -131,6 +138,31 @@ class LanguageModel(Envoy):
         ``tracer.invoke(...)`` blocks batches several.
         """
         return Tracer(self, inputs, **kwargs)
+
+    def generate(self, inputs: Any = None, max_new_tokens: int | None = None, **generation_kwargs: Any):
+        """A context like ``trace`` that generates ``max_new_tokens`` tokens per prompt at exit.
+
+        Interventions apply to the prompt pass unless placed in ``for step in
+        tracer.iter[...]`` or ``tracer.all()``; ``model.generator.output`` is an
+        invoke's token ids. ``generation_kwargs`` are transformers' (``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ...).
+
+        Example::
+
+            with model.generate("Madison square garden is located in the city of New", max_new_tokens=3):
+                out = model.generator.output.save()
+            model.tokenizer.batch_decode(out)   # ['Madison square garden ... New York City.']
+        """
+        from .generation import GenerateTracer
+
+        return GenerateTracer(self, inputs, max_new_tokens, **generation_kwargs)
+
+    @property
+    def generator(self):
+        """``model.generator.output``: an invoke's generated token ids, inside ``generate``."""
+        from .generation import Generator
+
+        return Generator(self)
 
 
 def _dtype(dtype):

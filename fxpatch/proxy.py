@@ -116,10 +116,12 @@ class Proxy:
         self._no_python_value(".tolist()", ".save() the value and call .tolist() after the trace.")
 
     def __int__(self):
-        self._no_python_value("int()", "Keep it a tensor inside the trace, or .save() it and convert after the trace.")
+        self._no_python_value("int()", "Keep it a tensor inside the trace, or .save() it and convert after "
+                              "the trace.")
 
     def __float__(self):
-        self._no_python_value("float()", "Keep it a tensor inside the trace, or .save() it and convert after the trace.")
+        self._no_python_value("float()", "Keep it a tensor inside the trace, or .save() it and convert after "
+                              "the trace.")
 
     def __index__(self):
         self._no_python_value("Using a traced value as a Python index",

@@ -79,26 +79,81 @@ def format_inserted(rows: list[dict[str, Any]]) -> str:
     return tabulate(rows, headers="keys", tablefmt="github") if rows else "(no nodes inserted)"
 
 
-def run_trace(tracer) -> list[Any]:
-    """Run ``tracer``'s program as one batched pass; return the saved values in order."""
+def phase_outputs(tracer, phase: int) -> list[torch.fx.Node]:
+    """The program nodes a phase must return: values saved in it and values later phases use."""
+    nodes = [p.node for p in tracer.saved if p.node.meta["fxpatch_phase"] == phase]
+    nodes += tracer.carries.get(phase, [])
+    return list(dict.fromkeys(nodes))
+
+
+def _feeds(program: torch.fx.Graph, values: dict) -> list[Any]:
+    feeds = []
+    for node in program.nodes:
+        if node.op != "placeholder":
+            continue
+        if "fxpatch_carry" in node.meta:
+            feeds.append(values[node.meta["fxpatch_carry"]])
+        elif node in values:  # a value the runner provides (generated tokens)
+            feeds.append(values[node])
+        else:
+            feeds.append(node.meta["fxpatch_value"])
+    return feeds
+
+
+def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.fx.Node],
+                model_inputs: list[torch.Tensor], values: dict) -> tuple[list[Any], torch.fx.GraphModule]:
+    """Run one phase: the site graph of ``mode`` with ``program`` inlined.
+
+    ``values`` maps program nodes of earlier phases to their values; the
+    values of ``outputs`` are added to it. Returns the model's own outputs
+    and the graph that ran.
+    """
+    if program.find_nodes(op="output"):
+        raise RuntimeError("a program runs once")
+    program.output(tuple(outputs))
+    sg = model.site_graph(mode)
+    gm = patched_graph(model, mode, program)
+    flat = sg.state_values(model._model) + list(model_inputs) + _feeds(program, values)
+    shape_key = (id(gm), tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t)
+                               for t in flat[len(sg.state):]))
+    if shape_key not in model._checked:
+        CheckShapes(flat)(gm)
+        model._checked.add(shape_key)
+    with torch.no_grad():
+        out = gm(*flat)
+    n = len(sg.outputs)
+    values.update(zip(outputs, out[n:]))
+    return list(out[:n]), gm
+
+
+def run_detached(program: torch.fx.Graph, outputs: list[torch.fx.Node], values: dict) -> None:
+    """Run a program that touches no model (ops on generated tokens and earlier values)."""
+    program.output(tuple(outputs))
+    gm = torch.fx.GraphModule(torch.nn.Module(), program)
+    flat = _feeds(program, values)
+    CheckShapes(flat)(gm)
+    with torch.no_grad():
+        out = gm(*flat)
+    values.update(zip(outputs, out))
+
+
+def bind_values(tracer, values: dict) -> None:
+    """Give every saved proxy its value (``None`` for a step that never ran)."""
+    for proxy in tracer.saved:
+        object.__setattr__(proxy, "value", values.get(proxy.node))
+
+
+def run_trace(tracer) -> None:
+    """Run a trace's program as one batched forward pass and bind the saved values."""
     model = tracer.model
     rows = [r for invoke in tracer.invokes for r in invoke.rows]
     batch = left_pad(rows, model.pad_token_id, model.device)
     tracer.batch = batch
-    program = tracer.program
-    program.output(tuple(p.node for p in tracer.saved))
-    sg = model.site_graph(tracer.mode)
-    gm = patched_graph(model, tracer.mode, program)
-    values = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-              "position_ids": batch.position_ids}
-    consts = [n.meta["fxpatch_value"] for n in program.nodes if n.op == "placeholder"]
-    flat = sg.state_values(model._model) + [values[name] for name in sg.inputs] + consts
-    shape_key = (id(gm), tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in flat[-len(sg.inputs) - len(consts):]))
-    if shape_key not in model._checked:
-        CheckShapes(flat)(gm)
-        model._checked.add(shape_key)
+    inputs = [batch.input_ids, batch.attention_mask]
+    if "position_ids" in model.site_graph("forward").input_names:
+        inputs.append(batch.position_ids)
+    values: dict = {}
+    _, gm = run_program(model, "forward", tracer.program_of(0), phase_outputs(tracer, 0), inputs, values)
     tracer.graph = gm
     tracer.inserted = inserted_nodes(gm)
-    with torch.no_grad():
-        out = gm(*flat)
-    return list(out[len(sg.outputs):])
+    bind_values(tracer, values)

@@ -7,8 +7,9 @@ one opaque leaf. Keys make site names: ``transformer.h.0.attn.output[0]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 def _is_plain_tuple(obj: Any) -> bool:

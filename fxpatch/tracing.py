@@ -28,6 +28,7 @@ from torch.fx.node import map_aggregate
 
 from .errors import (
     BarrierError,
+    FlowError,
     FxpatchError,
     InputError,
     ModuleNotRunError,
@@ -168,7 +169,8 @@ class Barrier:
                                also=[("barrier created at", self.loc)], hint="Call it once per invoke.")
         if len(self.calls) >= self.n:
             raise BarrierError(
-                f"barrier() made for {self.n} invokes is called by a {len(self.calls) + 1}th invoke", at=loc,
+                f"barrier() made for {self.n} invokes is called by one more invoke ({len(self.calls) + 1} in all)",
+                at=loc,
                 also=[("barrier created at", self.loc)] + [("called at", c) for _, c in self.calls],
                 hint=f"Create it with tracer.barrier({len(self.calls) + 1}), or remove this call.")
         self.calls.append((invoke.index, loc))
@@ -196,7 +198,10 @@ class Tracer:
         self.kwargs = kwargs
         self.loc = user_location(2)
         self.graph = None
-        self.program = torch.fx.Graph()
+        self.programs: dict[int, torch.fx.Graph] = {}
+        self.phase = 0
+        self.carries: dict[int, list[torch.fx.Node]] = {}
+        self.saved_containers: list[Any] = []
         self.invokes: list[Invoker] = []
         self.barriers: list[Barrier] = []
         self.saved: list[Proxy] = []
@@ -204,16 +209,14 @@ class Tracer:
         self.finished = False
         self.shortcut = inputs is not None
         self._shortcut_invoke = Invoker(self, inputs, self.loc) if self.shortcut else None
-        self._constants: dict[int, tuple[torch.Tensor, torch.fx.Node]] = {}
+        self._constants: dict[tuple[int, int], tuple[Any, torch.fx.Node]] = {}
         self.batch = None
         self.inserted = None
 
     # -- context -----------------------------------------------------------------
     def __enter__(self) -> Tracer:
-        if any(t.model is not self.model for t in _ACTIVE) or any(t is self for t in _ACTIVE):
-            raise FxpatchError("a trace was opened inside another model's trace", at=self.loc,
-                               hint="Finish one trace before starting another.")
-        if _ACTIVE:
+        # A trace of another model may nest (it runs at its own exit); one of the same model may not.
+        if any(t.model is self.model for t in _ACTIVE) or self.finished:
             raise FxpatchError("a trace was opened inside another trace of the same model", at=self.loc,
                                hint="Use several tracer.invoke(...) blocks in one trace instead.")
         _ACTIVE.append(self)
@@ -256,6 +259,12 @@ class Tracer:
         return b
 
     # -- recording ---------------------------------------------------------------------
+    def program_of(self, phase: int) -> torch.fx.Graph:
+        """The program of one phase (step of a run): 0 for a trace or a generation's prompt pass."""
+        if phase not in self.programs:
+            self.programs[phase] = torch.fx.Graph()
+        return self.programs[phase]
+
     def _check_recording(self, loc: Location) -> None:
         if self.finished:
             raise ProxyScopeError("this trace has already ended", at=loc,
@@ -281,37 +290,69 @@ class Tracer:
             also=[("it was recorded at", proxy.node.meta["fxpatch_loc"])],
             hint=".save() it in its own trace; once that trace ends the saved tensor can be used anywhere.")
 
-    def _graph_arg(self, value: Any, loc: Location) -> Any:
+    def _graph_arg(self, value: Any, loc: Location, phase: int) -> Any:
         def convert(v):
             if isinstance(v, Proxy):
                 v = self.check_live(v, loc)
                 if isinstance(v, torch.fx.Node):
-                    return v
+                    if v.meta["fxpatch_phase"] == phase:
+                        return v
+                    return self._input(phase, v, loc, carry=v)
             if isinstance(v, torch.Tensor):
-                return self._constant(v, loc)
+                return self._input(phase, v, loc, value=v)
             return v
         return map_aggregate(value, convert)
 
-    def _constant(self, tensor: torch.Tensor, loc: Location) -> torch.fx.Node:
-        # Tensors from outside are program inputs, not baked-in constants, so a
-        # rewritten graph can be reused for runs that differ only in values.
-        entry = self._constants.get(id(tensor))
+    def _input(self, phase: int, key: Any, loc: Location, value: Any = None, carry=None) -> torch.fx.Node:
+        """A placeholder of ``phase``'s program for an outside tensor or an earlier phase's value.
+
+        Tensors from outside are program inputs, not baked-in constants, so a
+        rewritten graph can be reused for runs that differ only in values.
+        """
+        entry = self._constants.get((phase, id(key)))
         if entry is None:
-            node = self.program.placeholder(f"const_{len(self._constants)}")
-            node.meta["fxpatch_loc"] = loc
-            node.meta["fxpatch_invoke"] = None
-            node.meta["fxpatch_value"] = tensor
-            entry = self._constants[id(tensor)] = (tensor, node)
+            node = self.program_of(phase).placeholder(f"input_{len(self._constants)}")
+            node.meta.update(fxpatch_loc=loc, fxpatch_invoke=None, fxpatch_phase=phase)
+            if carry is not None:
+                node.meta["fxpatch_carry"] = carry
+                self.carries.setdefault(carry.meta["fxpatch_phase"], []).append(carry)
+            else:
+                node.meta["fxpatch_value"] = value
+            entry = self._constants[(phase, id(key))] = (key, node)
         return entry[1]
 
-    def record(self, op: str, target: Any, args: tuple, kwargs: dict, *, site=None, view_of=None) -> Proxy:
-        """Add one operation to the program and return its ``Proxy``."""
+    def record(self, op: str, target: Any, args: tuple, kwargs: dict, *, site=None, view_of=None,
+               phase: int | None = None) -> Proxy:
+        """Add one operation to the program and return its ``Proxy``.
+
+        It goes into the latest phase among the values it uses (or the current
+        phase); a read or write of a module always goes into the current phase.
+        """
         loc = user_location()
+        if self.finished:
+            return self._after_trace(op, target, args, kwargs, loc)
         self._check_recording(loc)
-        node = self.program.create_node(op, target, self._graph_arg(args, loc), self._graph_arg(kwargs, loc))
+        if phase is None:
+            phase = max([self.phase] + [_phase_of(v) for v in _proxies((args, kwargs))])
+        node = self.program_of(phase).create_node(op, target, self._graph_arg(args, loc, phase),
+                                                  self._graph_arg(kwargs, loc, phase))
         node.meta["fxpatch_loc"] = loc
         node.meta["fxpatch_invoke"] = self.current_invoke.index if self.current_invoke else None
+        node.meta["fxpatch_phase"] = phase
         return Proxy(node, self, site=site, view_of=view_of)
+
+    def _after_trace(self, op: str, target: Any, args: tuple, kwargs: dict, loc: Location) -> Any:
+        """An op on this ended trace's values: saved ones act as their tensors, unsaved ones fail."""
+        resolved = map_aggregate((args, kwargs), lambda v: self.check_live(v, loc) if isinstance(v, Proxy) else v)
+        active = active_tracer()
+        if active is not None:
+            return active.record(op, target, *resolved)
+        args, kwargs = resolved
+        if op == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if op == "call_function":
+            return target(*args, **kwargs)
+        self._check_recording(loc)
 
     def _require_invoke(self, what: str) -> Invoker:
         loc = user_location()
@@ -337,18 +378,18 @@ class Tracer:
         """A module's ``output`` or ``inputs`` for the current invoke, as proxies."""
         invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
         sites = self.module_sites(path, kind, kind)
-        cached = invoke.reads.get((path, kind))
+        cached = invoke.reads.get((self.phase, path, kind))
         if cached is not None:
             return cached
         leaves = [self._read_leaf(name, invoke) if is_site else name
                   for name, is_site in zip(sites.leaves, sites.is_site)]
         value = unflatten(sites.spec, leaves, _build_container)
-        invoke.reads[(path, kind)] = value
+        invoke.reads[(self.phase, path, kind)] = value
         return value
 
     def _read_leaf(self, name: str, invoke: Invoker) -> Proxy:
         ref = (name, invoke.start, invoke.stop)
-        proxy = self.record("call_function", read_site, ref, {}, site=ref)
+        proxy = self.record("call_function", read_site, ref, {}, site=ref, phase=self.phase)
         proxy.node.meta["fxpatch_site"] = name
         return proxy
 
@@ -359,10 +400,16 @@ class Tracer:
         if (start, stop) != (invoke.start, invoke.stop):
             raise FxpatchError("a module value read in one invoke was assigned in another", at=user_location(),
                                hint="Read the value again in this invoke (m.output) and assign to that.")
-        node = self.record("call_function", write_site, (name, start, stop, value), {}).node
+        loc = user_location()
+        if isinstance(value, Proxy) and value.tracer is self and _phase_of(value) > self.phase:
+            raise FlowError(f"a value computed at step {_phase_of(value)} is written at step {self.phase}, "
+                            "which runs before it", at=loc,
+                            also=[("it was recorded at", value.node.meta["fxpatch_loc"])],
+                            hint="Write it at the same or a later step (tracer.iter[...]).")
+        node = self.record("call_function", write_site, (name, start, stop, value), {}, phase=self.phase).node
         node.meta["fxpatch_site"] = name
         owner = self.model.site_graph(self.mode).owner(name)
-        invoke.reads.pop(owner, None)
+        invoke.reads.pop((self.phase, *owner), None)
 
     # -- running -----------------------------------------------------------------------
     def _execute(self) -> None:
@@ -371,11 +418,44 @@ class Tracer:
         if not any(i.rows for i in self.invokes):
             raise InputError("the trace has no inputs: no invoke was given a prompt", at=self.loc,
                              hint="Pass a prompt to model.trace(...) or to a tracer.invoke(...).")
+        for container in self.saved_containers:
+            for proxy in _proxies(container):
+                if not proxy.saved:
+                    proxy.save()
         from .runner import run_trace
 
-        values = run_trace(self)
-        for proxy, value in zip(self.saved, values):
-            object.__setattr__(proxy, "value", value)
+        run_trace(self)
+
+
+def _proxies(value: Any) -> list[Proxy]:
+    found = []
+    map_aggregate(value, lambda v: found.append(v) if isinstance(v, Proxy) else None)
+    return found
+
+
+def _phase_of(proxy: Proxy) -> int:
+    return proxy.node.meta["fxpatch_phase"] if not proxy.tracer.finished else 0
+
+
+def save(value: Any) -> Any:
+    """Keep ``value`` after the trace: a proxy, or a list/dict that will collect proxies.
+
+    Example::
+
+        with model.generate("Hello", max_new_tokens=3) as tracer:
+            hs = fxpatch.save([])
+            for step in tracer.all():
+                hs.append(model.transformer.h[-1].output[:, -1])
+        # hs is a list of 3 tensors
+    """
+    if isinstance(value, (Proxy, _SiteContainer)):
+        return value.save()
+    tracer = active_tracer()
+    if tracer is None:
+        raise FxpatchError("fxpatch.save() was called outside a trace", at=user_location(),
+                           hint="Call it inside `with model.trace(...)` or `with model.generate(...)`.")
+    tracer.saved_containers.append(value)
+    return value
 
 
 def _replace_saved(value: Any, seen: set) -> Any:

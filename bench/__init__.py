@@ -1,0 +1,1 @@
+"""fxpatch's benchmark harness: ``python -m bench`` (see bench/run.py)."""

@@ -1,0 +1,54 @@
+"""Benchmark cases. Each returns ``Measurement``s whose baseline ran in the same process."""
+
+from __future__ import annotations
+
+import torch
+
+from .run import Measurement, case, timed_pair
+
+
+def gpt2_small(seed: int = 0):
+    """A random GPT-2-small-shaped model (12 layers, 768 wide, GPT-2's vocabulary size)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
+                        bos_token_id=50256, eos_token_id=50256)
+    return GPT2LMHeadModel(config).eval()
+
+
+def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """``n`` token-id prompts of different lengths (8 to 8 + 2n tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab - 1, (8 + 2 * i,), generator=g).tolist() for i in range(n)]
+
+
+@case("generate")
+def generate_case(args) -> list[Measurement]:
+    """32 new tokens for 8 prompts with a step-0 patch, against plain generate with no intervention."""
+    from fxpatch import LanguageModel
+    from fxpatch.inputs import left_pad
+
+    hf = gpt2_small()
+    model = LanguageModel(hf, tokenizer=None)
+    rows = prompts(8, hf.config.vocab_size)
+    batch = left_pad(rows, 50256)
+    new = 32
+    settings = {"do_sample": False, "min_new_tokens": new, "pad_token_id": 50256}
+
+    def plain():
+        with torch.no_grad():
+            return hf.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=new, **settings)
+
+    def patched():
+        with model.generate(max_new_tokens=new, **settings) as tracer:
+            with tracer.invoke(rows[:4]):
+                h = model.transformer.h[6].output[:, -1]
+            with tracer.invoke(rows[4:]):
+                model.transformer.h[6].output[:, -1] = h
+            out = tracer.result.save()
+        return out
+
+    seconds, base = timed_pair(patched, plain, args.repeats)
+    return [Measurement("generate", "generate, 8 prompts x 32 tokens, step-0 patch", "HF generate, no patch",
+                        seconds, base, args.repeats, target=1.2)]

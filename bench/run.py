@@ -1,0 +1,86 @@
+"""Benchmark harness: each case times fxpatch against a baseline measured in the same run.
+
+Run ``python -m bench`` (all cases) or ``python -m bench generate``. Prints a
+table (tabulate) and writes ``bench/results/<case>.json``. Ratios, not seconds,
+are what to compare across machines: both sides of a ratio run on the same
+machine, interleaved, after the same warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from tabulate import tabulate
+
+CASES: dict[str, Callable[[argparse.Namespace], list[Measurement]]] = {}
+
+
+@dataclass
+class Measurement:
+    case: str
+    what: str
+    baseline: str
+    seconds: float
+    baseline_seconds: float
+    repeats: int
+    target: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.baseline_seconds
+
+
+def case(name: str):
+    def register(fn):
+        CASES[name] = fn
+        return fn
+    return register
+
+
+def timed_pair(fn: Callable[[], object], baseline: Callable[[], object], repeats: int, warmup: int = 1):
+    """Median seconds of ``fn`` and ``baseline``, run alternately after ``warmup`` runs of each."""
+    for _ in range(warmup):
+        fn()
+        baseline()
+    ours, theirs = [], []
+    for _ in range(repeats):
+        for f, sink in ((fn, ours), (baseline, theirs)):
+            start = time.perf_counter()
+            f()
+            sink.append(time.perf_counter() - start)
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import cases  # noqa: F401 - registers the cases
+
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="*", help=f"cases to run (default: all of {sorted(CASES)})")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    for name in args.cases or sorted(CASES):
+        results = CASES[name](args)
+        for m in results:
+            rows.append([m.case, m.what, m.baseline, f"{m.seconds * 1e3:.1f}", f"{m.baseline_seconds * 1e3:.1f}",
+                         f"{m.ratio:.3f}", "" if m.target is None else f"<= {m.target}",
+                         "" if m.target is None else ("ok" if m.ratio <= m.target else "MISSED")])
+        path = os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
+        with open(path, "w") as f:
+            json.dump({"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "results": [asdict(m) | {"ratio": m.ratio} for m in results]}, f, indent=2)
+    print(tabulate(rows, headers=["case", "fxpatch", "baseline", "ms", "baseline ms", "ratio", "target", ""],
+                   tablefmt="github"))
+    return 0

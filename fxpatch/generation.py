@@ -1,0 +1,336 @@
+"""``model.generate(...)``: interventions during generation, on exported prefill and decode graphs.
+
+The prompt pass (step 0) runs the *prefill* graph; each later step runs the
+*decode* graph on one new token per row and the KV cache, which crosses the
+graph boundary as tensors. Each step's program is inlined into its graph by
+the same passes as a trace's (steps with the same program share one rewritten
+graph). Token selection and stopping are transformers' own logits processors
+and stopping criteria, built from the model's ``generation_config``.
+
+Example::
+
+    with model.generate("Madison square garden is located in the city of New", max_new_tokens=3) as tracer:
+        hs = fxpatch.save([])
+        for step in tracer.iter[0:3]:
+            hs.append(model.transformer.h[-1].output[:, -1])
+        tokens = model.generator.output.save()
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from .errors import FxpatchError, InputError, user_location
+from .inputs import left_pad
+from .passes.diagnostics import Location
+from .passes.ops import capture
+from .proxy import Proxy
+from .runner import bind_values, inserted_nodes, phase_outputs, run_detached, run_program
+from .tracing import Tracer, active_tracer
+
+RESULT_PHASE = 1 << 30  # after every step: ops on the generated tokens
+
+
+class DynamicKV:
+    """KV cache handling for transformers' ``DynamicCache``: keys and values cross
+    the graph boundary as one tensor per layer, shape (batch, kv_heads, length, head_dim).
+
+    A decode step wraps the incoming tensors in a ``DynamicCache`` without
+    copying them; the model's own ``update`` appends the new token (one
+    concatenation per layer and step, as in transformers' generate). A static,
+    preallocated cache is another class with the same three methods.
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    def empty(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def wrap(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        cache = self.empty()
+        for layer, k, v in zip(cache.layers, keys, values):
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        return cache
+
+    @staticmethod
+    def unwrap(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+class Prefill(torch.nn.Module):
+    """The prompt pass: logits of the last position, and the filled cache."""
+
+    def __init__(self, model, kv: DynamicKV, position_ids: bool, logits_to_keep: bool):
+        super().__init__()
+        self.model, self.kv, self.position_ids, self.logits_to_keep = model, kv, position_ids, logits_to_keep
+        # transformers 5 renamed past_key_values to cache; older models take the old name
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def _run(self, input_ids, attention_mask, position_ids, cache, **kwargs):
+        if self.position_ids:
+            kwargs["position_ids"] = position_ids
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         **{self.cache_arg: cache}, **kwargs)
+        keys, values = self.kv.unwrap(out[self.cache_arg] if self.cache_arg in out else out["past_key_values"])
+        return (out.logits, *keys, *values)
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        kwargs = {"logits_to_keep": 1} if self.logits_to_keep else {}
+        return self._run(input_ids, attention_mask, position_ids, self.kv.empty(), **kwargs)
+
+
+class Decode(Prefill):
+    """One decode step: one new token per row, the cache so far; logits and the grown cache."""
+
+    def forward(self, input_ids, attention_mask, position_ids=None, keys=(), values=()):
+        return self._run(input_ids, attention_mask, position_ids, self.kv.wrap(list(keys), list(values)))
+
+
+def export_entry(model, mode: str):
+    """The wrapper module, example inputs and dynamic shapes that export ``mode``."""
+    hf = model._model
+    kv = DynamicKV(hf.config)
+    takes_positions = "position_ids" in inspect.signature(hf.forward).parameters
+    keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
+    vocab = int(getattr(hf.config, "vocab_size", 2) or 2)
+    batch, length = 2, 8
+    ids = torch.arange(batch * length, device=model.device).reshape(batch, length) % vocab
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if mode == "prefill":
+        example = {"input_ids": ids, "attention_mask": mask}
+        if takes_positions:
+            example["position_ids"] = positions
+        return Prefill(hf, kv, takes_positions, keep), example, None
+    with torch.no_grad():
+        out = Prefill(hf, kv, takes_positions, keep)(ids, mask, positions if takes_positions else None)
+    n = (len(out) - 1) // 2
+    keys, values = list(out[1:1 + n]), list(out[1 + n:])
+    b, t = Dim("batch"), Dim("past")
+    example = {"input_ids": ids[:, -1:], "attention_mask": torch.cat([mask, mask[:, -1:]], -1)}
+    dynamic = {"input_ids": {0: b}, "attention_mask": {0: b, 1: t + 1}}
+    if takes_positions:
+        example["position_ids"] = positions[:, -1:] + 1
+        dynamic["position_ids"] = {0: b}
+    example.update(keys=keys, values=values)
+    dynamic.update(keys=[{0: b, 2: t}] * n, values=[{0: b, 2: t}] * n)
+    return Decode(hf, kv, takes_positions, keep), example, dynamic
+
+
+class StepSelection:
+    """``tracer.iter[...]``: ``for step in tracer.iter[1:3]`` records the body once per step."""
+
+    def __init__(self, tracer: GenerateTracer):
+        self.tracer = tracer
+
+    def __getitem__(self, index) -> StepLoop:
+        loc = user_location()
+        n = self.tracer.max_new_tokens
+        if isinstance(index, slice):
+            steps = list(range(n))[index]
+        elif isinstance(index, int):
+            steps = [index]
+        elif isinstance(index, (list, tuple)) and all(isinstance(i, int) for i in index):
+            steps = list(index)
+        else:
+            raise FxpatchError(f"tracer.iter[...] takes a step, a slice or a list of steps, not {index!r}", at=loc)
+        for step in steps:
+            if not 0 <= step < n:
+                raise FxpatchError(
+                    f"step {step} is outside this generation's {n} steps (0 to {n - 1})", at=loc,
+                    hint=f"Use steps below max_new_tokens={n}, or raise max_new_tokens.")
+        return StepLoop(self.tracer, steps, loc)
+
+
+class StepLoop:
+    """Iterating yields each step index with the tracer recording into that step."""
+
+    def __init__(self, tracer: GenerateTracer, steps: list[int], loc: Location):
+        self.tracer, self.steps, self.loc = tracer, steps, loc
+
+    def __iter__(self):
+        tracer = self.tracer
+        outer = tracer.phase
+        try:
+            for step in self.steps:
+                tracer.phase = step
+                yield step
+        finally:
+            tracer.phase = outer
+
+
+class GenerateTracer(Tracer):
+    """``model.generate(inputs=None, max_new_tokens=..., **generation_kwargs)``.
+
+    Interventions written directly in an invoke apply to the prompt pass
+    (step 0); ``for step in tracer.iter[a:b]`` / ``tracer.all()`` bind a loop
+    body to those steps. After the block, ``tracer.result`` (if saved) and
+    ``model.generator.output`` hold token ids, prompt included.
+    """
+
+    mode = "prefill"
+
+    def __init__(self, model, inputs: Any = None, max_new_tokens: int | None = None, **kwargs: Any):
+        super().__init__(model, inputs, **kwargs)
+        loc = self.loc
+        if max_new_tokens is None:
+            raise InputError("model.generate(...) needs max_new_tokens", at=loc,
+                             hint="Pass max_new_tokens=N (N >= 1), e.g. model.generate(prompt, max_new_tokens=3).")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}", at=loc,
+                             hint="Pass max_new_tokens=N with N >= 1.")
+        self.max_new_tokens = max_new_tokens
+        self.generation_config = self._generation_config(kwargs, loc)
+        self.iter = StepSelection(self)
+        self.steps_run = 0
+        self._result: Proxy | None = None
+
+    def _generation_config(self, kwargs: dict, loc: Location):
+        hf = self.model._model
+        try:
+            config, unused = hf._prepare_generation_config(None, max_new_tokens=self.max_new_tokens, **kwargs)
+            if unused:
+                hf._validate_model_kwargs(dict(unused))
+            config.validate(strict=True)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"transformers rejects these generation settings: {e}", at=loc,
+                             hint="Fix the generation keyword arguments (see transformers' GenerationConfig).") from e
+        return config
+
+    @property
+    def mode(self) -> str:  # noqa: F811 - the graph of the step being recorded
+        return "prefill" if self.phase == 0 else "decode"
+
+    def all(self) -> StepLoop:
+        """Every step: ``for step in tracer.all(): ...``."""
+        return StepLoop(self, list(range(self.max_new_tokens)), user_location())
+
+    @property
+    def result(self) -> Proxy:
+        """The whole batch's token ids after generation (prompt and new tokens)."""
+        if self.finished:
+            raise FxpatchError("tracer.result is only available inside the generate block; save it there",
+                               at=user_location(), hint="tracer.result.save() inside the block.")
+        if self._result is None:
+            node = self.program_of(RESULT_PHASE).placeholder("result")
+            node.meta.update(fxpatch_loc=user_location(), fxpatch_invoke=None, fxpatch_phase=RESULT_PHASE,
+                             fxpatch_result=True)
+            self._result = Proxy(node, self)
+        return self._result
+
+    def generator_output(self) -> Proxy:
+        invoke = self._require_invoke("model.generator.output")
+        return self.record("call_function", capture, (self.result, invoke.start, invoke.stop), {},
+                           phase=RESULT_PHASE)
+
+    # -- running ---------------------------------------------------------------
+    def _execute(self) -> None:
+        for b in self.barriers:
+            b.check()
+        if not any(i.rows for i in self.invokes):
+            raise InputError("the generation has no inputs: no invoke was given a prompt", at=self.loc,
+                             hint="Pass a prompt to model.generate(...) or to a tracer.invoke(...).")
+        for container in self.saved_containers:
+            from .tracing import _proxies
+
+            for proxy in _proxies(container):
+                if not proxy.saved:
+                    proxy.save()
+        generate(self)
+
+
+def _step_inputs(model, mode: str, ids, mask, positions, keys=(), values=()) -> list[torch.Tensor]:
+    inputs = [ids, mask]
+    if "position_ids" in model.site_graph(mode).input_names:
+        inputs.append(positions)
+    return inputs + list(keys) + list(values)
+
+
+def generate(tracer: GenerateTracer) -> None:
+    """The decoding loop: prefill, then one decode graph run per new token."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    model = tracer.model
+    hf = model._model
+    rows = [r for invoke in tracer.invokes for r in invoke.rows]
+    batch = left_pad(rows, model.pad_token_id, model.device)
+    tracer.batch = batch
+    config = copy.deepcopy(tracer.generation_config)
+    hf._prepare_special_tokens(config, True, device=batch.input_ids.device, batch_size=len(rows))
+    width = batch.input_ids.shape[1]
+    config.max_length = width + tracer.max_new_tokens
+    processors = hf._get_logits_processor(
+        generation_config=config, input_ids_seq_length=width, encoder_input_ids=batch.input_ids,
+        prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=batch.input_ids.device,
+        model_kwargs={"attention_mask": batch.attention_mask})
+    stopping = hf._get_stopping_criteria(generation_config=config, stopping_criteria=StoppingCriteriaList(),
+                                         tokenizer=model.tokenizer)
+    pad = config._pad_token_tensor
+    stops_on_eos = any(hasattr(c, "eos_token_id") for c in stopping)
+
+    ids, mask = batch.input_ids, batch.attention_mask
+    positions = batch.position_ids
+    unfinished = torch.ones(len(rows), dtype=torch.long, device=ids.device)
+    values: dict = {}
+    step_inputs = [ids, mask, positions]
+    keys: list = []
+    kv_values: list = []
+    for step in range(tracer.max_new_tokens):
+        mode = "prefill" if step == 0 else "decode"
+        program = tracer.program_of(step)
+        out, gm = run_program(model, mode, program, phase_outputs(tracer, step),
+                              _step_inputs(model, mode, *step_inputs, keys, kv_values), values)
+        if step == 0:
+            tracer.graph, tracer.inserted = gm, inserted_nodes(gm)
+        tracer.steps_run = step + 1
+        logits = out[0]
+        n = (len(out) - 1) // 2
+        keys, kv_values = out[1:1 + n], out[1 + n:]
+        scores = processors(ids, logits[:, -1].to(copy=True, dtype=torch.float32))
+        if config.do_sample:
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(scores, dim=-1)
+        if stops_on_eos and pad is not None:
+            next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+        ids = torch.cat([ids, next_tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~stopping(ids, scores)
+        new_positions = mask.sum(-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        step_inputs = [next_tokens[:, None], mask, new_positions]
+        if unfinished.max() == 0:
+            break
+    result = tracer.programs.get(RESULT_PHASE)
+    if result is not None:
+        values[tracer._result.node] = ids
+        run_detached(result, phase_outputs(tracer, RESULT_PHASE), values)
+    tracer.output_ids = ids
+    bind_values(tracer, values)
+
+
+class Generator:
+    """``model.generator``: inside ``model.generate``, ``model.generator.output`` is the
+    current invoke's token ids after generation (prompt and new tokens)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    @property
+    def output(self) -> Proxy:
+        tracer = active_tracer()
+        if not isinstance(tracer, GenerateTracer) or tracer.model is not self._model:
+            what = "a trace" if tracer is not None else "no generation"
+            raise FxpatchError(f"model.generator.output was used in {what}; it exists only inside model.generate(...)",
+                               at=user_location(), hint="Use `with model.generate(prompt, max_new_tokens=N):`, or "
+                               "read model.lm_head.output in a trace.")
+        return tracer.generator_output()

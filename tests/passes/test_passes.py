@@ -1,0 +1,119 @@
+"""The graph passes on their own: what holds after each one runs."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+
+from fxpatch.passes import CheckShapes, InlineProgram, StripSites
+from fxpatch.passes.diagnostics import FlowError, Location, ShapeError
+from fxpatch.passes.ops import capture, is_site, read_site, scatter, write_site
+from fxpatch.runner import copy_graph_module
+
+LOC = Location("user.py", 7, "x = ...")
+
+
+def program(*ops):
+    """A program graph from ``(target, args)`` pairs; ``("save", i)`` marks node ``i`` saved."""
+    g = torch.fx.Graph()
+    nodes, saved = [], []
+    for target, args in ops:
+        if target == "save":
+            saved.append(nodes[args])
+            continue
+        args = tuple(nodes[a.index] if isinstance(a, Ref) else a for a in args)
+        node = g.call_function(target, args)
+        node.meta.update(fxpatch_loc=Location("user.py", len(nodes) + 1), fxpatch_invoke=0, fxpatch_phase=0)
+        if target in (read_site, write_site):
+            node.meta["fxpatch_site"] = args[0]
+        nodes.append(node)
+    g.output(tuple(saved))
+    return g
+
+
+class Ref:
+    def __init__(self, index):
+        self.index = index
+
+
+@pytest.fixture(scope="module")
+def site_graph(gpt2):
+    return gpt2.site_graph("forward")
+
+
+def flat_inputs(gpt2, site_graph, text="Madison square garden"):
+    ids = torch.tensor([gpt2.tokenizer(text)["input_ids"]])
+    mask = torch.ones_like(ids)
+    return site_graph.state_values(gpt2._model) + [ids, mask, (mask.cumsum(-1) - 1)]
+
+
+def test_strip_sites_leaves_the_plain_model(gpt2, site_graph):
+    gm = StripSites()(copy_graph_module(site_graph.graph_module)).graph_module
+    assert not any(is_site(n) for n in gm.graph.nodes)
+    assert any(is_site(n) for n in site_graph.graph_module.graph.nodes)  # the cached graph is untouched
+    flat = flat_inputs(gpt2, site_graph)
+    with torch.no_grad():
+        ref = gpt2._model(input_ids=flat[-3]).logits
+        torch.testing.assert_close(gm(*flat)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_inline_places_capture_after_its_site_and_scatter_before_users(site_graph):
+    name = "transformer.h.1.output"
+    prog = program((read_site, (name, 0, 1)),
+                   (operator.mul, (Ref(0), 2.0)),
+                   (write_site, (name, 0, 1, Ref(1))),
+                   ("save", 0))
+    gm = InlineProgram(prog)(copy_graph_module(site_graph.graph_module)).graph_module
+    nodes = list(gm.graph.nodes)
+    site = next(n for n in nodes if is_site(n) and n.args[1] == name)
+    cap = next(n for n in nodes if n.target is capture)
+    scat = next(n for n in nodes if n.target is scatter)
+    assert cap.args[0] is site and nodes.index(site) < nodes.index(cap) < nodes.index(scat)
+    # every model node that used the site now uses the scattered value
+    assert set(site.users) == {cap, scat}
+    assert all(nodes.index(u) > nodes.index(scat) for u in scat.users)
+    assert scat.meta["fxpatch_loc"] == Location("user.py", 3)
+    # the saved value is an extra output
+    assert gm.graph.output_node().args[0][-1] is cap
+
+
+def test_inline_rejects_a_value_flowing_backwards(site_graph):
+    prog = program((read_site, ("transformer.h.3.output", 0, 1)),
+                   (write_site, ("transformer.h.1.output", 1, 2, Ref(0))))
+    with pytest.raises(FlowError, match=r"user.py:2: the value written to transformer.h.1.output .* backwards"):
+        InlineProgram(prog)(copy_graph_module(site_graph.graph_module))
+
+
+def test_inline_rejects_a_write_upstream_of_a_read_in_one_invoke(site_graph):
+    prog = program((read_site, ("transformer.h.3.output", 0, 1)),
+                   (write_site, ("transformer.h.1.output", 0, 1, 0.0)),
+                   ("save", 0))
+    with pytest.raises(FlowError, match="after it already read transformer.h.3.output") as info:
+        InlineProgram(prog)(copy_graph_module(site_graph.graph_module))
+    assert "read at user.py:1" in str(info.value)
+
+
+def test_check_shapes_names_the_line_of_a_bad_write(gpt2, site_graph):
+    prog = program((write_site, ("transformer.wte.output", 0, 1, torch.zeros(5, 7))))
+    gm = InlineProgram(prog)(copy_graph_module(site_graph.graph_module)).graph_module
+    gm = StripSites()(gm).graph_module
+    with pytest.raises(ShapeError, match=r"user.py:1: a value of shape \(5, 7\) does not fit transformer.wte.output"):
+        CheckShapes(flat_inputs(gpt2, site_graph))(gm)
+
+
+def test_check_shapes_records_fake_values(gpt2, site_graph):
+    gm = StripSites()(copy_graph_module(site_graph.graph_module)).graph_module
+    CheckShapes(flat_inputs(gpt2, site_graph, "a b c"))(gm)
+    out = gm.graph.output_node().args[0][0]
+    assert tuple(out.meta["val"].shape) == (1, 3, gpt2.config.vocab_size)
+
+
+def test_ops_capture_and_scatter():
+    base = torch.arange(12.0).reshape(3, 4)
+    assert capture(base, 0, None) is base
+    torch.testing.assert_close(capture(base, 1, 2), base[1:2])
+    out = scatter(base, 0.0, 1, 3)
+    assert out[1:].eq(0).all() and out[0].eq(base[0]).all() and base[1].ne(0).all()
+    torch.testing.assert_close(scatter(base, torch.ones(4), 0, None), torch.ones(3, 4))

@@ -1,0 +1,363 @@
+"""Every user mistake fxpatch promises to catch: right error type, located at the user's line, before anything runs.
+
+For each bad input the test checks that the error
+
+- has the documented type (``fxpatch.errors``) and a message starting with this file's ``path:line`` of
+  the offending line (found through a ``# line: TAG`` marker, so editing this file never breaks it),
+  plus the other lines involved and key words of what is wrong and what to do;
+- is raised before the model runs (see ``count_runs``);
+- leaves the model as it was (weights, hooks) and later traces unaffected (same logits as before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+import pytest
+import torch
+from conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, layers, state
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from fxpatch import LanguageModel
+from fxpatch.errors import (
+    BarrierError,
+    ControlFlowError,
+    FlowError,
+    InputError,
+    ModuleNotRunError,
+    ModulePathError,
+    ProxyScopeError,
+    ShapeError,
+)
+from fxpatch.proxy import Proxy
+from fxpatch.tracing import active_tracer
+
+SHORT = "_ _ _"  # 3 tokens; PROMPT_1 and PROMPT_2 have 10
+_SOURCE = open(__file__, encoding="utf-8").read().splitlines()
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def line_of(tag: str) -> int:
+    """The line number of the one line of this file that ends with the marker ``# line: <tag>``."""
+    hits = [i + 1 for i, text in enumerate(_SOURCE) if text.rstrip().endswith("# line: " + tag)]
+    assert len(hits) == 1, f"marker {tag!r} found on lines {hits}"
+    return hits[0]
+
+
+def check_message(err: Exception, tag: str, *words: str, also: tuple[str, ...] = ()) -> None:
+    """``err`` starts with this file's ``path:line`` of ``tag``, names the ``also`` lines and says ``words``."""
+    msg = str(err)
+    path, _, lineno = msg.splitlines()[0].split(": ", 1)[0].rpartition(":")
+    assert os.path.basename(path) == os.path.basename(__file__) and os.path.samefile(path, __file__), msg
+    assert lineno == str(line_of(tag)), f"expected line {line_of(tag)} ({tag}), got:\n{msg}"
+    for other in also:
+        assert re.search(rf"test_errors\.py:{line_of(other)}\b", msg), f"line of {other!r} missing:\n{msg}"
+    for word in words:
+        assert word.lower() in msg.lower(), f"{word!r} missing from:\n{msg}"
+
+
+def embed(lm: LanguageModel):
+    """The token-embedding envoy: ``transformer.wte`` (GPT-2) or ``model.embed_tokens`` (Llama)."""
+    return lm.transformer.wte if hasattr(lm._model, "transformer") else lm.model.embed_tokens
+
+
+def reference_logits(lm: LanguageModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """A normal two-invoke trace (prompts of different lengths, so padding is involved)."""
+    with lm.trace() as tracer:
+        with tracer.invoke(PROMPT_1):
+            a = lm.lm_head.output.save()
+        with tracer.invoke(SHORT):
+            b = lm.lm_head.output.save()
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return a, b
+
+
+@contextlib.contextmanager
+def count_runs():
+    """Records every module call while active.
+
+    The exported graph does not call the user's modules (their hooks were only used at export time), so a
+    hook on ``lm._model`` would not see a run. A *global* forward pre-hook does: the rewritten graph runs as
+    ``gm(*inputs)`` through ``nn.Module.__call__``, and an eager fallback would call the user's modules.
+    Checking shapes (FakeTensorProp) interprets the graph node by node and calls no module, and the export
+    is done (cached) before this is used, so any recorded call means the model ran.
+    ``test_count_runs_sees_a_normal_trace`` shows that it does see a run.
+    """
+    calls: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(type(module).__name__))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def raises_cleanly(lm: LanguageModel, error_type: type[BaseException]):
+    """Like ``pytest.raises(error_type)`` (exact type), and the model neither ran nor changed."""
+    before = state(lm)
+    logits_before = reference_logits(lm)  # also exports the model before runs are counted
+    with count_runs() as runs:
+        with pytest.raises(Exception) as info:
+            yield info
+    assert type(info.value) is error_type, f"expected {error_type.__name__}, got {type(info.value).__name__}: " \
+        f"{info.value}"
+    assert runs == [], f"the model ran before the error: {runs}"
+    assert active_tracer() is None, "a failed trace is still active"
+    assert_state_unchanged(lm, before)
+    for after, ref in zip(reference_logits(lm), logits_before):
+        torch.testing.assert_close(after, ref, rtol=0, atol=0)
+
+
+def test_count_runs_sees_a_normal_trace(gpt2):
+    """The no-run check of ``raises_cleanly`` is only meaningful if it sees a run that does happen."""
+    reference_logits(gpt2)
+    with count_runs() as runs:
+        reference_logits(gpt2)
+    assert runs
+
+
+# -- module paths --------------------------------------------------------------------------------------
+def test_module_path_that_does_not_exist(lm):
+    is_gpt2 = hasattr(lm._model, "transformer")
+    with raises_cleanly(lm, ModulePathError) as info:
+        with lm.trace(PROMPT_1):
+            if is_gpt2:
+                lm.transformer.hh[0].output.save()  # line: path-gpt2
+            else:
+                lm.model.layer[0].output.save()  # line: path-llama
+    if is_gpt2:
+        check_message(info.value, "path-gpt2", "'hh'", "did you mean", "'h'")
+    else:
+        check_message(info.value, "path-llama", "'layer'", "did you mean", "'layers'")
+
+
+def test_module_index_out_of_range(lm):
+    envoys, modules = layers(lm)
+    with raises_cleanly(lm, ModulePathError) as info:
+        with lm.trace(PROMPT_1):
+            envoys[99].output.save()  # line: index
+    check_message(info.value, "index", "99", "out of range", f"0 to {len(modules) - 1}")
+
+
+@pytest.fixture(scope="module")
+def unused_lm(tokenizer) -> LanguageModel:
+    """A tiny GPT-2 of its own with an extra submodule that its forward never calls."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer))
+    hf_model = GPT2LMHeadModel(config).eval()
+    hf_model.transformer.unused = torch.nn.Linear(32, 32)
+    return LanguageModel(hf_model, tokenizer=tokenizer)
+
+
+def test_module_that_does_not_run(unused_lm):
+    with raises_cleanly(unused_lm, ModuleNotRunError) as info:
+        with unused_lm.trace(PROMPT_1):
+            unused_lm.transformer.unused.output.save()  # line: not-run
+    check_message(info.value, "not-run", "transformer.unused", "does not run", "pick a module that runs")
+
+
+# -- barriers --------------------------------------------------------------------------------------------
+def test_barrier_called_by_fewer_invokes(lm):
+    with raises_cleanly(lm, BarrierError) as info:
+        with lm.trace() as tracer:
+            barrier = tracer.barrier(2)  # line: few-make
+            with tracer.invoke(PROMPT_1):
+                x = embed(lm).output
+                barrier()  # line: few-call
+            with tracer.invoke(PROMPT_2):
+                embed(lm).output = x
+    check_message(info.value, "few-make", "made for 2 invokes", "called by 1", "tracer.barrier(1)",
+                  also=("few-call",))
+
+
+def test_barrier_called_by_more_invokes(lm):
+    with raises_cleanly(lm, BarrierError) as info:
+        with lm.trace() as tracer:
+            barrier = tracer.barrier(2)  # line: many-make
+            with tracer.invoke(PROMPT_1):
+                barrier()  # line: many-call-1
+            with tracer.invoke(PROMPT_2):
+                barrier()  # line: many-call-2
+            with tracer.invoke(SHORT):
+                barrier()  # line: many-call-3
+    check_message(info.value, "many-call-3", "made for 2 invokes", "tracer.barrier(3)",
+                  also=("many-make", "many-call-1", "many-call-2"))
+
+
+# -- data flow -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_barrier", [True, False], ids=["barrier", "no-barrier"])
+def test_value_flowing_backwards_between_invokes(lm, with_barrier):
+    envoys, _ = layers(lm)
+    with raises_cleanly(lm, FlowError) as info:
+        with lm.trace() as tracer:
+            barrier = tracer.barrier(2) if with_barrier else (lambda: None)
+            with tracer.invoke(PROMPT_1):
+                late = envoys[-1].output  # line: back-read
+                barrier()
+            with tracer.invoke(PROMPT_2):
+                barrier()
+                envoys[0].output = late  # line: back-write
+    check_message(info.value, "back-write", "backwards", "save()", also=("back-read",))
+
+
+def test_write_upstream_of_a_site_already_read(lm):
+    envoys, _ = layers(lm)
+    with raises_cleanly(lm, FlowError) as info:
+        with lm.trace(PROMPT_1):
+            envoys[-1].output.save()  # line: order-read
+            envoys[0].output[:, -1] = 0  # line: order-write
+    check_message(info.value, "order-write", "already read", "does not reorder", "write upstream sites before",
+                  also=("order-read",))
+
+
+# -- shapes ------------------------------------------------------------------------------------------------
+def test_saved_value_of_other_length_assigned_to_site(lm):
+    # Prompt 1 has 10 tokens, the later prompt 3: the saved embeddings cannot fit.
+    with lm.trace(PROMPT_1):
+        embeddings = embed(lm).output.save()
+    width = embeddings.shape[-1]
+    with raises_cleanly(lm, ShapeError) as info:
+        with lm.trace(SHORT) as tracer:
+            embed(lm).output = embeddings  # line: shape-later
+    check_message(info.value, "shape-later", f"(1, 10, {width})", f"(1, 3, {width})", "does not fit",
+                  "assign a value of that shape")
+    assert tracer.graph is None  # set only once the shape check passed, right before the real run
+
+
+def test_value_of_other_rows_assigned_between_invokes(lm):
+    # Two rows of invoke 1 into the one row of invoke 2 (same padded width): found before the run too.
+    with raises_cleanly(lm, ShapeError) as info:
+        with lm.trace() as tracer:
+            with tracer.invoke([PROMPT_1, PROMPT_2]):
+                embeddings = embed(lm).output
+            with tracer.invoke(SHORT):
+                embed(lm).output = embeddings  # line: shape-rows
+    width = lm.config.hidden_size
+    check_message(info.value, "shape-rows", f"(2, 10, {width})", f"(1, 10, {width})", "does not fit")
+    assert tracer.graph is None
+
+
+# -- Python values of proxies ------------------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["if", "item", "len", "int"])
+def test_python_value_of_a_proxy(lm, what):
+    envoys, _ = layers(lm)
+    with raises_cleanly(lm, ControlFlowError) as info:
+        with lm.trace(PROMPT_1):
+            h = envoys[0].output
+            if what == "if":
+                if h.sum() > 0:  # line: control-if
+                    h.save()
+            elif what == "item":
+                h.sum().item()  # line: control-item
+            elif what == "len":
+                len(h)  # line: control-len
+            else:
+                int(h[0, -1, 0])  # line: control-int
+    words = {"if": ("control flow", "torch.where", ".save()"), "item": (".item()", ".save()"),
+             "len": ("len()", ".shape"), "int": ("int()", ".save()")}[what]
+    check_message(info.value, f"control-{what}", "until the model runs", *words)
+
+
+# -- proxies out of their trace ------------------------------------------------------------------------------
+def test_unsaved_proxy_used_in_a_later_trace(lm):
+    envoys, _ = layers(lm)
+    with lm.trace(PROMPT_1):
+        h = envoys[0].output  # line: unsaved-record
+    assert isinstance(h, Proxy)  # not saved, so not replaced by a value
+    with raises_cleanly(lm, ProxyScopeError) as info:
+        with lm.trace(PROMPT_2):
+            envoys[1].output = h  # line: unsaved-use
+    check_message(info.value, "unsaved-use", "not saved", ".save()", also=("unsaved-record",))
+
+
+def test_unsaved_proxy_used_after_its_trace(lm):
+    envoys, _ = layers(lm)
+    with lm.trace(PROMPT_1):
+        h = envoys[0].output
+    with raises_cleanly(lm, ProxyScopeError) as info:
+        h + 1  # line: unsaved-after
+    check_message(info.value, "unsaved-after", "ended", ".save()")
+
+
+def test_unsaved_proxy_of_one_model_used_in_another_models_trace(gpt2, llama):
+    with gpt2.trace(PROMPT_1):
+        h = gpt2.transformer.h[0].output  # line: other-record
+    with raises_cleanly(llama, ProxyScopeError) as info:
+        with llama.trace(PROMPT_1):
+            llama.model.layers[0].output = h  # line: other-use
+    check_message(info.value, "other-use", "not saved", ".save()", also=("other-record",))
+
+
+def test_proxy_used_inside_another_models_trace(gpt2, llama):
+    # Both models' state and later traces are checked: the outer trace fails too.
+    before = state(gpt2)
+    gpt2_logits = reference_logits(gpt2)
+    with raises_cleanly(llama, ProxyScopeError) as info:
+        with gpt2.trace(PROMPT_1):
+            h = gpt2.transformer.h[0].output
+            with llama.trace(PROMPT_1):  # line: nested-trace
+                llama.model.layers[0].output = h  # line: nested-use
+    # The offending line is the use of gpt2's value; fxpatch may also stop at the nested trace itself.
+    tag = "nested-use" if str(info.value).split(": ", 1)[0].endswith(f":{line_of('nested-use')}") else "nested-trace"
+    check_message(info.value, tag, "another", "trace")
+    assert_state_unchanged(gpt2, before)
+    for after, ref in zip(reference_logits(gpt2), gpt2_logits):
+        torch.testing.assert_close(after, ref, rtol=0, atol=0)
+
+
+# -- inputs -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["invoke", "trace"])
+def test_empty_prompt(lm, where):
+    with raises_cleanly(lm, InputError) as info:
+        if where == "invoke":
+            with lm.trace() as tracer:
+                with tracer.invoke(""):  # line: empty-invoke
+                    lm.lm_head.output.save()
+        else:
+            with lm.trace(""):  # line: empty-trace
+                lm.lm_head.output.save()
+    check_message(info.value, f"empty-{where}", "empty", "no tokens", "at least one token")
+
+
+def test_prompt_longer_than_the_context(lm):
+    context = lm.max_length
+    assert context == (lm.config.n_positions if hasattr(lm.config, "n_positions") else
+                       lm.config.max_position_embeddings)
+    text = " the" * (context + 1)
+    n = len(lm.tokenizer(text)["input_ids"])
+    assert n > context
+    with raises_cleanly(lm, InputError) as info:
+        with lm.trace() as tracer:
+            with tracer.invoke(text):  # line: too-long
+                lm.lm_head.output.save()
+    check_message(info.value, "too-long", f"{n} tokens", f"context of {context}", f"at most {context} tokens")
+
+
+def test_trace_without_inputs(lm):
+    with raises_cleanly(lm, InputError) as info:
+        with lm.trace():  # line: no-inputs
+            pass
+    check_message(info.value, "no-inputs", "no inputs", "pass a prompt")
+
+
+def test_trace_with_only_an_empty_invoke(lm):
+    with raises_cleanly(lm, InputError) as info:
+        with lm.trace() as tracer:  # line: empty-only
+            with tracer.invoke():
+                lm.lm_head.output.save()
+    check_message(info.value, "empty-only", "no inputs", "pass a prompt")
+
+
+# -- the user's own exceptions -----------------------------------------------------------------------------------
+def test_user_exception_propagates_unchanged(lm):
+    envoys, _ = layers(lm)
+    boom = KeyError("boom")
+    with raises_cleanly(lm, KeyError) as info:
+        with lm.trace(PROMPT_1):
+            h = envoys[0].output.save()
+            raise boom
+    assert info.value is boom
+    assert isinstance(h, Proxy)  # nothing ran, so nothing was bound
