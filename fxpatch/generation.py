@@ -233,19 +233,9 @@ class GenerateTracer(Tracer):
         return self.record("call_function", capture, (self.result, invoke.start, invoke.stop), {},
                            phase=RESULT_PHASE)
 
-    # -- running ---------------------------------------------------------------
-    def _execute(self) -> None:
-        for b in self.barriers:
-            b.check()
-        if not any(i.rows for i in self.invokes):
-            raise InputError("the generation has no inputs: no invoke was given a prompt", at=self.loc,
-                             hint="Pass a prompt to model.generate(...) or to a tracer.invoke(...).")
-        for container in self.saved_containers:
-            from .tracing import _proxies
+    kind = "generate"
 
-            for proxy in _proxies(container):
-                if not proxy.saved:
-                    proxy.save()
+    def _run(self) -> None:
         generate(self)
 
 

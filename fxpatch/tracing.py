@@ -412,16 +412,22 @@ class Tracer:
         invoke.reads.pop((self.phase, *owner), None)
 
     # -- running -----------------------------------------------------------------------
+    kind = "trace"
+
     def _execute(self) -> None:
+        """Check what can be checked without the model, then run."""
         for b in self.barriers:
             b.check()
         if not any(i.rows for i in self.invokes):
-            raise InputError("the trace has no inputs: no invoke was given a prompt", at=self.loc,
-                             hint="Pass a prompt to model.trace(...) or to a tracer.invoke(...).")
+            raise InputError(f"the {self.kind} has no inputs: no invoke was given a prompt", at=self.loc,
+                             hint=f"Pass a prompt to model.{self.kind}(...) or to a tracer.invoke(...).")
         for container in self.saved_containers:
             for proxy in _proxies(container):
                 if not proxy.saved:
                     proxy.save()
+        self._run()
+
+    def _run(self) -> None:
         from .runner import run_trace
 
         run_trace(self)
