@@ -116,14 +116,16 @@ def export_entry(model, mode: str):
         out = Prefill(hf, kv, takes_positions, keep)(ids, mask, positions if takes_positions else None)
     n = (len(out) - 1) // 2
     keys, values = list(out[1:1 + n]), list(out[1 + n:])
-    b, t = Dim("batch"), Dim("past")
+    # Batch and cache length are dynamic (torch.export infers how the mask's length
+    # relates to the cache's); the new token's length stays 1.
+    auto = Dim.AUTO
     example = {"input_ids": ids[:, -1:], "attention_mask": torch.cat([mask, mask[:, -1:]], -1)}
-    dynamic = {"input_ids": {0: b}, "attention_mask": {0: b, 1: t + 1}}
+    dynamic = {"input_ids": {0: auto}, "attention_mask": {0: auto, 1: auto}}
     if takes_positions:
         example["position_ids"] = positions[:, -1:] + 1
-        dynamic["position_ids"] = {0: b}
+        dynamic["position_ids"] = {0: auto}
     example.update(keys=keys, values=values)
-    dynamic.update(keys=[{0: b, 2: t}] * n, values=[{0: b, 2: t}] * n)
+    dynamic.update(keys=[{0: auto, 2: auto}] * n, values=[{0: auto, 2: auto}] * n)
     return Decode(hf, kv, takes_positions, keep), example, dynamic
 
 
@@ -202,6 +204,9 @@ class GenerateTracer(Tracer):
             if unused:
                 hf._validate_model_kwargs(dict(unused))
             config.validate(strict=True)
+            # transformers checks some settings only when it builds its logits processors
+            ids = torch.zeros((1, 1), dtype=torch.long, device=self.model.device)
+            _processors(hf, copy.deepcopy(config), ids, torch.ones_like(ids), self.model.tokenizer)
         except (ValueError, TypeError) as e:
             raise InputError(f"transformers rejects these generation settings: {e}", at=loc,
                              hint="Fix the generation keyword arguments (see transformers' GenerationConfig).") from e
@@ -246,25 +251,29 @@ def _step_inputs(model, mode: str, ids, mask, positions, keys=(), values=()) -> 
     return inputs + list(keys) + list(values)
 
 
-def generate(tracer: GenerateTracer) -> None:
-    """The decoding loop: prefill, then one decode graph run per new token."""
+def _processors(hf, config, ids: torch.Tensor, mask: torch.Tensor, tokenizer):
+    """transformers' logits processors and stopping criteria for ``config`` (changed in place)."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
+    hf._prepare_special_tokens(config, True, device=ids.device, batch_size=ids.shape[0])
+    config.max_length = ids.shape[1] + config.max_new_tokens
+    processors = hf._get_logits_processor(
+        generation_config=config, input_ids_seq_length=ids.shape[1], encoder_input_ids=ids,
+        prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=ids.device,
+        model_kwargs={"attention_mask": mask})
+    stopping = hf._get_stopping_criteria(generation_config=config, stopping_criteria=StoppingCriteriaList(),
+                                         tokenizer=tokenizer)
+    return processors, stopping
+
+
+def generate(tracer: GenerateTracer) -> None:
+    """The decoding loop: prefill, then one decode graph run per new token."""
     model = tracer.model
-    hf = model._model
     rows = [r for invoke in tracer.invokes for r in invoke.rows]
     batch = left_pad(rows, model.pad_token_id, model.device)
     tracer.batch = batch
     config = copy.deepcopy(tracer.generation_config)
-    hf._prepare_special_tokens(config, True, device=batch.input_ids.device, batch_size=len(rows))
-    width = batch.input_ids.shape[1]
-    config.max_length = width + tracer.max_new_tokens
-    processors = hf._get_logits_processor(
-        generation_config=config, input_ids_seq_length=width, encoder_input_ids=batch.input_ids,
-        prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=batch.input_ids.device,
-        model_kwargs={"attention_mask": batch.attention_mask})
-    stopping = hf._get_stopping_criteria(generation_config=config, stopping_criteria=StoppingCriteriaList(),
-                                         tokenizer=model.tokenizer)
+    processors, stopping = _processors(model._model, config, batch.input_ids, batch.attention_mask, model.tokenizer)
     pad = config._pad_token_tensor
     stops_on_eos = any(hasattr(c, "eos_token_id") for c in stopping)
 

@@ -17,7 +17,6 @@ import re
 
 import pytest
 import torch
-from conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, layers, state
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fxpatch import LanguageModel
@@ -33,6 +32,7 @@ from fxpatch.errors import (
 )
 from fxpatch.proxy import Proxy
 from fxpatch.tracing import active_tracer
+from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, layers, state
 
 SHORT = "_ _ _"  # 3 tokens; PROMPT_1 and PROMPT_2 have 10
 _SOURCE = open(__file__, encoding="utf-8").read().splitlines()

@@ -8,6 +8,8 @@ nothing real has been computed.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.node import map_arg
@@ -56,5 +58,12 @@ class CheckShapes(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        _LocatedFakeProp(gm, mode).propagate(*self.example_inputs)
+        # a failing op is reported as a ShapeError; torch's own log of it would only repeat it
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)
+        try:
+            _LocatedFakeProp(gm, mode).propagate(*self.example_inputs)
+        finally:
+            fake_log.setLevel(level)
         return PassResult(gm, False)
