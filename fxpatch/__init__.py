@@ -22,7 +22,7 @@ import os
 from . import errors
 from .model import LanguageModel
 from .runner import format_inserted
-from .tracing import save
+from .saving import save
 
 __version__ = "0.1.0"
 

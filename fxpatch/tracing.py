@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from typing import Any
 
@@ -36,10 +35,12 @@ from .errors import (
     user_location,
 )
 from .inputs import to_rows
+from .module_values import build_container
 from .passes.diagnostics import Location
 from .passes.ops import read_site, write_site
 from .proxy import _UNSET, Proxy
-from .structure import Spec, flatten, unflatten
+from .saving import bind_saved
+from .structure import unflatten
 
 _ACTIVE: list[Tracer] = []
 
@@ -47,66 +48,6 @@ _ACTIVE: list[Tracer] = []
 def active_tracer() -> Tracer | None:
     """The innermost trace being recorded, if any."""
     return _ACTIVE[-1] if _ACTIVE else None
-
-
-class _SiteContainer:
-    def save(self):
-        """Save every traced value inside; after the trace this holds real values."""
-        leaves, _ = flatten(self)
-        for _, leaf in leaves:
-            if isinstance(leaf, Proxy) and not leaf.saved:
-                leaf.save()
-        return self
-
-
-class SiteTuple(_SiteContainer, tuple):
-    """A module's tuple output inside a trace; ``out[i] = v`` writes element ``i``."""
-
-    def __setitem__(self, index, value):
-        _write_element(self[index], value)
-
-
-class SiteList(_SiteContainer, list):
-    """A module's list output inside a trace; ``out[i] = v`` writes element ``i``."""
-
-    def __setitem__(self, index, value):
-        _write_element(self[index], value)
-        super().__setitem__(index, value)
-
-
-class SiteDict(_SiteContainer, dict):
-    """A module's dict / ``ModelOutput`` inside a trace: ``out.logits``, ``out['logits']``, ``out[0]``."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"this output has no field {name!r}; it has {list(self)}") from None
-
-    def __getitem__(self, key):
-        if isinstance(key, int):
-            return list(self.values())[key]
-        return super().__getitem__(key)
-
-    def __setitem__(self, key, value):
-        _write_element(self[key], value)
-        super().__setitem__(key if not isinstance(key, int) else list(self)[key], value)
-
-    __setattr__ = __setitem__
-
-
-def _write_element(current, value):
-    if isinstance(current, Proxy) and current.site is not None:
-        current.tracer.write_site(current.site, value)
-        return
-    raise FxpatchError("this element of the module's value is not a tensor the model uses, so it cannot be set",
-                       at=user_location(), hint="Assign to a tensor element instead.")
-
-
-def _build_container(spec: Spec, items: list) -> Any:
-    if spec.kind == "dict":
-        return SiteDict(zip(spec.keys, items))
-    return SiteList(items) if spec.kind == "list" else SiteTuple(items)
 
 
 class Invoker:
@@ -239,7 +180,7 @@ class Tracer:
             self._execute()
         finally:
             self._close()
-        _bind_saved(frame, self.saved)
+        bind_saved(frame, self.saved)
         return False
 
     def _close(self) -> None:
@@ -383,7 +324,7 @@ class Tracer:
             return cached
         leaves = [self._read_leaf(name, invoke) if is_site else name
                   for name, is_site in zip(sites.leaves, sites.is_site)]
-        value = unflatten(sites.spec, leaves, _build_container)
+        value = unflatten(sites.spec, leaves, build_container)
         invoke.reads[(self.phase, path, kind)] = value
         return value
 
@@ -441,66 +382,3 @@ def _proxies(value: Any) -> list[Proxy]:
 
 def _phase_of(proxy: Proxy) -> int:
     return proxy.node.meta["fxpatch_phase"] if not proxy.tracer.finished else 0
-
-
-def save(value: Any) -> Any:
-    """Keep ``value`` after the trace: a proxy, or a list/dict that will collect proxies.
-
-    Example::
-
-        with model.generate("Hello", max_new_tokens=3) as tracer:
-            hs = fxpatch.save([])
-            for step in tracer.all():
-                hs.append(model.transformer.h[-1].output[:, -1])
-        # hs is a list of 3 tensors
-    """
-    if isinstance(value, (Proxy, _SiteContainer)):
-        return value.save()
-    tracer = active_tracer()
-    if tracer is None:
-        raise FxpatchError("fxpatch.save() was called outside a trace", at=user_location(),
-                           hint="Call it inside `with model.trace(...)` or `with model.generate(...)`.")
-    tracer.saved_containers.append(value)
-    return value
-
-
-def _replace_saved(value: Any, seen: set) -> Any:
-    if isinstance(value, Proxy):
-        return value.value if value.value is not _UNSET else value
-    if id(value) in seen:
-        return value
-    if type(value) is list:
-        seen.add(id(value))
-        value[:] = [_replace_saved(v, seen) for v in value]
-    elif type(value) is dict:
-        seen.add(id(value))
-        for k in list(value):
-            value[k] = _replace_saved(value[k], seen)
-    elif type(value) is tuple or isinstance(value, _SiteContainer):
-        # module values become plain containers of real values
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        new = [(k, _replace_saved(v, seen)) for k, v in items]
-        if isinstance(value, SiteDict):
-            return SiteDict(new)
-        return (list if isinstance(value, list) else tuple)(v for _, v in new)
-    return value
-
-
-def _bind_saved(frame, saved: list[Proxy]) -> None:
-    """Replace saved proxies by their values in the variables of the trace's frame."""
-    if frame is None or not saved:
-        return
-    local_vars = frame.f_locals
-    is_module_level = local_vars is frame.f_globals
-    changed = {}
-    seen: set = set()
-    for name, value in list(local_vars.items()):
-        new = _replace_saved(value, seen)
-        if new is not value:
-            changed[name] = new
-    if not changed:
-        return
-    for name, new in changed.items():
-        local_vars[name] = new
-    if sys.version_info < (3, 13) and not is_module_level:
-        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
