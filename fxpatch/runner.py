@@ -7,6 +7,7 @@ of the same row counts, other saved tensors) reuse one graph.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -70,8 +71,16 @@ def inserted_nodes(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
             continue
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         rows.append({"node": node.name, "role": role, "target": target,
-                     "site": node.meta.get("fxpatch_site", ""), "line": str(node.meta.get("fxpatch_loc", ""))})
+                     "site": node.meta.get("fxpatch_site", ""), "line": _short(node.meta.get("fxpatch_loc"))})
     return rows
+
+
+def _short(loc) -> str:
+    """``file:line`` with the file relative to the working directory when it is below it."""
+    if loc is None:
+        return ""
+    path = os.path.relpath(loc.filename) if os.path.isabs(loc.filename) else loc.filename
+    return f"{path if not path.startswith('..') else os.path.basename(loc.filename)}:{loc.lineno}"
 
 
 def format_inserted(rows: list[dict[str, Any]]) -> str:
