@@ -178,6 +178,8 @@ def _load_model(name: str, device_map, dtype, kwargs) -> torch.nn.Module:
     if device_map == "auto":
         # device_map="auto" needs accelerate; one device is all fxpatch uses, so pick it here.
         move_to = "cuda" if torch.cuda.is_available() else "cpu"
+    elif isinstance(device_map, (str, torch.device)):
+        move_to = device_map  # one device: no need for accelerate
     elif device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)

@@ -297,6 +297,40 @@ def test_sampling_with_a_seed(lm):
     assert outputs[0] != outputs[1], "two seeds gave the same tokens: the test would not see sampling"
 
 
+def test_top_p_sampling_and_stop_strings_are_transformers(gpt2):
+    """top_p sampling and stop strings come from transformers' processors and criteria."""
+    torch.manual_seed(3)
+    with gpt2.generate(PROMPT_1, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=1.2):
+        sampled = gpt2.generator.output.save()
+    torch.manual_seed(3)
+    assert_tokens(gpt2, sampled, [hf_generate(gpt2, PROMPT_1, 5, do_sample=True, top_p=0.9, temperature=1.2)])
+    with gpt2.generate(PROMPT_1, max_new_tokens=5, stop_strings=[" York"]):
+        stopped = gpt2.generator.output.save()
+    expected = hf_generate(gpt2, PROMPT_1, 5, stop_strings=[" York"], tokenizer=gpt2.tokenizer)
+    assert gpt2.tokenizer.decode(stopped[0]).endswith("New York") and stopped[0].tolist() == expected
+
+
+def test_decode_steps_feed_one_token_and_the_cache(lm):
+    """The prompt is computed once: each later step sees one new token per row, the cache one longer."""
+    embed = lm._model.get_input_embeddings()
+    path = next(p for p, m in lm._model.named_modules() if m is embed)
+    envoy = lm
+    for part in path.split("."):
+        envoy = getattr(envoy, part)
+    with lm.generate(max_new_tokens=N) as tracer:
+        with tracer.invoke([PROMPT_1, HELLO]):
+            shapes = fxpatch.save([])
+            masks = fxpatch.save([])
+            for _step in tracer.all():
+                shapes.append(envoy.output.shape)
+                masks.append(lm.inputs[1]["attention_mask"].shape)  # the model's own mask input
+    width = len(token_ids(lm, PROMPT_1))
+    hidden = embed.weight.shape[1]
+    assert shapes == [torch.Size([2, width, hidden])] + [torch.Size([2, 1, hidden])] * (N - 1)
+    # the mask covers the cache and the new token: one longer each step
+    assert masks == [torch.Size([2, width + step]) for step in range(N)]
+
+
 def _eos_for(lm) -> int:
     """The id of PROMPT_1's second new token (not the pad token on either model): as EOS, it ends
     PROMPT_1's row after 2 new tokens."""
