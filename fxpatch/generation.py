@@ -181,9 +181,10 @@ class GenerateTracer(Tracer):
     """
 
     mode = "prefill"
+    kind = "generate"
 
     def __init__(self, model, inputs: Any = None, max_new_tokens: int | None = None, **kwargs: Any):
-        super().__init__(model, inputs, **kwargs)
+        super().__init__(model, inputs)
         loc = self.loc
         if max_new_tokens is None:
             raise InputError("model.generate(...) needs max_new_tokens", at=loc,
@@ -237,8 +238,6 @@ class GenerateTracer(Tracer):
         invoke = self._require_invoke("model.generator.output")
         return self.record("call_function", capture, (self.result, invoke.start, invoke.stop), {},
                            phase=RESULT_PHASE)
-
-    kind = "generate"
 
     def _run(self) -> None:
         generate(self)

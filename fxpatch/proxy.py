@@ -34,7 +34,7 @@ class Proxy:
     ``view_of`` is ``(base proxy, index)`` when it is ``base[index]``.
     """
 
-    __slots__ = ("node", "tracer", "site", "view_of", "saved", "value", "__weakref__")
+    __slots__ = ("node", "tracer", "site", "view_of", "saved", "value", "_owner", "__weakref__")
 
     def __init__(self, node: torch.fx.Node, tracer, site=None, view_of=None):
         object.__setattr__(self, "node", node)
@@ -43,6 +43,7 @@ class Proxy:
         object.__setattr__(self, "view_of", view_of)
         object.__setattr__(self, "saved", False)
         object.__setattr__(self, "value", _UNSET)
+        object.__setattr__(self, "_owner", None)
 
     # -- recording -----------------------------------------------------------------
     def _record(self, op: str, target: Any, args: tuple, kwargs: dict | None = None, **extra) -> Proxy:
@@ -71,17 +72,38 @@ class Proxy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        return self._record("call_function", getattr, (self, name))
+        attribute = self._record("call_function", getattr, (self, name))
+        object.__setattr__(attribute, "_owner", self)  # so h.add_(1) can write back into h
+        return attribute
 
     def __call__(self, *args, **kwargs) -> Proxy:
         # ``h.sum`` is recorded as getattr(h, "sum"); calling it becomes a method call.
         node = self.node
         if node.target is getattr and len(node.args) == 2:
-            base = Proxy(node.args[0], self.tracer)
+            owner = self._owner
             if not node.users:
                 node.graph.erase_node(node)
-            return self._record("call_method", node.args[1], (base, *args), kwargs)
+            name = node.args[1]
+            if owner is not None and name.endswith("_") and not name.endswith("__"):
+                return owner._in_place(name, args, kwargs)
+            base = owner if owner is not None else Proxy(node.args[0], self.tracer)
+            return self._record("call_method", name, (base, *args), kwargs)
         return self._record("call_function", operator.call, (self, *args), kwargs)
+
+    def _in_place(self, name: str, args: tuple, kwargs: dict) -> Proxy:
+        """``h.add_(1)``, ``h.zero_()``: computed out of place, then written back like ``h[...] = ...``."""
+        if name == "copy_":
+            new = args[0]
+        elif name in _FILL:
+            new = self._record("call_function", _FILL[name], (self, *args), kwargs)
+        elif hasattr(torch.Tensor, name[:-1]):
+            new = self._record("call_method", name[:-1], (self, *args), kwargs)
+        else:
+            raise ControlFlowError(f"the in-place method .{name}() has no out-of-place form fxpatch can use",
+                                   at=user_location(), hint="Compute the new value and assign it: "
+                                   "m.output = ... or m.output[...] = ...")
+        self[...] = new
+        return self
 
     def __getitem__(self, index) -> Proxy:
         return self._record("call_function", operator.getitem, (self, index), view_of=(self, index))
@@ -131,8 +153,8 @@ class Proxy:
         self._no_python_value("len()", "Use .shape[0] (a traced value) or .size(0) inside the trace.")
 
     def __iter__(self):
-        self._no_python_value("Iterating over a traced value",
-                              "Index it explicitly (x[0], x[1]) or use tensor ops such as .unbind() after the trace.")
+        self._no_python_value("Iterating over (or unpacking) a traced value",
+                              "Index it explicitly (x[0], x[1], or .values / .indices of max, topk, sort).")
 
     def __repr__(self) -> str:
         if self.value is not _UNSET:
@@ -141,6 +163,29 @@ class Proxy:
 
     def __hash__(self):
         return id(self)
+
+
+def zeros_like(x):
+    """Out-of-place ``x.zero_()``."""
+    return torch.zeros_like(x)
+
+
+def full_like(x, value):
+    """Out-of-place ``x.fill_(value)``."""
+    return torch.full_like(x, value)
+
+
+def normal_like(x, mean=0.0, std=1.0):
+    """Out-of-place ``x.normal_(mean, std)``."""
+    return torch.randn_like(x) * std + mean
+
+
+def uniform_like(x, low=0.0, high=1.0):
+    """Out-of-place ``x.uniform_(low, high)``."""
+    return torch.rand_like(x) * (high - low) + low
+
+
+_FILL = {"zero_": zeros_like, "fill_": full_like, "normal_": normal_like, "uniform_": uniform_like}
 
 
 def _find_tracer(args, kwargs):

@@ -43,8 +43,9 @@ def program_key(program: torch.fx.Graph) -> tuple:
 
     for i, node in enumerate(program.nodes):
         index[node] = i
+        # id() tells apart functions that share a name (lambdas, closures)
         target = node.target if isinstance(node.target, str) else (
-            getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", repr(node.target)))
+            getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", ""), id(node.target))
         key.append((node.op, target, norm(node.args), norm(node.kwargs), node.meta.get("fxpatch_invoke")))
     return tuple(key)
 

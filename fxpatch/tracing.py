@@ -133,11 +133,12 @@ class Tracer:
     """
 
     mode = "forward"
+    kind = "trace"
 
     def __init__(self, model, inputs: Any = None, **kwargs: Any):
         self.model = model
-        self.kwargs = kwargs
         self.loc = user_location(2)
+        _no_model_kwargs(f"model.{self.kind}()", kwargs, self.loc)
         self.graph = None
         self.programs: dict[int, torch.fx.Graph] = {}
         self.phase = 0
@@ -191,7 +192,9 @@ class Tracer:
     # -- API ---------------------------------------------------------------------
     def invoke(self, inputs: Any = None, **kwargs: Any) -> Invoker:
         """Add ``inputs`` as rows of the batch; interventions inside apply to those rows."""
-        return Invoker(self, inputs, user_location())
+        loc = user_location()
+        _no_model_kwargs("tracer.invoke()", kwargs, loc)
+        return Invoker(self, inputs, loc)
 
     def barrier(self, n: int) -> Barrier:
         """A barrier that ``n`` invokes call, to share values between them."""
@@ -353,7 +356,6 @@ class Tracer:
         invoke.reads.pop((self.phase, *owner), None)
 
     # -- running -----------------------------------------------------------------------
-    kind = "trace"
 
     def _execute(self) -> None:
         """Check what can be checked without the model, then run."""
@@ -372,6 +374,14 @@ class Tracer:
         from .runner import run_trace
 
         run_trace(self)
+
+
+def _no_model_kwargs(where: str, kwargs: dict, loc: Location) -> None:
+    if kwargs:
+        raise InputError(
+            f"{where} got keyword arguments it does not use: {', '.join(sorted(kwargs))}", at=loc,
+            hint="fxpatch builds input_ids, attention_mask and position_ids itself; pass prompts, token ids or a "
+            "BatchEncoding as the inputs.")
 
 
 def _proxies(value: Any) -> list[Proxy]:

@@ -1,0 +1,53 @@
+"""Proxies: in-place tensor methods write back, unsupported Python use fails clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxpatch.errors import ControlFlowError
+from tests.conftest import PROMPT_1, layers
+from tests.reference import run_alone, unpad
+
+PROMPTS = [PROMPT_1, "hello"]
+
+
+@pytest.mark.parametrize("method, edit", [
+    ("zero_", lambda h: torch.zeros_like(h)),
+    ("add_", lambda h: h + 0.5),
+    ("mul_", lambda h: h * 3.0),
+    ("fill_", lambda h: torch.full_like(h, 0.25)),
+    ("clamp_", lambda h: h.clamp(-0.1, 0.1)),
+])
+def test_in_place_methods_change_the_model(lm, method, edit):
+    envoys, _ = layers(lm)
+    args = {"zero_": (), "add_": (0.5,), "mul_": (3.0,), "fill_": (0.25,), "clamp_": (-0.1, 0.1)}[method]
+    with lm.trace(PROMPTS):
+        h = envoys[0].output
+        same = getattr(h, method)(*args)
+        assert same is h  # in-place methods return the tensor itself, as torch's do
+        logits = lm.lm_head.output.save()
+    layer = f"{envoys[0]._path}"
+    for row, prompt in enumerate(PROMPTS):
+        ref = run_alone(lm, prompt, outputs={layer: edit})
+        torch.testing.assert_close(unpad(logits, row, len(ref.ids)), ref.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_in_place_method_on_a_slice_writes_through(gpt2):
+    with gpt2.trace(PROMPT_1):
+        gpt2.transformer.h[1].output[:, -1].zero_()
+        after = gpt2.transformer.h[1].output.save()
+    assert after[0, -1].abs().sum() == 0 and after[0, 0].abs().sum() > 0
+
+
+def test_unpacking_says_what_to_do_instead(gpt2):
+    with pytest.raises(ControlFlowError, match=r"unpacking[\s\S]*\.values / \.indices"):
+        with gpt2.trace(PROMPT_1):
+            values, indices = gpt2.lm_head.output.max(-1)
+    with gpt2.trace(PROMPT_1):
+        top = gpt2.lm_head.output.max(-1)
+        indices = top.indices.save()
+        values = top[0].save()
+    ref = run_alone(gpt2, PROMPT_1)
+    assert torch.equal(indices[0], ref.logits.argmax(-1))
+    torch.testing.assert_close(values[0], ref.logits.max(-1).values, atol=1e-5, rtol=1e-5)

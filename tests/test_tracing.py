@@ -1,0 +1,95 @@
+"""Trace contexts: how invokes, barriers and module access may be arranged, and what is said otherwise."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from fxpatch.errors import BarrierError, FxpatchError, InputError
+from tests.conftest import PROMPT_1, PROMPT_2
+
+
+def here() -> str:
+    """``file:line`` of the caller's next line: where the error below it must point."""
+    frame = inspect.currentframe().f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno + 1}"
+
+
+def test_unused_keyword_arguments_are_refused(gpt2):
+    with pytest.raises(InputError, match="does not use: output_attentions") as info:
+        where = here()
+        with gpt2.trace(PROMPT_1, output_attentions=True):
+            pass
+    assert str(info.value).startswith(where)
+    with pytest.raises(InputError, match=r"tracer.invoke\(\) got keyword arguments"):
+        with gpt2.trace() as tracer:
+            with tracer.invoke(PROMPT_1, max_length=3):
+                pass
+
+
+def test_invokes_do_not_nest_and_a_shortcut_trace_has_one(gpt2):
+    with pytest.raises(FxpatchError, match=r"invoke\(\) was opened inside another invoke"):
+        with gpt2.trace() as tracer:
+            with tracer.invoke(PROMPT_1):
+                with tracer.invoke(PROMPT_2):
+                    pass
+    with pytest.raises(FxpatchError, match=r"model.trace\(inputs\) already makes one invoke"):
+        with gpt2.trace(PROMPT_1) as tracer:
+            with tracer.invoke(PROMPT_2):
+                pass
+    with pytest.raises(FxpatchError, match="another trace of the same model"):
+        with gpt2.trace(PROMPT_1):
+            with gpt2.trace(PROMPT_2):
+                pass
+
+
+def test_barrier_once_per_invoke_and_inside_one(gpt2):
+    with pytest.raises(BarrierError, match="called twice in the same invoke"):
+        with gpt2.trace() as tracer:
+            barrier = tracer.barrier(2)
+            with tracer.invoke(PROMPT_1):
+                barrier()
+                barrier()
+    with pytest.raises(BarrierError, match="outside an invoke"):
+        with gpt2.trace() as tracer:
+            tracer.barrier(1)()
+    with pytest.raises(BarrierError, match="positive number"):
+        with gpt2.trace() as tracer:
+            tracer.barrier(0)
+
+
+def test_module_values_need_an_invoke_and_a_trace(gpt2):
+    with pytest.raises(FxpatchError, match="used outside an invoke"):
+        with gpt2.trace() as tracer:
+            with tracer.invoke(PROMPT_1):
+                pass
+            gpt2.lm_head.output.save()
+    with pytest.raises(FxpatchError, match="used outside a trace of this model"):
+        gpt2.lm_head.output  # noqa: B018 - the access itself is the error
+
+
+def test_a_trace_of_another_model_may_nest(gpt2, llama):
+    with gpt2.trace(PROMPT_1):
+        outer = gpt2.lm_head.output.save()
+        with llama.trace(PROMPT_1):
+            inner = llama.lm_head.output.save()
+        assert isinstance(inner, torch.Tensor)  # the inner trace ran at its own exit
+    assert outer.shape[:2] == inner.shape[:2] == (1, 10)
+
+
+def test_saved_values_bind_inside_functions_and_closures(gpt2):
+    def run():
+        collected = []
+        with gpt2.trace(PROMPT_1):
+            h = gpt2.transformer.h[0].output.save()
+            collected.append(gpt2.lm_head.output.save())
+
+            def peek():
+                return h
+        return h, collected, peek()
+
+    h, collected, peeked = run()
+    assert isinstance(h, torch.Tensor) and isinstance(collected[0], torch.Tensor)
+    assert peeked is h  # the closure's cell was rebound too
