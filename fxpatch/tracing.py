@@ -66,12 +66,13 @@ class Invoker:
     def __enter__(self) -> Invoker:
         t = self.tracer
         t._check_recording(self.loc)
+        if t.shortcut and self is not t._shortcut_invoke:
+            raise FxpatchError(f"model.{t.kind}(inputs) already makes one invoke of its inputs", at=self.loc,
+                               hint=f"Use either model.{t.kind}(prompt) or model.{t.kind}() with "
+                               "tracer.invoke(...).")
         if t.current_invoke is not None:
             raise FxpatchError("tracer.invoke() was opened inside another invoke", at=self.loc,
                                hint="Close the first invoke before opening the next; invokes do not nest.")
-        if t.shortcut and self is not t._shortcut_invoke:
-            raise FxpatchError("model.trace(inputs) already makes one invoke of its inputs", at=self.loc,
-                               hint="Use either model.trace(prompt) or model.trace() with tracer.invoke(...).")
         if self.inputs is not None:
             self.rows = to_rows(self.inputs, t.model.tokenizer, self.loc, t.model.max_length)
             self.start = sum(len(i.rows) for i in t.invokes)
