@@ -52,3 +52,33 @@ def generate_case(args) -> list[Measurement]:
     seconds, base = timed_pair(patched, plain, args.repeats)
     return [Measurement("generate", "generate, 8 prompts x 32 tokens, step-0 patch", "HF generate, no patch",
                         seconds, base, args.repeats, target=1.2)]
+
+
+@case("trace")
+def trace_case(args) -> list[Measurement]:
+    """One forward pass of 8 prompts with a cross-prompt patch, against the plain model on the same batch."""
+    from fxpatch import LanguageModel
+    from fxpatch.inputs import left_pad
+
+    hf = gpt2_small()
+    model = LanguageModel(hf, tokenizer=None)
+    rows = prompts(8, hf.config.vocab_size)
+    batch = left_pad(rows, 50256)
+
+    def plain():
+        with torch.no_grad():
+            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids).logits
+
+    def patched():
+        with model.trace() as tracer:
+            with tracer.invoke(rows[:4]):
+                h = model.transformer.h[6].output[:, -1]
+            with tracer.invoke(rows[4:]):
+                model.transformer.h[6].output[:, -1] = h
+                out = model.lm_head.output[:, -1].save()
+        return out
+
+    seconds, base = timed_pair(patched, plain, args.repeats)
+    return [Measurement("trace", "trace, 8 prompts, cross-prompt patch (graph reused)", "HF forward, no patch",
+                        seconds, base, args.repeats)]
