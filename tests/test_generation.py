@@ -500,3 +500,16 @@ def test_generation_settings_transformers_rejects(lm, settings):
             lm.generator.output.save()
     check_message(info.value, "bad-settings", hf_message)
     check_clean(lm, before)
+
+
+def test_decode_graph_touches_the_cache_only_through_the_models_own_update(lm):
+    """No per-step copy of the cache beyond transformers' own: each incoming key/value tensor
+    feeds exactly one concatenation (the model's cache update), and nothing clones or copies."""
+    sg = lm.site_graph("decode")
+    graph = sg.graph_module.graph
+    cache = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith(("keys_", "values_"))]
+    assert len(cache) == 2 * len(layers(lm)[1])
+    for node in cache:
+        uses = [u.target for u in node.users if u.target is not torch.ops.aten.sym_size.int]
+        assert uses == [torch.ops.aten.cat.default], (node.name, uses)
+    assert not [n for n in graph.nodes if "clone" in str(n.target) or "copy" in str(n.target)]
