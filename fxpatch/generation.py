@@ -141,9 +141,9 @@ class StepSelection:
         if isinstance(index, slice):
             steps = list(range(n))[index]
         elif isinstance(index, int):
-            steps = [index]
+            steps = [index + n if index < 0 else index]  # -1 is the last step, as in Python
         elif isinstance(index, (list, tuple)) and all(isinstance(i, int) for i in index):
-            steps = list(index)
+            steps = [i + n if i < 0 else i for i in index]
         else:
             raise FxpatchError(f"tracer.iter[...] takes a step, a slice or a list of steps, not {index!r}", at=loc)
         for step in steps:
@@ -180,7 +180,6 @@ class GenerateTracer(Tracer):
     ``model.generator.output`` hold token ids, prompt included.
     """
 
-    mode = "prefill"
     kind = "generate"
 
     def __init__(self, model, inputs: Any = None, max_new_tokens: int | None = None, **kwargs: Any):
@@ -214,7 +213,7 @@ class GenerateTracer(Tracer):
         return config
 
     @property
-    def mode(self) -> str:  # noqa: F811 - the graph of the step being recorded
+    def mode(self) -> str:  # the graph of the step being recorded
         return "prefill" if self.phase == 0 else "decode"
 
     def all(self) -> StepLoop:

@@ -513,3 +513,11 @@ def test_decode_graph_touches_the_cache_only_through_the_models_own_update(lm):
         uses = [u.target for u in node.users if u.target is not torch.ops.aten.sym_size.int]
         assert uses == [torch.ops.aten.cat.default], (node.name, uses)
     assert not [n for n in graph.nodes if "clone" in str(n.target) or "copy" in str(n.target)]
+
+
+def test_negative_step_is_counted_from_the_end(gpt2):
+    with gpt2.generate(PROMPT_1, max_new_tokens=3) as tracer:
+        for _step in tracer.iter[-1]:
+            last = gpt2.lm_head.output[:, -1].argmax(dim=-1).save()
+        out = gpt2.generator.output.save()
+    assert last.tolist() == out[:, -1].tolist()  # the token chosen at the last step
