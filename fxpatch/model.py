@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .envoy import Envoy
+from .errors import FxpatchError, user_location
 from .export import SiteGraph, export_sites
 from .tracing import Tracer
 
@@ -109,7 +110,15 @@ class LanguageModel(Envoy):
         """The model exported once for ``mode``, with a site at every module boundary (cached)."""
         sg = self._site_graphs.get(mode)
         if sg is None:
-            sg = self._site_graphs[mode] = self._export(mode)
+            try:
+                sg = self._export(mode)
+            except Exception as e:  # noqa: BLE001 - whatever torch.export says, say where and what
+                raise FxpatchError(
+                    f"torch.export could not capture {type(self._model).__name__} for its {mode} pass: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", at=user_location(),
+                    hint="fxpatch needs a model torch.export can trace (non-strict); the full error is chained "
+                    "below.") from e
+            self._site_graphs[mode] = sg
         return sg
 
     def _export(self, mode: str) -> SiteGraph:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -69,3 +71,26 @@ def test_proxy_comparison_methods_and_shape(gpt2):
     assert torch.equal(positive[1], (alone > 0).sum(-1))
     torch.testing.assert_close(top[1], alone.abs().max(dim=-1).values, atol=1e-5, rtol=1e-5)
     assert normed.dim() == 0
+
+
+def test_a_model_export_cannot_capture_is_reported_at_the_users_line():
+    class Branchy(torch.nn.Module):
+        """Data-dependent Python control flow: torch.export cannot capture it."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.config = type("Config", (), {"vocab_size": 10})()
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            h = self.embed(input_ids)
+            if h.sum() > 0:
+                h = -h
+            return type("Out", (), {"logits": h})()
+
+    lm = LanguageModel(Branchy(), tokenizer=None)
+    with pytest.raises(fxpatch.errors.FxpatchError, match="torch.export could not capture Branchy") as info:
+        with lm.trace([1, 2, 3]):
+            line = inspect.currentframe().f_lineno + 1
+            lm.embed.output.save()  # the first module access exports
+    assert str(info.value).startswith(f"{__file__}:{line}:")
