@@ -217,6 +217,16 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
     _op = getattr(operator, _name if _name not in ("and", "or") else _name + "_")
     setattr(Proxy, f"__{_name}__", _binary(_op))
     setattr(Proxy, f"__r{_name}__", _binary(_op, reflected=True))
+def _augmented(method: str):
+    def in_place(self, other):
+        return self._in_place(method, (other,), {})
+    return in_place
+
+
+# ``h += 1`` changes h in place (and the model, when h is a module's value), as on a tensor
+for _name, _method in (("add", "add_"), ("sub", "sub_"), ("mul", "mul_"), ("truediv", "div_"),
+                       ("pow", "pow_"), ("and", "bitwise_and_"), ("or", "bitwise_or_")):
+    setattr(Proxy, f"__i{_name}__", _augmented(_method))
 for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
     setattr(Proxy, f"__{_name}__", _binary(getattr(operator, _name)))
 for _name in ("neg", "pos", "abs", "invert"):

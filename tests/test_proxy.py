@@ -33,6 +33,18 @@ def test_in_place_methods_change_the_model(lm, method, edit):
         torch.testing.assert_close(unpad(logits, row, len(ref.ids)), ref.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_augmented_assignment_changes_the_model(lm):
+    envoys, _ = layers(lm)
+    with lm.trace(PROMPTS):
+        h = envoys[0].output
+        h *= 2.0
+        h += 0.5
+        logits = lm.lm_head.output.save()
+    for row, prompt in enumerate(PROMPTS):
+        ref = run_alone(lm, prompt, outputs={envoys[0]._path: lambda x: x * 2.0 + 0.5})
+        torch.testing.assert_close(unpad(logits, row, len(ref.ids)), ref.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_in_place_method_on_a_slice_writes_through(gpt2):
     with gpt2.trace(PROMPT_1):
         gpt2.transformer.h[1].output[:, -1].zero_()
