@@ -28,8 +28,9 @@ from .structure import Spec, flatten, unflatten
 class ModuleSites:
     """What one module's inputs (``(args, kwargs)``) or output look like.
 
-    ``leaves`` holds, in flatten order, a site name for each tensor leaf and
-    the value itself for other leaves (``None``, flags, caches).
+    ``leaves`` holds, in flatten order, a site name for each tensor leaf, the
+    value itself for constant leaves (``None``, flags) and an ``Opaque`` marker
+    for other objects (a cache), which are not kept from the export.
     """
 
     module: str
@@ -99,14 +100,25 @@ def _site_tree(module: str, kind: str, value: Any, record: dict) -> Any:
             flags.append(True)
         else:
             out.append(leaf)
-            names.append(None)
+            names.append(leaf if _is_constant(leaf) else Opaque(type(leaf).__name__))
             flags.append(False)
-    record.setdefault(module, {}).setdefault(
-        kind,
-        ModuleSites(module, kind, spec, [n if f else v for n, f, (_, v) in zip(names, flags, leaves)],
-                    [k for k, _ in leaves], flags),
-    )
+    sites = ModuleSites(module, kind, spec, names, [k for k, _ in leaves], flags)
+    record.setdefault(module, {}).setdefault(kind, sites)
     return unflatten(spec, out)
+
+
+def _is_constant(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device))
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """A non-tensor argument that is not a plain constant (a cache, a config): shown, never kept."""
+
+    type_name: str
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name}>"
 
 
 @contextlib.contextmanager
