@@ -200,7 +200,8 @@ class GenerateTracer(Tracer):
     def _generation_config(self, kwargs: dict, loc: Location):
         hf = self.model._model
         try:
-            config, unused = hf._prepare_generation_config(None, max_new_tokens=self.max_new_tokens, **kwargs)
+            base = kwargs.pop("generation_config", None)  # a GenerationConfig, as transformers' generate takes
+            config, unused = hf._prepare_generation_config(base, max_new_tokens=self.max_new_tokens, **kwargs)
             if unused:
                 hf._validate_model_kwargs(dict(unused))
             config.validate(strict=True)

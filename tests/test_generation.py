@@ -521,3 +521,14 @@ def test_negative_step_is_counted_from_the_end(gpt2):
             last = gpt2.lm_head.output[:, -1].argmax(dim=-1).save()
         out = gpt2.generator.output.save()
     assert last.tolist() == out[:, -1].tolist()  # the token chosen at the last step
+
+
+def test_a_generation_config_object_is_used(gpt2):
+    from transformers import GenerationConfig
+
+    york = gpt2.tokenizer(" York")["input_ids"]
+    config = GenerationConfig(do_sample=False, bad_words_ids=[york])
+    with gpt2.generate(PROMPT_1, max_new_tokens=4, generation_config=config):
+        out = gpt2.generator.output.save()
+    assert_tokens(gpt2, out, [hf_generate(gpt2, PROMPT_1, 4, bad_words_ids=[york])])
+    assert out[0].tolist() != hf_generate(gpt2, PROMPT_1, 4)  # the config's ban changed the tokens
