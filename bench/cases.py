@@ -6,6 +6,8 @@ import torch
 
 from .run import Measurement, case, timed_pair
 
+PAD = 50256  # GPT-2's <|endoftext|>
+
 
 def gpt2_small(seed: int = 0):
     """A random GPT-2-small-shaped model (12 layers, 768 wide, GPT-2's vocabulary size)."""
@@ -13,7 +15,7 @@ def gpt2_small(seed: int = 0):
 
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
-                        bos_token_id=50256, eos_token_id=50256)
+                        bos_token_id=PAD, eos_token_id=PAD)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -23,18 +25,30 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab - 1, (8 + 2 * i,), generator=g).tolist() for i in range(n)]
 
 
-@case("generate")
-def generate_case(args) -> list[Measurement]:
-    """32 new tokens for 8 prompts with a step-0 patch, against plain generate with no intervention."""
+def setup():
+    """The plain model, fxpatch's wrapper of it, 8 prompts and their left-padded batch."""
     from fxpatch import LanguageModel
     from fxpatch.inputs import left_pad
 
     hf = gpt2_small()
-    model = LanguageModel(hf, tokenizer=None)
     rows = prompts(8, hf.config.vocab_size)
-    batch = left_pad(rows, 50256)
+    return hf, LanguageModel(hf, tokenizer=None), rows, left_pad(rows, PAD)
+
+
+def patch_last_token(model, tracer, rows) -> None:
+    """The measured intervention: prompts 0-3's layer-6 last position written into prompts 4-7."""
+    with tracer.invoke(rows[:4]):
+        h = model.transformer.h[6].output[:, -1]
+    with tracer.invoke(rows[4:]):
+        model.transformer.h[6].output[:, -1] = h
+
+
+@case("generate")
+def generate_case(args) -> list[Measurement]:
+    """32 new tokens for 8 prompts with a step-0 patch, against plain generate with no intervention."""
+    hf, model, rows, batch = setup()
     new = 32
-    settings = {"do_sample": False, "min_new_tokens": new, "pad_token_id": 50256}
+    settings = {"do_sample": False, "min_new_tokens": new, "pad_token_id": PAD}
 
     def plain():
         with torch.no_grad():
@@ -42,10 +56,7 @@ def generate_case(args) -> list[Measurement]:
 
     def patched():
         with model.generate(max_new_tokens=new, **settings) as tracer:
-            with tracer.invoke(rows[:4]):
-                h = model.transformer.h[6].output[:, -1]
-            with tracer.invoke(rows[4:]):
-                model.transformer.h[6].output[:, -1] = h
+            patch_last_token(model, tracer, rows)
             out = tracer.result.save()
         return out
 
@@ -57,13 +68,7 @@ def generate_case(args) -> list[Measurement]:
 @case("trace")
 def trace_case(args) -> list[Measurement]:
     """One forward pass of 8 prompts with a cross-prompt patch, against the plain model on the same batch."""
-    from fxpatch import LanguageModel
-    from fxpatch.inputs import left_pad
-
-    hf = gpt2_small()
-    model = LanguageModel(hf, tokenizer=None)
-    rows = prompts(8, hf.config.vocab_size)
-    batch = left_pad(rows, 50256)
+    hf, model, rows, batch = setup()
 
     def plain():
         with torch.no_grad():
@@ -72,10 +77,8 @@ def trace_case(args) -> list[Measurement]:
 
     def patched():
         with model.trace() as tracer:
-            with tracer.invoke(rows[:4]):
-                h = model.transformer.h[6].output[:, -1]
-            with tracer.invoke(rows[4:]):
-                model.transformer.h[6].output[:, -1] = h
+            patch_last_token(model, tracer, rows)
+            with tracer.invoke():
                 out = model.lm_head.output[:, -1].save()
         return out
 
