@@ -36,38 +36,55 @@ def save(value: Any) -> Any:
     return value
 
 
-def _replace_saved(value: Any, seen: set) -> Any:
+_SCAN_LIMIT = 10_000  # containers larger than this are searched only if fxpatch.save() registered them
+
+
+def _replace_saved(value: Any, seen: set, registered: set) -> Any:
+    """``value`` with saved proxies replaced by their values; lists and dicts are changed in place."""
     if isinstance(value, Proxy):
         return value.value if value.value is not _UNSET else value
-    if id(value) in seen:
-        return value
-    if type(value) is list:
-        seen.add(id(value))
-        value[:] = [_replace_saved(v, seen) for v in value]
-    elif type(value) is dict:
-        seen.add(id(value))
-        for k in list(value):
-            value[k] = _replace_saved(value[k], seen)
-    elif type(value) is tuple or isinstance(value, SiteContainer):
-        # module values become plain containers of real values
+    if isinstance(value, SiteContainer):  # a module's tuple/dict value becomes a plain one of real values
         items = value.items() if isinstance(value, dict) else enumerate(value)
-        new = [(k, _replace_saved(v, seen)) for k, v in items]
+        new = [(k, _replace_saved(v, seen, registered)) for k, v in items]
         if isinstance(value, SiteDict):
             return SiteDict(new)
         return (list if isinstance(value, list) else tuple)(v for _, v in new)
+    if type(value) not in (list, dict, tuple) or id(value) in seen:
+        return value
+    if len(value) > _SCAN_LIMIT and id(value) not in registered:
+        return value
+    seen.add(id(value))
+    if type(value) is dict:
+        for k, v in value.items():
+            new = _replace_saved(v, seen, registered)
+            if new is not v:
+                value[k] = new
+        return value
+    new = [_replace_saved(v, seen, registered) for v in value]
+    if all(a is b for a, b in zip(new, value)):
+        return value
+    if type(value) is tuple:
+        return tuple(new)
+    value[:] = new
     return value
 
 
-def bind_saved(frame, saved: list[Proxy]) -> None:
-    """Replace saved proxies by their values in the variables of the trace's frame."""
+def bind_saved(frame, saved: list[Proxy], containers: list[Any] = ()) -> None:
+    """Replace saved proxies by their values in the variables of the trace's frame.
+
+    ``containers`` (registered with ``fxpatch.save``) get their values wherever they are.
+    """
+    seen: set = set()
+    registered = {id(c) for c in containers}
+    for container in containers:
+        _replace_saved(container, seen, registered)
     if frame is None or not saved:
         return
     local_vars = frame.f_locals
     is_module_level = local_vars is frame.f_globals
     changed = {}
-    seen: set = set()
     for name, value in list(local_vars.items()):
-        new = _replace_saved(value, seen)
+        new = _replace_saved(value, seen, registered)
         if new is not value:
             changed[name] = new
     if not changed:

@@ -182,7 +182,7 @@ class Tracer:
             self._execute()
         finally:
             self._close()
-        bind_saved(frame, self.saved)
+        bind_saved(frame, self.saved, self.saved_containers)
         return False
 
     def _close(self) -> None:

@@ -7,6 +7,7 @@ import inspect
 import pytest
 import torch
 
+import fxpatch
 from fxpatch.errors import BarrierError, FxpatchError, InputError
 from tests.conftest import PROMPT_1, PROMPT_2
 
@@ -93,3 +94,17 @@ def test_saved_values_bind_inside_functions_and_closures(gpt2):
     h, collected, peeked = run()
     assert isinstance(h, torch.Tensor) and isinstance(collected[0], torch.Tensor)
     assert peeked is h  # the closure's cell was rebound too
+
+
+def test_saved_containers_bind_wherever_they_are_and_other_lists_are_left_alone(gpt2):
+    class Holder:
+        pass
+
+    holder = Holder()
+    numbers = list(range(20_000))
+    with gpt2.trace(PROMPT_1):
+        holder.values = fxpatch.save([])  # reachable only through an attribute
+        holder.values.append(gpt2.transformer.h[0].output)
+        plain = [gpt2.lm_head.output.save()]  # a plain local list holding a saved value
+    assert isinstance(holder.values[0], torch.Tensor) and isinstance(plain[0], torch.Tensor)
+    assert numbers == list(range(20_000))
