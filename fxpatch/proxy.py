@@ -19,6 +19,7 @@ import operator
 from typing import Any
 
 import torch
+from torch.fx.node import map_aggregate
 
 from .errors import ControlFlowError, ProxyScopeError, user_location
 from .passes.ops import assign
@@ -189,13 +190,10 @@ _FILL = {"zero_": zeros_like, "fill_": full_like, "normal_": normal_like, "unifo
 
 
 def _find_tracer(args, kwargs):
-    for a in list(args) + list((kwargs or {}).values()):
-        if isinstance(a, Proxy):
-            return a.tracer
-        if isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, Proxy):
-                    return b.tracer
+    found = []
+    map_aggregate((args, kwargs or {}), lambda v: found.append(v) if isinstance(v, Proxy) else None)
+    if found:
+        return found[0].tracer
     raise ProxyScopeError("a torch function was called with traced values it cannot find", at=user_location())
 
 
@@ -212,17 +210,17 @@ def _unary(op):
     return method
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
-              "lshift", "rshift"):
-    _op = getattr(operator, _name if _name not in ("and", "or") else _name + "_")
-    setattr(Proxy, f"__{_name}__", _binary(_op))
-    setattr(Proxy, f"__r{_name}__", _binary(_op, reflected=True))
 def _augmented(method: str):
     def in_place(self, other):
         return self._in_place(method, (other,), {})
     return in_place
 
 
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+              "lshift", "rshift"):
+    _op = getattr(operator, _name if _name not in ("and", "or") else _name + "_")
+    setattr(Proxy, f"__{_name}__", _binary(_op))
+    setattr(Proxy, f"__r{_name}__", _binary(_op, reflected=True))
 # ``h += 1`` changes h in place (and the model, when h is a module's value), as on a tensor
 for _name, _method in (("add", "add_"), ("sub", "sub_"), ("mul", "mul_"), ("truediv", "div_"),
                        ("pow", "pow_"), ("and", "bitwise_and_"), ("or", "bitwise_or_")):
