@@ -177,7 +177,9 @@ class GenerateTracer(Tracer):
     Interventions written directly in an invoke apply to the prompt pass
     (step 0); ``for step in tracer.iter[a:b]`` / ``tracer.all()`` bind a loop
     body to those steps. After the block, ``tracer.result`` (if saved) and
-    ``model.generator.output`` hold token ids, prompt included.
+    ``model.generator.output`` hold token ids, prompt included; ``tracer.graph``
+    and ``tracer.inserted`` describe the prompt pass's rewritten graph and
+    ``tracer.graphs[step]`` the graph each step ran.
     """
 
     kind = "generate"
@@ -195,6 +197,7 @@ class GenerateTracer(Tracer):
         self.generation_config = self._generation_config(kwargs, loc)
         self.iter = StepSelection(self)
         self.steps_run = 0
+        self.graphs: dict[int, torch.fx.GraphModule] = {}  # the graph each step ran (steps may share one)
         self._result: Proxy | None = None
 
     def _generation_config(self, kwargs: dict, loc: Location):
@@ -290,6 +293,7 @@ def generate(tracer: GenerateTracer) -> None:
                               _step_inputs(model, mode, *step_inputs, keys, kv_values), values)
         if step == 0:
             tracer.graph, tracer.inserted = gm, inserted_nodes(gm)
+        tracer.graphs[step] = gm
         tracer.steps_run = step + 1
         logits = out[0]
         n = (len(out) - 1) // 2

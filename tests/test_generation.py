@@ -532,3 +532,14 @@ def test_a_generation_config_object_is_used(gpt2):
         out = gpt2.generator.output.save()
     assert_tokens(gpt2, out, [hf_generate(gpt2, PROMPT_1, 4, bad_words_ids=[york])])
     assert out[0].tolist() != hf_generate(gpt2, PROMPT_1, 4)  # the config's ban changed the tokens
+
+
+def test_each_step_names_the_graph_it_ran(gpt2):
+    with gpt2.generate(PROMPT_1, max_new_tokens=4) as tracer:
+        for _step in tracer.iter[2:4]:
+            gpt2.transformer.h[0].output[:, -1] = 0
+    graphs = tracer.graphs
+    assert sorted(graphs) == [0, 1, 2, 3] and tracer.graph is graphs[0]
+    assert graphs[2] is graphs[3] and graphs[1] is not graphs[2]  # same program, one rewritten graph
+    assert [r["role"] for r in fxpatch.runner.inserted_nodes(graphs[2])].count("scatter") == 1
+    assert not fxpatch.runner.inserted_nodes(graphs[1])
