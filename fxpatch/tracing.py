@@ -377,7 +377,15 @@ class Tracer:
         run_trace(self)
 
 
+# NNsight's own tracing switches: fxpatch always checks (fake-tensor shapes) and runs locally.
+_NNSIGHT_FLAGS = {"scan", "validate", "debug"}
+
+
 def _no_model_kwargs(where: str, kwargs: dict, loc: Location) -> None:
+    if kwargs.get("remote"):
+        raise InputError("fxpatch runs models locally; remote=True (NDIF) is not supported", at=loc,
+                         hint="Drop remote=True.")
+    kwargs = {k: v for k, v in kwargs.items() if k not in _NNSIGHT_FLAGS and k != "remote"}
     if kwargs:
         raise InputError(
             f"{where} got keyword arguments it does not use: {', '.join(sorted(kwargs))}", at=loc,

@@ -24,6 +24,12 @@ def test_unused_keyword_arguments_are_refused(gpt2):
         with gpt2.trace(PROMPT_1, output_attentions=True):
             pass
     assert str(info.value).startswith(where)
+    with pytest.raises(InputError, match="remote=True"):
+        with gpt2.trace(PROMPT_1, remote=True):
+            pass
+    with gpt2.trace(PROMPT_1, scan=False, validate=False, remote=False):  # NNsight's switches are accepted
+        out = gpt2.lm_head.output.save()
+    assert isinstance(out, torch.Tensor)
     with pytest.raises(InputError, match=r"tracer.invoke\(\) got keyword arguments"):
         with gpt2.trace() as tracer:
             with tracer.invoke(PROMPT_1, max_length=3):
