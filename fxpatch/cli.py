@@ -13,10 +13,13 @@ import torch
 
 def demo() -> None:
     """Run the reference page's trace examples and print what they give."""
+    from transformers.utils import logging as hf_logging
+
     import fxpatch
     from fxpatch import TINY_GPT2, LanguageModel
     from fxpatch.runner import format_inserted
 
+    hf_logging.disable_progress_bar()  # the demo's output is the page's results, not loading bars
     model = LanguageModel(TINY_GPT2)
     tok = model.tokenizer
     p1 = "Madison square garden is located in the city of New"

@@ -41,7 +41,8 @@ class LanguageModel(Envoy):
     ``LanguageModel(name_or_path | PreTrainedModel, tokenizer=None, device_map=None, dtype=None, **kwargs)``;
     ``kwargs`` go to ``from_pretrained``. Attribute access mirrors the model's module
     tree (``model.transformer.h[3].mlp``); ``model.trace(...)`` records and runs
-    interventions.
+    interventions. The model is put in eval mode (as ``from_pretrained`` returns it);
+    a tokenizer passed in is used as it is.
 
     Example::
 
@@ -68,7 +69,7 @@ class LanguageModel(Envoy):
                 tokenizer.pad_token = tokenizer.eos_token
             if tokenizer is not None:
                 tokenizer.padding_side = "left"
-        hf_model.eval()
+        hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": set()}
         for k, v in own.items():
