@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from .errors import FxpatchError, ModulePathError, user_location
+from .module_values import write_element
 from .proxy import Proxy
 from .structure import flatten
 from .tracing import active_tracer
 
-_OWN = ("_lm", "_module", "_path")
 _VALUES = ("output", "input", "inputs")
 
 
@@ -107,26 +107,28 @@ class Envoy:
     @property
     def input(self) -> Any:
         """The module's first input: its first positional argument, else its first keyword argument."""
-        args, kwargs = self._tracer("input").read(self._path, "inputs")
-        return args[0] if len(args) else next(iter(kwargs.values()))
+        return _first_input(self._tracer("input").read(self._path, "inputs"))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _VALUES:
             raise FxpatchError(f"cannot set {name!r} on a module envoy", at=user_location(),
                                hint="Assign to .output, .input or .inputs.")
         tracer = self._tracer(name)
+        current = tracer.read(self._path, "output" if name == "output" else "inputs")
         if name == "input":
-            args, kwargs = tracer.read(self._path, "inputs")
-            current = args[0] if len(args) else next(iter(kwargs.values()))
-            _assign_structure(current, value, f"{self._path}.input")
-        else:
-            _assign_structure(tracer.read(self._path, name), value, f"{self._path}.{name}")
+            current = _first_input(current)
+        _assign_structure(current, value, f"{self._path}.{name}")
 
     def __call__(self, *args, **kwargs) -> Any:
         tracer = active_tracer()
         if tracer is None or not _has_proxy((args, kwargs)):
             return self._module(*args, **kwargs)
         return tracer.record("call_module", self._path, args, kwargs)
+
+
+def _first_input(inputs) -> Any:
+    args, kwargs = inputs
+    return args[0] if len(args) else next(iter(kwargs.values()))
 
 
 def _has_proxy(value) -> bool:
@@ -137,7 +139,7 @@ def _has_proxy(value) -> bool:
 def _assign_structure(current: Any, value: Any, where: str) -> None:
     """Assign ``value`` to a module value whose current proxies are ``current``."""
     if isinstance(current, Proxy):
-        current.tracer.write_site(current.site, value)
+        write_element(current, value)
         return
     cur_leaves, cur_spec = flatten(current)
     new_leaves, new_spec = flatten(value)
@@ -151,7 +153,7 @@ def _assign_structure(current: Any, value: Any, where: str) -> None:
         if new is old:
             continue
         if isinstance(old, Proxy):
-            old.tracer.write_site(old.site, new)
-        elif new is not old and new != old:
+            write_element(old, new)
+        elif new != old:
             raise FxpatchError(f"{where} holds a non-tensor value ({old!r}) that cannot be replaced",
                                at=user_location(), hint="Keep that element as it is.")

@@ -37,7 +37,6 @@ class ModuleSites:
     kind: str  # "inputs" or "output"
     spec: Spec
     leaves: list[Any]
-    keys: list[str]
     is_site: list[bool]
 
 
@@ -102,7 +101,7 @@ def _site_tree(module: str, kind: str, value: Any, record: dict) -> Any:
             out.append(leaf)
             names.append(leaf if _is_constant(leaf) else Opaque(type(leaf).__name__))
             flags.append(False)
-    sites = ModuleSites(module, kind, spec, names, [k for k, _ in leaves], flags)
+    sites = ModuleSites(module, kind, spec, names, flags)
     record.setdefault(module, {}).setdefault(kind, sites)
     return unflatten(spec, out)
 

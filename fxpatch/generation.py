@@ -196,7 +196,6 @@ class GenerateTracer(Tracer):
         self.max_new_tokens = max_new_tokens
         self.generation_config = self._generation_config(kwargs, loc)
         self.iter = StepSelection(self)
-        self.steps_run = 0
         self.graphs: dict[int, torch.fx.GraphModule] = {}  # the graph each step ran (steps may share one)
         self._result: Proxy | None = None
 
@@ -294,7 +293,6 @@ def generate(tracer: GenerateTracer) -> None:
         if step == 0:
             tracer.graph, tracer.inserted = gm, inserted_nodes(gm)
         tracer.graphs[step] = gm
-        tracer.steps_run = step + 1
         logits = out[0]
         n = (len(out) - 1) // 2
         keys, kv_values = out[1:1 + n], out[1 + n:]
@@ -316,7 +314,6 @@ def generate(tracer: GenerateTracer) -> None:
     if result is not None:
         values[tracer._result.node] = ids
         run_detached(result, phase_outputs(tracer, RESULT_PHASE), values)
-    tracer.output_ids = ids
     bind_values(tracer, values)
 
 

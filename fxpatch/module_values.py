@@ -28,14 +28,14 @@ class SiteTuple(SiteContainer, tuple):
     """A module's tuple output inside a trace; ``out[i] = v`` writes element ``i``."""
 
     def __setitem__(self, index, value):
-        _write_element(self[index], value)
+        write_element(self[index], value)
 
 
 class SiteList(SiteContainer, list):
     """A module's list output inside a trace; ``out[i] = v`` writes element ``i``."""
 
     def __setitem__(self, index, value):
-        _write_element(self[index], value)
+        write_element(self[index], value)
         super().__setitem__(index, value)
 
 
@@ -54,13 +54,13 @@ class SiteDict(SiteContainer, dict):
         return super().__getitem__(key)
 
     def __setitem__(self, key, value):
-        _write_element(self[key], value)
+        write_element(self[key], value)
         super().__setitem__(key if not isinstance(key, int) else list(self)[key], value)
 
     __setattr__ = __setitem__
 
 
-def _write_element(current, value):
+def write_element(current, value):
     if isinstance(current, Proxy) and current.site is not None:
         current.tracer.write_site(current.site, value)
         return
