@@ -13,6 +13,7 @@ applied while tracing.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +170,16 @@ def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[s
     ``dynamic_shapes`` every dim is ``Dim.AUTO``. Returns a ``SiteGraph``; the
     model is left as it was.
     """
+    with TRACING_LOCK:
+        return _export_sites(model, entry, example, dynamic_shapes, prefix)
+
+
+# torch.export, make_fx and transformers' export patches change process-wide state while they
+# trace; threads take turns through them.
+TRACING_LOCK = threading.RLock()
+
+
+def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
     record: dict[str, dict[str, ModuleSites]] = {}
     dynamic = dynamic_shapes or {k: _all_dynamic(v) for k, v in example.items()}
     start = time.perf_counter()

@@ -242,7 +242,8 @@ class GenerateTracer(Tracer):
                            phase=RESULT_PHASE)
 
     def _run(self) -> None:
-        generate(self)
+        with self.model._lock:
+            generate(self)
 
 
 def _step_inputs(model, mode: str, ids, mask, positions, keys=(), values=()) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -71,7 +72,8 @@ class LanguageModel(Envoy):
                 tokenizer.padding_side = "left"
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
-        own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": set()}
+        own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": {},
+               "_lock": threading.RLock()}
         for k, v in own.items():
             object.__setattr__(self, k, v)
 

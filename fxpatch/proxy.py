@@ -22,7 +22,6 @@ import torch
 from torch.fx.node import map_aggregate
 
 from .errors import ControlFlowError, ProxyScopeError, user_location
-from .passes.ops import assign
 
 _UNSET = object()
 
@@ -31,17 +30,18 @@ class Proxy:
     """A recorded value: a node of a trace's program.
 
     ``site`` is ``(site name, start, stop)`` when the proxy is a read of a
-    module's value (so item assignment writes back into the model), and
-    ``view_of`` is ``(base proxy, index)`` when it is ``base[index]``.
+    module's value, so that assigning to that element of a module's tuple
+    output replaces it. Everything else (views, in-place writes, aliasing)
+    is recorded as written and given torch's own meaning when the program
+    is functionalized.
     """
 
-    __slots__ = ("node", "tracer", "site", "view_of", "saved", "value", "_owner", "__weakref__")
+    __slots__ = ("node", "tracer", "site", "saved", "value", "_owner", "__weakref__")
 
-    def __init__(self, node: torch.fx.Node, tracer, site=None, view_of=None):
+    def __init__(self, node: torch.fx.Node, tracer, site=None):
         object.__setattr__(self, "node", node)
         object.__setattr__(self, "tracer", tracer)
         object.__setattr__(self, "site", site)
-        object.__setattr__(self, "view_of", view_of)
         object.__setattr__(self, "saved", False)
         object.__setattr__(self, "value", _UNSET)
         object.__setattr__(self, "_owner", None)
@@ -56,9 +56,6 @@ class Proxy:
         object.__setattr__(self, "saved", True)
         self.tracer.saved.append(self)
         return self
-
-    def _rebind(self, node: torch.fx.Node) -> None:
-        object.__setattr__(self, "node", node)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -92,32 +89,16 @@ class Proxy:
         return self._record("call_function", operator.call, (self, *args), kwargs)
 
     def _in_place(self, name: str, args: tuple, kwargs: dict) -> Proxy:
-        """``h.add_(1)``, ``h.zero_()``: computed out of place, then written back like ``h[...] = ...``."""
-        if name == "copy_":
-            new = args[0]
-        elif name in _FILL:
-            new = self._record("call_function", _FILL[name], (self, *args), kwargs)
-        elif hasattr(torch.Tensor, name[:-1]):
-            new = self._record("call_method", name[:-1], (self, *args), kwargs)
-        else:
-            raise ControlFlowError(f"the in-place method .{name}() has no out-of-place form fxpatch can use",
-                                   at=user_location(), hint="Compute the new value and assign it: "
-                                   "m.output = ... or m.output[...] = ...")
-        self[...] = new
+        """``h.add_(1)``, ``h.zero_()``: recorded as the in-place op it is; returns ``h``, as torch does."""
+        self._record("call_method", name, (self, *args), kwargs)
         return self
 
     def __getitem__(self, index) -> Proxy:
-        return self._record("call_function", operator.getitem, (self, index), view_of=(self, index))
+        return self._record("call_function", operator.getitem, (self, index))
 
     def __setitem__(self, index, value) -> None:
-        """Item assignment writes through: into the module value this proxy was read from."""
-        new = self._record("call_function", assign, (self, index, value))
-        self._rebind(new.node)
-        if self.site is not None:
-            self.tracer.write_site(self.site, self)
-        elif self.view_of is not None:
-            base, base_index = self.view_of
-            base[base_index] = self
+        """``h[index] = value`` writes into ``h`` (and so into every tensor it is a view of)."""
+        self._record("call_function", operator.setitem, (self, index, value))
 
     # -- values that only exist when the model runs -------------------------------------
     def _no_python_value(self, what: str, hint: str):
@@ -164,29 +145,6 @@ class Proxy:
 
     def __hash__(self):
         return id(self)
-
-
-def zeros_like(x):
-    """Out-of-place ``x.zero_()``."""
-    return torch.zeros_like(x)
-
-
-def full_like(x, value):
-    """Out-of-place ``x.fill_(value)``."""
-    return torch.full_like(x, value)
-
-
-def normal_like(x, mean=0.0, std=1.0):
-    """Out-of-place ``x.normal_(mean, std)``."""
-    return torch.randn_like(x) * std + mean
-
-
-def uniform_like(x, low=0.0, high=1.0):
-    """Out-of-place ``x.uniform_(low, high)``."""
-    return torch.rand_like(x) * (high - low) + low
-
-
-_FILL = {"zero_": zeros_like, "fill_": full_like, "normal_": normal_like, "uniform_": uniform_like}
 
 
 def _find_tracer(args, kwargs):

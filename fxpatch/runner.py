@@ -2,7 +2,8 @@
 
 Rewritten graphs are cached per model by the program's structure (ops,
 sites, invoke row ranges), so runs that differ only in values (other prompts
-of the same row counts, other saved tensors) reuse one graph.
+of the same row counts, other saved tensors) reuse one graph; a program that
+writes in place is functionalized, and cached, per shape of its inputs.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from .export import TRACING_LOCK
 from .inputs import left_pad
-from .passes import CheckShapes, InlineProgram, StripSites
+from .passes import InlineProgram, StripSites
+from .passes.functionalize_program import Chains, TensorSpec, _Interpreter, check_program, functionalize_program
+from .passes.ops import is_site
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -46,20 +50,88 @@ def program_key(program: torch.fx.Graph) -> tuple:
         # id() tells apart functions that share a name (lambdas, closures)
         target = node.target if isinstance(node.target, str) else (
             getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", ""), id(node.target))
-        key.append((node.op, target, norm(node.args), norm(node.kwargs), node.meta.get("fxpatch_invoke")))
+        key.append((node.op, target, norm(node.args), norm(node.kwargs), node.meta.get("fxpatch_invoke"),
+                    node.meta.get("fxpatch_time")))
     return tuple(key)
 
 
-def patched_graph(model, mode: str, program: torch.fx.Graph) -> torch.fx.GraphModule:
-    """The site graph of ``mode`` with ``program`` inlined, from the model's cache if seen before."""
+def chains_of(sg) -> Chains:
+    """Site positions and identity chains of a site graph (computed once per graph)."""
+    chains = getattr(sg, "_chains", None)
+    if chains is None:
+        position, root, parent = {}, {}, {}
+        for i, n in enumerate(sg.graph_module.graph.nodes):
+            if is_site(n) and n.args[1] not in position:
+                name, source = n.args[1], n.args[0]
+                position[name] = i
+                parent[name] = source.args[1] if is_site(source) else None
+                while is_site(source):
+                    source = source.args[0]
+                root[name] = source.name
+        chains = sg._chains = Chains(position, root, parent)
+    return chains
+
+
+def root_specs(sg, model_inputs: list) -> tuple[dict[str, TensorSpec], dict]:
+    """Every chain root's ``TensorSpec`` (sizes as the export's symbolic expressions) and the values
+    the export's size symbols have for a run on ``model_inputs``."""
+    nodes = {n.name: n for n in sg.graph_module.graph.nodes}
+    sizes = {}
+    for name, value in zip(sg.inputs, model_inputs):
+        val = nodes[name].meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor):
+            for dim, real in zip(val.shape, value.shape):
+                if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+                    sizes[dim.node.expr] = real
+    specs = getattr(sg, "_root_specs", None)
+    if specs is None:
+        specs = {}
+        for root in set(chains_of(sg).root.values()):
+            val = nodes[root].meta["val"]
+            shape = tuple(d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
+            specs[root] = TensorSpec(shape, val.dtype, val.device)
+        sg._root_specs = specs
+    return specs, sizes
+
+
+def _shape_key(values: list) -> tuple:
+    return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else
+                 _shape_key(v) if isinstance(v, (list, tuple)) else repr(v) for v in values)
+
+
+def patched_graph(model, mode: str, program: torch.fx.Graph, model_inputs: list,
+                  feeds: list) -> torch.fx.GraphModule:
+    """The site graph of ``mode`` with ``program`` inlined, from the model's cache if seen before.
+
+    A program is checked once per shape of its inputs (fake tensors, only its
+    own ops). One that writes nothing in place is rewritten once for all
+    shapes; one that does is functionalized for the shapes of the run.
+    """
+    with TRACING_LOCK:
+        return _patched_graph(model, mode, program, model_inputs, feeds)
+
+
+def _patched_graph(model, mode, program, model_inputs, feeds):
+    sg = model.site_graph(mode)
     key = (mode, program_key(program))
-    gm = model._patched.get(key)
-    if gm is None:
-        gm = copy_graph_module(model.site_graph(mode).graph_module)
-        modules = {n.target: model._model.get_submodule(n.target) for n in program.nodes if n.op == "call_module"}
-        for p in (InlineProgram(program, modules), StripSites()):
-            gm = p(gm).graph_module
-        model._patched[key] = gm
+    shapes = _shape_key(list(model_inputs) + list(feeds))
+    modules = {n.target: model._model.get_submodule(n.target) for n in program.nodes if n.op == "call_module"}
+    chains = chains_of(sg)
+    specs, sizes = root_specs(sg, model_inputs)
+    mutating = model._checked.get((key, shapes))
+    if mutating is None:
+        mutating = check_program(program, chains, modules, specs, feeds, sizes)
+        model._checked[(key, shapes)] = mutating
+    # a program that writes in place is functionalized per feed shapes, for all sizes its guards allow
+    gkey = (key, _shape_key(feeds)) if mutating else key
+    for fp, gm in model._patched.get(gkey, ()):
+        if fp.holds_for(sizes):
+            return gm
+    fp = functionalize_program(program, chains, model._model, modules, specs, feeds, mutating, sizes)
+    gm = copy_graph_module(sg.graph_module)
+    for p in (InlineProgram(fp), StripSites()):
+        gm = p(gm).graph_module
+    model._patched.setdefault(gkey, []).append((fp, gm))
     return gm
 
 
@@ -120,21 +192,11 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     """
     if program.find_nodes(op="output"):
         raise RuntimeError("a program runs once")
-    empty = len(program.nodes) == 0
     program.output(tuple(outputs))
     sg = model.site_graph(mode)
-    gm = patched_graph(model, mode, program)
-    flat = sg.state_values(model._model) + list(model_inputs) + _feeds(program, values)
-    if not empty:  # the plain model needs no check; a patched graph once per shape of its inputs
-        user_inputs = flat[len(sg.state):]
-        if mode == "decode":
-            # decode steps differ only in the cache length; checking the first is enough
-            user_inputs = [t for name, t in zip(sg.input_names, user_inputs) if name == "input_ids"] + \
-                user_inputs[len(model_inputs):]
-        shape_key = (id(gm), tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in user_inputs))
-        if shape_key not in model._checked:
-            CheckShapes(flat)(gm)
-            model._checked.add(shape_key)
+    feeds = _feeds(program, values)
+    gm = patched_graph(model, mode, program, list(model_inputs), feeds)
+    flat = sg.state_values(model._model) + list(model_inputs) + feeds
     with torch.no_grad():
         out = gm(*flat)
     n = len(sg.outputs)
@@ -143,13 +205,13 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
 
 
 def run_detached(program: torch.fx.Graph, outputs: list[torch.fx.Node], values: dict) -> None:
-    """Run a program that touches no model (ops on generated tokens and earlier values)."""
+    """Run a program that touches no model (ops on generated tokens and earlier values), eagerly."""
     program.output(tuple(outputs))
-    gm = torch.fx.GraphModule(torch.nn.Module(), program)
-    flat = _feeds(program, values)
-    CheckShapes(flat)(gm)
+    feeds = _feeds(program, values)
+    check_program(program, Chains({}, {}, {}), {}, {}, feeds)
+    interp = _Interpreter(program, Chains({}, {}, {}), snapshots=False, modules={})
     with torch.no_grad():
-        out = gm(*flat)
+        out = interp(*feeds)
     values.update(zip(outputs, out))
 
 
@@ -161,6 +223,11 @@ def bind_values(tracer, values: dict) -> None:
 
 def run_trace(tracer) -> None:
     """Run a trace's program as one batched forward pass and bind the saved values."""
+    with tracer.model._lock:  # one run of a model at a time: threads sharing it wait, never mix
+        _run_trace(tracer)
+
+
+def _run_trace(tracer) -> None:
     model = tracer.model
     rows = [r for invoke in tracer.invokes for r in invoke.rows]
     batch = left_pad(rows, model.pad_token_id, model.device)

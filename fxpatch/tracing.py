@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from typing import Any
 
@@ -42,12 +43,15 @@ from .proxy import _UNSET, Proxy
 from .saving import bind_saved
 from .structure import unflatten
 
-_ACTIVE: list[Tracer] = []
+# The traces being recorded, innermost last: per thread (and per asyncio task), so that
+# threads tracing at the same time each see only their own.
+_ACTIVE: contextvars.ContextVar[tuple[Tracer, ...]] = contextvars.ContextVar("fxpatch_active_traces", default=())
 
 
 def active_tracer() -> Tracer | None:
-    """The innermost trace being recorded, if any."""
-    return _ACTIVE[-1] if _ACTIVE else None
+    """The innermost trace being recorded in this thread, if any."""
+    active = _ACTIVE.get()
+    return active[-1] if active else None
 
 
 class Invoker:
@@ -61,7 +65,7 @@ class Invoker:
         self.index = len(tracer.invokes)
         self.rows: list[list[int]] = []
         self.start, self.stop = 0, None
-        self.reads: dict[tuple[str, str], Any] = {}
+        self.clock: dict[int, tuple] = {}  # phase -> (latest point of the forward pass waited for, its read)
 
     def __enter__(self) -> Invoker:
         t = self.tracer
@@ -159,10 +163,10 @@ class Tracer:
     # -- context -----------------------------------------------------------------
     def __enter__(self) -> Tracer:
         # A trace of another model may nest (it runs at its own exit); one of the same model may not.
-        if any(t.model is self.model for t in _ACTIVE) or self.finished:
+        if any(t.model is self.model for t in _ACTIVE.get()) or self.finished:
             raise FxpatchError("a trace was opened inside another trace of the same model", at=self.loc,
                                hint="Use several tracer.invoke(...) blocks in one trace instead.")
-        _ACTIVE.append(self)
+        _ACTIVE.set((*_ACTIVE.get(), self))
         if self._shortcut_invoke is not None:
             try:
                 self._shortcut_invoke.__enter__()
@@ -187,8 +191,7 @@ class Tracer:
 
     def _close(self) -> None:
         self.finished = True
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
+        _ACTIVE.set(tuple(t for t in _ACTIVE.get() if t is not self))
 
     # -- API ---------------------------------------------------------------------
     def invoke(self, inputs: Any = None, **kwargs: Any) -> Invoker:
@@ -266,12 +269,15 @@ class Tracer:
             entry = self._constants[(phase, id(key))] = (key, node)
         return entry[1]
 
-    def record(self, op: str, target: Any, args: tuple, kwargs: dict, *, site=None, view_of=None,
-               phase: int | None = None) -> Proxy:
+    def record(self, op: str, target: Any, args: tuple, kwargs: dict, *, site=None,
+               phase: int | None = None, at: int = -1) -> Proxy:
         """Add one operation to the program and return its ``Proxy``.
 
         It goes into the latest phase among the values it uses (or the current
         phase); a read or write of a module always goes into the current phase.
+        Its time (``meta["fxpatch_time"]``) is when NNsight would run it: once
+        the model has reached ``at`` (a site's position) and every value it
+        uses, and not before the invoke's previous op.
         """
         loc = user_location()
         if self.finished:
@@ -284,7 +290,17 @@ class Tracer:
         node.meta["fxpatch_loc"] = loc
         node.meta["fxpatch_invoke"] = self.current_invoke.index if self.current_invoke else None
         node.meta["fxpatch_phase"] = phase
-        return Proxy(node, self, site=site, view_of=view_of)
+        # the time, and the read that set it (for errors that name why an op runs where it does)
+        sources = [(at, (site[0], loc) if site is not None else None)]
+        sources += [(a.meta.get("fxpatch_time", -1), a.meta.get("fxpatch_time_source")) for a in node.all_input_nodes]
+        if self.current_invoke is not None:
+            sources.append(self.current_invoke.clock.get(phase, (-1, None)))
+        time, source = max(sources, key=lambda s: s[0])
+        if self.current_invoke is not None:
+            self.current_invoke.clock[phase] = (time, source)
+        node.meta["fxpatch_time"] = time
+        node.meta["fxpatch_time_source"] = source
+        return Proxy(node, self, site=site)
 
     def _after_trace(self, op: str, target: Any, args: tuple, kwargs: dict, loc: Location) -> Any:
         """An op on this ended trace's values: saved ones act as their tensors, unsaved ones fail."""
@@ -323,18 +339,19 @@ class Tracer:
         """A module's ``output`` or ``inputs`` for the current invoke, as proxies."""
         invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
         sites = self.module_sites(path, kind, kind)
-        cached = invoke.reads.get((self.phase, path, kind))
-        if cached is not None:
-            return cached
         leaves = [self._read_leaf(name, invoke) if is_site else name
                   for name, is_site in zip(sites.leaves, sites.is_site)]
-        value = unflatten(sites.spec, leaves, build_container)
-        invoke.reads[(self.phase, path, kind)] = value
-        return value
+        return unflatten(sites.spec, leaves, build_container)
+
+    def _position(self, name: str) -> int:
+        from .runner import chains_of
+
+        return chains_of(self.model.site_graph(self.mode)).position[name]
 
     def _read_leaf(self, name: str, invoke: Invoker) -> Proxy:
         ref = (name, invoke.start, invoke.stop)
-        proxy = self.record("call_function", read_site, ref, {}, site=ref, phase=self.phase)
+        proxy = self.record("call_function", read_site, ref, {}, site=ref, phase=self.phase,
+                            at=self._position(name))
         proxy.node.meta["fxpatch_site"] = name
         return proxy
 
@@ -351,10 +368,9 @@ class Tracer:
                             "which runs before it", at=loc,
                             also=[("it was recorded at", value.node.meta["fxpatch_loc"])],
                             hint="Write it at the same or a later step (tracer.iter[...]).")
-        node = self.record("call_function", write_site, (name, start, stop, value), {}, phase=self.phase).node
+        node = self.record("call_function", write_site, (name, start, stop, value), {}, phase=self.phase,
+                           at=self._position(name)).node
         node.meta["fxpatch_site"] = name
-        owner = self.model.site_graph(self.mode).owner(name)
-        invoke.reads.pop((self.phase, *owner), None)
 
     # -- running -----------------------------------------------------------------------
 

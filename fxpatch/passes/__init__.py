@@ -1,12 +1,13 @@
-"""Graph rewrites, in the style of ``torch.fx.passes.infra``: ``GraphModule -> PassResult``.
+"""Graph rewrites, in the style of ``torch.fx.passes.infra``.
 
-They import torch only. ``InlineProgram`` puts a recorded program into an
-exported graph, ``StripSites`` removes the site markers and dead code, and
-``CheckShapes`` propagates fake tensors to catch shape errors before a run.
+They import torch only. ``functionalize_program`` turns a recorded program
+into a functional graph with eager torch's meaning (and checks its shapes on
+fake tensors), ``InlineProgram`` puts it into an exported graph and
+``StripSites`` removes the site markers and dead code.
 """
 
-from .check_shapes import CheckShapes
+from .functionalize_program import FunctionalProgram, check_program, functionalize_program
 from .inline_program import InlineProgram
 from .strip_sites import StripSites
 
-__all__ = ["CheckShapes", "InlineProgram", "StripSites"]
+__all__ = ["FunctionalProgram", "InlineProgram", "StripSites", "check_program", "functionalize_program"]

@@ -1,18 +1,23 @@
-"""Pass: inline a recorded program into an exported graph with sites.
+"""Pass: inline a functional program (``FunctionalProgram``) into an exported graph with sites.
 
 After it runs:
-- every ``read_site`` of the program is a ``capture`` node (the invoke's rows
-  of the site's current value), placed right after the site;
-- every ``write_site`` is a ``scatter`` node right after the site, and the
-  model nodes that used the site now use the scattered value;
-- every other program op is a node placed right after the last value it
-  uses, so the graph stays in topological order and nothing is reordered;
-- the program's inputs are new placeholders after the graph's own, and the
-  values it saved are extra outputs, in the program's output order.
+- the program's chain-root placeholders are the model's own nodes (a read is
+  an op on the value the model computed there, e.g. ``capture``: the
+  invoke's rows), its other placeholders are new graph inputs after the
+  graph's own, and every program op is a node placed right after the last
+  value it uses, so the graph stays in topological order and the model is
+  never reordered;
+- for every event (an assignment, or a tensor changed in place), the model
+  nodes that consume the event's sites after the event's point of the
+  forward pass use the event's value (the ``scatter``); nodes before it do
+  not, exactly as in an eager run with hooks;
+- the values the program saved are extra outputs, in the program's order.
 Inserted nodes carry ``meta["fxpatch_loc"]`` (the user's line) and
-``meta["fxpatch_role"]``. A value that would flow backwards (read at a later
-site than the one it is written to), or a write upstream of a site the same
-invoke already read, raises ``FlowError`` naming both lines.
+``meta["fxpatch_role"]``. A write that a model node would consume before the
+write could be computed (a value flowing backwards through the network) raises
+``FlowError`` naming both lines; so does an in-place write to a tensor the
+model also holds through a view of its own, which fxpatch refuses rather
+than follow.
 """
 
 from __future__ import annotations
@@ -21,129 +26,167 @@ import torch
 from torch.fx.node import map_arg
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .diagnostics import FlowError, location_of
-from .ops import capture, is_site, read_site, scatter, write_site
+from .diagnostics import FlowError
+from .functionalize_program import ROOT, FunctionalProgram
+from .ops import is_site
 
 
 class InlineProgram(PassBase):
-    """``InlineProgram(program, modules)(gm)``; ``modules`` maps paths to modules the program calls."""
+    """``InlineProgram(functional)(gm)``; ``functional`` comes from ``functionalize_program``."""
 
-    def __init__(self, program: torch.fx.Graph, modules: dict[str, torch.nn.Module] | None = None):
+    def __init__(self, functional: FunctionalProgram):
         super().__init__()
-        self.program = program
-        self.modules = modules or {}
+        self.fp = functional
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        graph = gm.graph
+        fp, graph = self.fp, gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
+        original = set(order)
+        by_name = {n.name: n for n in graph.nodes}
         sites: dict[str, torch.fx.Node] = {}
         for n in graph.nodes:
             if is_site(n):
                 sites.setdefault(n.args[1], n)
-        model_users = {name: list(node.users) for name, node in sites.items()}
-        successors = {n: list(n.users) for n in graph.nodes}
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        top = placeholders[-1] if placeholders else None
-
+        top = placeholders[-1]
         cursor: dict[torch.fx.Node, torch.fx.Node] = {}
-        version: dict[str, torch.fx.Node] = {}
         env: dict[torch.fx.Node, torch.fx.Node] = {}
-        anchor: dict[torch.fx.Node, torch.fx.Node] = {}  # program node -> model node it follows
-        origin: dict[torch.fx.Node, torch.fx.Node] = {}  # program node -> read that set its anchor
-        reads: dict[object, list[tuple[int, torch.fx.Node]]] = {}
+        anchor: dict[torch.fx.Node, torch.fx.Node] = {}
         called: dict[str, str] = {}
 
-        def place(after: torch.fx.Node, op, target, args, kwargs, source, role):
+        def place(after, op, target, args, kwargs, source):
             with graph.inserting_after(cursor.get(after, after)):
                 new = graph.create_node(op, target, args, kwargs)
             cursor[after] = new
             order.setdefault(new, order[after])
-            new.meta["fxpatch_loc"] = location_of(source)
-            new.meta["fxpatch_role"] = role
-            new.meta["fxpatch_program_node"] = source.name
-            if "fxpatch_site" in source.meta:
-                new.meta["fxpatch_site"] = source.meta["fxpatch_site"]
+            custom = source.meta.get("custom", {})
+            new.meta["fxpatch_loc"] = custom.get("fxpatch_loc")
+            new.meta["fxpatch_role"] = custom.get("fxpatch_role", "op")
+            if custom.get("fxpatch_site"):
+                new.meta["fxpatch_site"] = custom["fxpatch_site"]
+            for key in ("val", "tensor_meta"):
+                if key in source.meta:
+                    new.meta[key] = source.meta[key]
             return new
 
-        for pnode in self.program.nodes:
+        inputs = [n for n in fp.graph.graph.nodes if n.op == "placeholder"]
+        n_roots = len(fp.roots)
+        for pnode in fp.graph.graph.nodes:
             if pnode.op == "placeholder":
+                i = inputs.index(pnode)
+                if i < n_roots:
+                    env[pnode] = anchor[pnode] = by_name[fp.roots[i]]
+                    continue
                 with graph.inserting_after(cursor.get(top, top)):
                     new = graph.placeholder(f"fxpatch_{pnode.name}")
-                new.meta.update(fxpatch_loc=location_of(pnode), fxpatch_role="input")
+                new.meta.update(fxpatch_loc=None, fxpatch_role="input")
                 cursor[top] = new
-                order[new] = order[top] if top is not None else -1
+                order[new] = order[top]
                 env[pnode], anchor[pnode] = new, top
                 continue
             if pnode.op == "output":
-                saved = [env[a] for a in pnode.args[0]]
-                out = graph.output_node()
-                out.args = (tuple(out.args[0]) + tuple(saved),)
+                outputs = [env[a] if isinstance(a, torch.fx.Node) else a for a in pnode.args[0]]
                 continue
-            inputs = pnode.all_input_nodes
-            if pnode.target is read_site:
-                name, start, stop = pnode.args
-                site = sites[name]
-                env[pnode] = place(site, "call_function", capture, (version.get(name, site), start, stop), {},
-                                   pnode, "capture")
-                anchor[pnode], origin[pnode] = site, pnode
-                if pnode.users:  # a read nothing uses (a sibling of a used leaf) constrains nothing
-                    reads.setdefault(pnode.meta.get("fxpatch_invoke"), []).append((site, pnode))
+            if pnode.op == "get_attr":
+                name = f"fxpatch_const_{len(called)}_{pnode.target}"
+                setattr(gm, name, getattr(fp.graph, pnode.target))
+                called[name] = name
+                env[pnode] = place(top, "get_attr", name, (), {}, pnode)
+                anchor[pnode] = top
                 continue
-            # an op follows the latest of the values it uses
-            after, source_read = top, None
-            for a in inputs:
-                if after is None or order[anchor[a]] > order[after]:
-                    after, source_read = anchor[a], origin.get(a)
-            if pnode.target is write_site:
-                name, start, stop, value = pnode.args
-                site = sites[name]
-                self._check_flow(pnode, site, after, source_read, order, reads, successors)
-                value = env[value] if isinstance(value, torch.fx.Node) else value
-                base = version.get(name, site)
-                new = place(site, "call_function", scatter, (base, value, start, stop), {}, pnode, "scatter")
-                for user in model_users[name]:
-                    user.replace_input_with(base, new)
-                version[name] = new
-                env[pnode], anchor[pnode] = new, site
-                continue
-            args = map_arg(pnode.args, lambda a: env[a])
-            kwargs = map_arg(pnode.kwargs, lambda a: env[a])
+            after = top
+            for a in pnode.all_input_nodes:
+                if order[anchor[a]] > order[after]:
+                    after = anchor[a]
             target = pnode.target
             if pnode.op == "call_module":
                 if target not in called:
                     called[target] = f"fxpatch_call_{len(called)}"
-                    gm.add_submodule(called[target], self.modules[target])
+                    gm.add_submodule(called[target], fp.graph.get_submodule(target))
                 target = called[target]
-            role = "call" if pnode.op == "call_module" else "op"
-            env[pnode] = place(after, pnode.op, target, args, kwargs, pnode, role)
+            args = map_arg(pnode.args, lambda a: env[a])
+            kwargs = map_arg(pnode.kwargs, lambda a: env[a])
+            env[pnode] = place(after, pnode.op, target, args, kwargs, pnode)
             anchor[pnode] = after
-            origin[pnode] = source_read
+
+        saved = outputs[:fp.n_saved]
+        self._rewire(graph, fp, outputs, order, original, sites, by_name)
+        out = graph.output_node()
+        out.args = (tuple(out.args[0]) + tuple(saved),)
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
 
     @staticmethod
-    def _check_flow(write, site, after, source_read, order, reads, successors):
-        if after is not None and order[after] > order[site]:
-            raise FlowError(
-                f"the value written to {site.args[1]} is computed from {source_read.args[0]}, which the "
-                "model computes later in the same pass, so it would have to flow backwards",
-                at=location_of(write), also=[("read at", location_of(source_read))],
-                hint="Read the value in a separate trace and .save() it, then write it in the next trace; "
-                "or write it to a site at or after the one it is read from.")
-        earlier = reads.get(write.meta.get("fxpatch_invoke"), [])
-        if not earlier:
-            return
-        downstream, todo = set(), [site]
-        while todo:  # what the model computes from this site
-            for user in successors[todo.pop()]:
-                if user not in downstream:
-                    downstream.add(user)
-                    todo.append(user)
-        for read_site_node, read in earlier:
-            if read_site_node in downstream:
+    def _rewire(graph, fp: FunctionalProgram, outputs, order, original, sites, by_name):
+        """Point each model consumer of an event's sites, after the event, at the event's value."""
+        latest: dict[int, torch.fx.Node] = {}
+        chosen: dict[tuple[torch.fx.Node, torch.fx.Node], torch.fx.Node] = {}
+        for ev in sorted(fp.events, key=lambda e: e.time):
+            value = outputs[ev.index]
+            previous = latest.get(ev.obj, by_name[ev.root] if ev.assigned is None else None)
+            latest[ev.obj] = value
+            if value is previous:
+                continue  # this tensor did not change since its last point
+            members = [by_name[ev.root] if m == ROOT else sites[m] for m in ev.members]
+            time = ev.time
+            for m in members:
+                for user in m.users:
+                    if user not in original or is_site(user):
+                        continue
+                    if ev.first < order[user] < time:
+                        _flow_error(ev, m, user)
+                    if order[user] > time:
+                        chosen[(user, m)] = value
+                        value.meta["fxpatch_role"] = "scatter"
+                        value.meta.setdefault("fxpatch_site", ev.target)
+            if ev.assigned is None:
+                _check_model_views(ev, members, time, order, original)
+        for (user, m), value in chosen.items():
+            user.replace_input_with(m, value)
+
+
+def _flow_error(ev, member, user):
+    site = ev.target or (member.args[1] if is_site(member) else ev.root)
+    if ev.waited_for is not None:
+        later, read_loc = ev.waited_for
+        problem = (f"{site} is written after the model has already used it, because the write waits for {later} "
+                   f"(already read at the line below), which the model computes later: the value would have to "
+                   "flow backwards, and fxpatch does not reorder a program")
+    else:
+        later, read_loc = None, None
+        problem = f"{site} is written after the model has already used it, so the value would have to flow backwards"
+    also = [("read at", read_loc)] if read_loc is not None and read_loc != ev.loc else []
+    raise FlowError(problem, at=ev.loc, also=also,
+                    hint="Write upstream sites before reading downstream ones in each invoke. To move a value "
+                    "backwards, read it in a separate trace, .save() it, and write it in the next trace.")
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return False
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def _check_model_views(ev, members, time, order, original):
+    """An in-place write reaches every view of the tensor; fxpatch follows the sites, not the model's own views."""
+    todo = list(members)
+    seen = set()
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user in seen or user not in original:
+                continue
+            seen.add(user)
+            view = _is_view(user) or (user.target.__name__ == "getitem" if callable(user.target) else False)
+            if not view:
+                continue
+            if order[user] <= time and any(order[u] > time for u in user.users if u in original):
                 raise FlowError(
-                    f"this invoke writes {site.args[1]} after it already read {read.args[0]}, which the model "
-                    "computes later; the read would not see the write, and fxpatch does not reorder a program",
-                    at=location_of(write), also=[("read at", location_of(read))],
-                    hint="Write upstream sites before reading downstream ones in each invoke.")
+                    f"this in-place write changes {ev.root}, which the model also holds as a view ({user.name}) "
+                    "that it uses after the write; fxpatch does not follow a write into the model's own views",
+                    at=ev.loc, hint="Assign a new value instead (module.output = value), or write at a site "
+                    "the model uses directly.")
+            todo.append(user)

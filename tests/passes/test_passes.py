@@ -7,30 +7,44 @@ import operator
 import pytest
 import torch
 
-from fxpatch.passes import CheckShapes, InlineProgram, StripSites
+from fxpatch.passes import InlineProgram, StripSites, check_program, functionalize_program
 from fxpatch.passes.diagnostics import FlowError, Location, ShapeError
 from fxpatch.passes.ops import capture, is_site, read_site, scatter, write_site
-from fxpatch.runner import copy_graph_module
+from fxpatch.runner import chains_of, copy_graph_module, root_specs
 
 LOC = Location("user.py", 7, "x = ...")
 
 
-def program(*ops):
-    """A program graph from ``(target, args)`` pairs; ``("save", i)`` marks node ``i`` saved."""
+def program(*ops, sg=None):
+    """A program graph from ``(target, args)`` pairs; ``("save", i)`` marks node ``i`` saved.
+
+    Each node waits, as NNsight's thread would, for the sites it reads or writes and for the one before it.
+    """
     g = torch.fx.Graph()
     nodes, saved = [], []
+    clock = -1
+    chains = chains_of(sg) if sg is not None else None
     for target, args in ops:
         if target == "save":
             saved.append(nodes[args])
             continue
         args = tuple(nodes[a.index] if isinstance(a, Ref) else a for a in args)
         node = g.call_function(target, args)
-        node.meta.update(fxpatch_loc=Location("user.py", len(nodes) + 1), fxpatch_invoke=0, fxpatch_phase=0)
         if target in (read_site, write_site):
             node.meta["fxpatch_site"] = args[0]
+            clock = max(clock, chains.position[args[0]])
+        node.meta.update(fxpatch_loc=Location("user.py", len(nodes) + 1), fxpatch_invoke=0, fxpatch_phase=0,
+                         fxpatch_time=clock)
         nodes.append(node)
     g.output(tuple(saved))
     return g
+
+
+def inline(gpt2, sg, prog, mutating=False, specs=None):
+    chains = chains_of(sg)
+    fp = functionalize_program(prog, chains, gpt2._model, {}, *(specs or ({}, {}))[:1], [], mutating,
+                               (specs or ({}, {}))[1])
+    return InlineProgram(fp)(copy_graph_module(sg.graph_module)).graph_module
 
 
 class Ref:
@@ -59,55 +73,76 @@ def test_strip_sites_leaves_the_plain_model(gpt2, site_graph):
         torch.testing.assert_close(gm(*flat)[0], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_inline_places_capture_after_its_site_and_scatter_before_users(site_graph):
+def test_inline_places_capture_after_its_site_and_scatter_before_users(gpt2, site_graph):
     name = "transformer.h.1.output"
     prog = program((read_site, (name, 0, 1)),
                    (operator.mul, (Ref(0), 2.0)),
                    (write_site, (name, 0, 1, Ref(1))),
-                   ("save", 0))
-    gm = InlineProgram(prog)(copy_graph_module(site_graph.graph_module)).graph_module
+                   ("save", 0), sg=site_graph)
+    gm = inline(gpt2, site_graph, prog)
     nodes = list(gm.graph.nodes)
     site = next(n for n in nodes if is_site(n) and n.args[1] == name)
     cap = next(n for n in nodes if n.target is capture)
     scat = next(n for n in nodes if n.target is scatter)
-    assert cap.args[0] is site and nodes.index(site) < nodes.index(cap) < nodes.index(scat)
-    # every model node that used the site now uses the scattered value
-    assert set(site.users) == {cap, scat}
-    assert all(nodes.index(u) > nodes.index(scat) for u in scat.users)
-    assert scat.meta["fxpatch_loc"] == Location("user.py", 3)
+    assert cap.args[0] is site.args[0] and nodes.index(site.args[0]) < nodes.index(cap) < nodes.index(scat)
+    # every model node that used the site now uses the scattered value; the site feeds nothing but itself
+    assert not [u for u in site.users if not is_site(u)]
+    assert scat.users and all(nodes.index(u) > nodes.index(scat) for u in scat.users)
+    assert scat.meta["fxpatch_loc"] == Location("user.py", 3) and scat.meta["fxpatch_role"] == "scatter"
     # the saved value is an extra output
     assert gm.graph.output_node().args[0][-1] is cap
 
 
-def test_inline_rejects_a_value_flowing_backwards(site_graph):
+def test_inline_rejects_a_value_flowing_backwards(gpt2, site_graph):
     prog = program((read_site, ("transformer.h.3.output", 0, 1)),
-                   (write_site, ("transformer.h.1.output", 1, 2, Ref(0))))
-    with pytest.raises(FlowError, match=r"user.py:2: the value written to transformer.h.1.output .* backwards"):
-        InlineProgram(prog)(copy_graph_module(site_graph.graph_module))
+                   (write_site, ("transformer.h.1.output", 1, 2, Ref(0))), sg=site_graph)
+    with pytest.raises(FlowError, match=r"user.py:2: transformer.h.1.output is written after .* backwards"):
+        inline(gpt2, site_graph, prog)
 
 
-def test_inline_rejects_a_write_upstream_of_a_read_in_one_invoke(site_graph):
+def test_inline_rejects_a_write_upstream_of_a_read_in_one_invoke(gpt2, site_graph):
     prog = program((read_site, ("transformer.h.3.output", 0, 1)),
                    (write_site, ("transformer.h.1.output", 0, 1, 0.0)),
-                   ("save", 0))
-    with pytest.raises(FlowError, match="after it already read transformer.h.3.output") as info:
-        InlineProgram(prog)(copy_graph_module(site_graph.graph_module))
-    assert "read at user.py:1" in str(info.value)
+                   ("save", 0), sg=site_graph)
+    with pytest.raises(FlowError, match="user.py:2: transformer.h.1.output is written after the model"):
+        inline(gpt2, site_graph, prog)
 
 
-def test_check_shapes_names_the_line_of_a_bad_write(gpt2, site_graph):
-    prog = program((write_site, ("transformer.wte.output", 0, 1, torch.zeros(5, 7))))
-    gm = InlineProgram(prog)(copy_graph_module(site_graph.graph_module)).graph_module
-    gm = StripSites()(gm).graph_module
+def test_in_place_write_becomes_functional_scatter_ops(gpt2, site_graph):
+    """x[:, -1] = 0 on a read: no mutating op is left, and the model after the site uses the new value."""
+    name = "transformer.h.1.output"
+    flat = flat_inputs(gpt2, site_graph)
+    specs = root_specs(site_graph, flat[-3:])
+    prog = program((read_site, (name, 0, None)),
+                   (operator.setitem, (Ref(0), (slice(None), -1), 0.0)),
+                   ("save", 0), sg=site_graph)
+    gm = StripSites()(inline(gpt2, site_graph, prog, mutating=True, specs=specs)).graph_module
+    assert not [n for n in gm.graph.nodes if getattr(n.target, "_schema", None) is not None
+                and n.target._schema.is_mutable]
+    with torch.no_grad():
+        out = gm(*flat)
+    saved = out[-1]
+    assert saved[:, -1].abs().sum() == 0 and saved[:, 0].abs().sum() > 0
+
+    def zero_last(module, args, output):
+        output[:, -1] = 0
+        return output
+
+    handle = gpt2._model.transformer.h[1].register_forward_hook(zero_last)
+    try:
+        with torch.no_grad():
+            ref = gpt2._model(input_ids=flat[-3]).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_check_program_names_the_line_of_a_bad_write(gpt2, site_graph):
+    flat = flat_inputs(gpt2, site_graph)
+    prog = program((write_site, ("transformer.wte.output", 0, 1, torch.zeros(5, 7))), sg=site_graph)
     with pytest.raises(ShapeError, match=r"user.py:1: a value of shape \(5, 7\) does not fit transformer.wte.output"):
-        CheckShapes(flat_inputs(gpt2, site_graph))(gm)
-
-
-def test_check_shapes_records_fake_values(gpt2, site_graph):
-    gm = StripSites()(copy_graph_module(site_graph.graph_module)).graph_module
-    CheckShapes(flat_inputs(gpt2, site_graph, "a b c"))(gm)
-    out = gm.graph.output_node().args[0][0]
-    assert tuple(out.meta["val"].shape) == (1, 3, gpt2.config.vocab_size)
+        check_program(prog, chains_of(site_graph), {}, *root_specs(site_graph, flat[-3:])[:1], [],
+                      root_specs(site_graph, flat[-3:])[1])
 
 
 def test_ops_capture_and_scatter():

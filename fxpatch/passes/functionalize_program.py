@@ -1,0 +1,458 @@
+"""Pass: turn a recorded program into a functional graph with eager torch's meaning.
+
+A recorded program is the user's code as written: reads of module values
+(``read_site``), assignments (``write_site``), tensor ops, in-place writes
+(``x[...] = v``, ``x.add_(1)``) and views. It is *interpreted* in the order
+NNsight would run it (each invoke's ops in program order, interleaved with
+the model at the site each op waits for) on real-shaped tensors in which a
+read of a site is a view (``narrow``) of the tensor flowing there, and sites
+that are one tensor in eager PyTorch (a layer's output, the next layer's
+input, that layer's norm input) are one tensor here too. So views, aliasing
+and in-place writes behave exactly as in eager torch; torch's own
+functionalization (``torch.func.functionalize`` under ``make_fx``) then turns
+the mutations into ``*_scatter`` ops with view replay.
+
+After it runs, ``FunctionalProgram.graph`` has no mutation. Its placeholders
+are the chain roots (``roots``: model nodes whose value the program reads),
+then the program's own placeholders (outside tensors, carried values). Its
+outputs are the saved values, then one value per *event*: the tensor that
+model nodes consuming a set of sites see from a point of the forward pass on
+(an assignment, or the state of a tensor after in-place writes).
+Programs with no mutation are traced with ``torch.fx`` at the torch level
+(fast, shape-generic); programs with one go through ``make_fx`` with fake
+tensors of the run's shapes. A failing op raises ``ShapeError`` at its line.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx.traceback as fx_traceback
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch.fx.node import map_aggregate
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .diagnostics import Location, ShapeError, location_of
+from .ops import capture, read_site, scatter, write_site
+
+
+@dataclass
+class Chains:
+    """What interpretation needs of a site graph.
+
+    ``position[name]`` is the order of site ``name`` in the graph (the time
+    the model reaches it), ``root[name]`` the model node whose value the site
+    passes on unchanged (its chain's root: a layer's output, the next
+    layer's input and that layer's first module's input share one root),
+    ``parent[name]`` the site it is an identity of (``None`` at the root).
+    """
+
+    position: dict[str, int]
+    root: dict[str, str]
+    parent: dict[str, str | None]
+    children: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.children:
+            for name, parent in self.parent.items():
+                if parent is not None:
+                    self.children.setdefault(parent, []).append(name)
+
+    def members(self, root: str) -> list[str]:
+        return [n for n, r in self.root.items() if r == root]
+
+    def descendants(self, name: str) -> list[str]:
+        out, todo = [], [name]
+        while todo:
+            for child in self.children.get(todo.pop(), ()):
+                out.append(child)
+                todo.append(child)
+        return out
+
+
+ROOT = "<root>"  # member marker: the chain's root node itself
+
+
+@dataclass
+class Event:
+    """From ``time`` on, model nodes that consume ``members`` see output ``index``.
+
+    ``first`` is where the program first touched the tensor: a consumer
+    between ``first`` and ``time`` would see the tensor before the write
+    reached it, which only the order of a thread-interleaved run could
+    decide, so it is refused. ``root`` names the chain for ``ROOT`` members.
+    """
+
+    obj: int
+    time: int
+    first: int
+    members: frozenset
+    root: str
+    index: int
+    loc: Location | None
+    read_loc: Location | None
+    assigned: str | None = None  # the site an assignment event writes
+    target: str = ""  # the site the program wrote through
+    waited_for: tuple | None = None  # (site, line) of the read that made the write wait until ``time``
+
+
+@dataclass
+class FunctionalProgram:
+    """A program as a functional graph, ready to inline (see the module docstring)."""
+
+    graph: torch.fx.GraphModule
+    roots: list[str]
+    n_inputs: int
+    n_saved: int
+    events: list[Event]
+    mutating: bool
+    modules: dict[str, torch.nn.Module]
+    guards: list = field(default_factory=list)  # sympy conditions on the export's size symbols
+
+    def holds_for(self, sizes: dict) -> bool:
+        """Whether this graph serves a run whose export size symbols have the values ``sizes``."""
+        return all(bool(g.xreplace(sizes)) for g in self.guards)
+
+
+class _Obj:
+    """One tensor object of the interpreted run that model sites share."""
+
+    def __init__(self, index: int, tensor, members: set, first: int, root: str, read_loc=None,
+                 assigned: str | None = None):
+        self.index, self.tensor, self.members, self.first = index, tensor, members, first
+        self.root, self.read_loc, self.assigned = root, read_loc, assigned
+        self.target = assigned or ""
+
+
+class _Interpreter:
+    """Runs a recorded program in NNsight's order, where sites alias as in eager torch.
+
+    With ``graph`` set, it emits the ops into that graph instead of running
+    them (the torch-level form of a program that mutates nothing).
+    """
+
+    def __init__(self, program: torch.fx.Graph, chains: Chains, snapshots: bool,
+                 modules: dict[str, torch.nn.Module], graph: torch.fx.Graph | None = None):
+        self.program, self.chains, self.snapshots, self.modules = program, chains, snapshots, modules
+        self.graph = graph
+        nodes = [n for n in program.nodes if n.op not in ("placeholder", "output")]
+        index = {n: i for i, n in enumerate(program.nodes)}
+        self.order = sorted(nodes, key=lambda n: (n.meta.get("fxpatch_time", -1), index[n]))
+        self.placeholders = [n for n in program.nodes if n.op == "placeholder"]
+        self.output = next(iter(program.find_nodes(op="output")), None)
+        roots = []
+        for n in nodes:
+            if n.target in (read_site, write_site):
+                root = chains.root[n.args[0]]
+                if root not in roots:
+                    roots.append(root)
+        self.roots = roots
+        self.current: Location | None = None
+        self.events: list = []
+
+    def _emit(self, op: str, target, args, kwargs, source: torch.fx.Node | None = None, role: str | None = None):
+        if self.graph is None:
+            if op == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            if op == "call_module":
+                return self.modules[target](*args, **kwargs)
+            return target(*args, **kwargs)
+        node = self.graph.create_node(op, target, args, kwargs)
+        if source is not None:
+            node.meta["custom"] = _custom(source, role)
+        return node
+
+    def __call__(self, *flat):
+        roots = dict(zip(self.roots, flat[:len(self.roots)]))
+        env = dict(zip(self.placeholders, flat[len(self.roots):]))
+        objs: list[_Obj] = []
+        at: dict[str, _Obj] = {}
+        chain_obj: dict[str, _Obj] = {}
+        events: list = []
+        chains = self.chains
+
+        def get(name: str) -> _Obj:
+            o = at.get(name)
+            if o is None:
+                root = chains.root[name]
+                o = chain_obj.get(root)
+                if o is None:
+                    members = {m for m in chains.members(root) if m not in at} | {ROOT}
+                    o = _Obj(len(objs), roots[root], members, 1 << 62, root)
+                    objs.append(o)
+                    chain_obj[root] = o
+                    for m in members - {ROOT}:
+                        at[m] = o
+                else:
+                    at[name] = o
+            return o
+
+        def snapshot(time: int, writer):
+            loc = location_of(writer) if writer is not None else None
+            waited = writer.meta.get("fxpatch_time_source") if writer is not None else None
+            with _meta({"fxpatch_loc": loc, "fxpatch_role": "snapshot", "fxpatch_site": ""}):
+                for o in objs:
+                    events.append((o, time, frozenset(o.members), o.tensor.clone(), loc, waited))
+
+        bucket, writer = None, None
+        for node in self.order:
+            time = node.meta.get("fxpatch_time", -1)
+            if self.snapshots and bucket is not None and time != bucket:
+                snapshot(bucket, writer)
+                writer = None
+            bucket = time
+            self.current = location_of(node)
+            if writer is None and _is_in_place(node):
+                writer = node
+            with _meta(_custom(node)):
+                env[node] = self._run(node, env, get, objs, at, events)
+        if self.snapshots and bucket is not None:
+            snapshot(bucket, writer)
+        out = self.output.args[0] if self.output else ()
+        saved = [env[a] if isinstance(a, torch.fx.Node) else a for a in out]
+        self.events = [(o, t, members, loc, waited) for o, t, members, _, loc, waited in events]
+        return (*saved, *[e[3] for e in events])
+
+    def _run(self, node, env, get, objs, at, events):
+        args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
+        kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
+        if node.target is read_site:
+            name, start, stop = args
+            o = get(name)
+            pos = self.chains.position[name]
+            if pos < o.first:
+                o.first, o.read_loc, o.target = pos, location_of(node), name
+            return self._emit("call_function", capture, (o.tensor, start, stop), {}, node)
+        if node.target is write_site:
+            name, start, stop, value = args
+            old = get(name)
+            if self.graph is None and isinstance(value, torch.Tensor):
+                _check_fits(value, capture(old.tensor, start, stop), name, node)
+            if (self.snapshots and start == 0 and stop is None and isinstance(value, torch.Tensor)
+                    and value.shape == old.tensor.shape and value.dtype == old.tensor.dtype):
+                tensor = value  # the module's value *is* the assigned tensor, as in eager
+            else:
+                tensor = self._emit("call_function", scatter, (old.tensor, value, start, stop), {}, node)
+            moved = {name} | {d for d in self.chains.descendants(name) if at.get(d, old) is old}
+            new = _Obj(len(objs), tensor, moved, self.chains.position[name], old.root, location_of(node), name)
+            objs.append(new)
+            for m in moved:
+                at[m] = new
+                for o in objs[:-1]:
+                    o.members.discard(m)
+            if not self.snapshots:  # nothing is written in place: the assigned value is final
+                events.append((new, node.meta.get("fxpatch_time", -1), frozenset(moved), tensor, location_of(node),
+                               node.meta.get("fxpatch_time_source")))
+            return None
+        return self._emit(node.op, node.target, args, kwargs, node)
+
+
+def _check_fits(value: torch.Tensor, rows: torch.Tensor, name: str, node: torch.fx.Node) -> None:
+    try:
+        fits = torch.broadcast_shapes(tuple(value.shape), tuple(rows.shape)) == tuple(rows.shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ShapeError(f"a value of shape {tuple(value.shape)} does not fit {name}, whose rows for this invoke "
+                         f"have shape {tuple(rows.shape)}", at=location_of(node),
+                         hint="Assign a value of that shape (or one that broadcasts to it).")
+
+
+_IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_in_place(node: torch.fx.Node) -> bool:
+    if node.target in _IN_PLACE_FUNCTIONS:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _custom(node: torch.fx.Node, role: str | None = None) -> dict:
+    return {"fxpatch_loc": location_of(node), "fxpatch_role": role or _role(node),
+            "fxpatch_site": node.args[0] if node.target in (read_site, write_site) else ""}
+
+
+def _meta(custom: dict):
+    """Nodes ``make_fx`` traces while this is active carry ``custom`` (the user's line) as ``meta["custom"]``."""
+    holder = torch.fx.Graph().placeholder("_")
+    holder.meta["custom"] = custom
+    return fx_traceback.set_current_meta(holder)
+
+
+def _role(node: torch.fx.Node) -> str:
+    if node.target is read_site:
+        return "capture"
+    if node.target is write_site:
+        return "scatter"
+    return "call" if node.op == "call_module" else "op"
+
+
+class _MutationProbe(TorchDispatchMode):
+    """Notes whether any op writes into an existing tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.mutated = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema = getattr(func, "_schema", None)
+        if schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            self.mutated = True
+        return func(*args, **(kwargs or {}))
+
+
+def check_program(program: torch.fx.Graph, chains: Chains, modules: dict, fake_roots: dict[str, Any],
+                  feeds: list, sizes: dict | None = None) -> bool:
+    """Run ``program`` on fake tensors of the run's shapes: raise ``ShapeError`` at the line of an op
+    that would fail, and return whether the program writes into a tensor in place."""
+    interp = _Interpreter(program, chains, snapshots=False, modules=modules)
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    probe = _MutationProbe()
+    flat = [_fake(mode, fake_roots[r], sizes=sizes or {}) for r in interp.roots] + [_fake(mode, v) for v in feeds]
+    with _quiet_fake_log(), mode, probe, torch.no_grad():
+        try:
+            interp(*flat)
+        except ShapeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is the user's op, reported at its line
+            _raise_at(interp.current, e)
+    return probe.mutated
+
+
+def functionalize_program(program: torch.fx.Graph, chains: Chains, root_module: torch.nn.Module,
+                          modules: dict, fake_roots: dict[str, Any], feeds: list,
+                          mutating: bool, sizes: dict | None = None) -> FunctionalProgram:
+    """The functional form of ``program`` (see the module docstring).
+
+    ``root_module`` holds the modules the program calls (at their paths);
+    ``fake_roots`` maps chain roots to ``TensorSpec``s whose symbolic sizes
+    (the export's batch and sequence symbols) have the values ``sizes`` in
+    this run, and ``feeds`` are the values of the program's placeholders;
+    they are only used when ``mutating``. The graph is traced with those sizes
+    symbolic, so it serves every run that satisfies ``FunctionalProgram.guards``.
+    """
+    guards: list = []
+    n_in = len([n for n in program.nodes if n.op == "placeholder"])
+    if mutating:
+        interp = _Interpreter(program, chains, snapshots=True, modules=modules)
+        try:
+            gm, guards = _make_functional(interp, fake_roots, feeds, sizes or {}, symbolic=True)
+        except Exception:  # noqa: BLE001 - some ops lack symbolic-shape support: trace for these sizes only
+            gm, guards = _make_functional(interp, fake_roots, feeds, sizes or {}, symbolic=False)
+    else:
+        graph = torch.fx.Graph()
+        interp = _Interpreter(program, chains, snapshots=False, modules=modules, graph=graph)
+        names = [f"root_{i}" for i in range(len(interp.roots))] + [p.name for p in interp.placeholders]
+        flat = [graph.placeholder(name) for name in names]
+        graph.output(tuple(interp(*flat)))
+        gm = torch.fx.GraphModule(root_module, graph)
+    n_saved = len(interp.output.args[0]) if interp.output else 0
+    events = [Event(o.index, t, o.first, members, o.root, n_saved + i, loc, o.read_loc, o.assigned, o.target, waited)
+              for i, (o, t, members, loc, waited) in enumerate(interp.events)]
+    return FunctionalProgram(gm, interp.roots, n_in, n_saved, events, mutating, modules, guards)
+
+
+def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes: dict, symbolic: bool):
+    """``make_fx(functionalize(interp))`` on fake inputs; returns the graph and the guards it needs."""
+    symbols: dict = {}
+    env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    flat = [_fake(mode, fake_roots[r], symbols if symbolic else None, sizes) for r in interp.roots]
+    flat += [_fake(mode, v) for v in feeds]
+    with _quiet_fake_log(), fx_traceback.preserve_node_meta(), mode:
+        try:
+            gm = make_fx(torch.func.functionalize(interp, remove="mutations"), tracing_mode="real")(*flat)
+        except ShapeError:
+            raise
+        except Exception as e:
+            if symbolic:
+                raise
+            _raise_at(interp.current, e)
+    _drop_snapshot_copies(gm, len(interp.roots))
+    if not symbolic:  # valid for exactly these sizes
+        return gm, [sympy.Eq(sym, value) for sym, value in sizes.items()]
+    inverse = {new: old for old, new in symbols.items()}
+    return gm, [g.expr.xreplace(inverse) for g in env.guards]
+
+
+def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int) -> None:
+    """Snapshots are clones of a functional value: the value itself. Writes back into inputs go."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten.copy_.default and node.args[0] in placeholders:
+            if placeholders.index(node.args[0]) >= n_roots:
+                raise ShapeError("an in-place write changes a tensor made outside the trace",
+                                 at=node.meta.get("custom", {}).get("fxpatch_loc"),
+                                 hint="Write into a .clone() of it, or into a module's value.")
+            graph.erase_node(node)
+        elif (node.target is torch.ops.aten.clone.default
+              and node.meta.get("custom", {}).get("fxpatch_role") == "snapshot"):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape, dtype and device of a tensor the run will have (a chain root's value)."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _fake(mode: FakeTensorMode, value, symbols: dict | None = None, sizes: dict | None = None):
+    """A fake tensor for ``value``; a ``TensorSpec``'s symbolic sizes are symbols of ``mode``'s shape
+    env when ``symbols`` (export symbol -> new symbol, filled in here) is given, else their ``sizes``."""
+    if isinstance(value, TensorSpec):
+        shape = []
+        for d in value.shape:
+            if isinstance(d, int):
+                shape.append(d)
+                continue
+            hint = int(d.xreplace(sizes))
+            if symbols is None:
+                shape.append(hint)
+                continue
+            for sym in d.free_symbols:
+                if sym not in symbols:
+                    symbols[sym] = mode.shape_env.create_symbol(
+                        int(sizes[sym]), ConstantSource(str(sym)), dynamic_dim=DimDynamic.DYNAMIC)
+            shape.append(mode.shape_env.create_symintnode(d.xreplace(symbols), hint=hint))
+        with mode:
+            return torch.empty(shape, dtype=value.dtype, device=value.device)
+    if isinstance(value, torch.Tensor):
+        return mode.from_tensor(value, static_shapes=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fake(mode, v) for v in value)
+    return value
+
+
+def _raise_at(loc: Location | None, e: Exception):
+    raise ShapeError(f"this operation fails on values of the shapes the run will have: "
+                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", at=loc,
+                     hint="Check the shapes (save .shape and print it after a trace) and index or reshape "
+                     "to match.") from e
+
+
+class _quiet_fake_log:
+    """A failing op is reported as a ShapeError; torch's own log of it would only repeat it."""
+
+    def __enter__(self):
+        self.log = logging.getLogger("torch._subclasses.fake_tensor")
+        self.level = self.log.level
+        self.log.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.log.setLevel(self.level)

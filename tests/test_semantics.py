@@ -1,0 +1,156 @@
+"""Eager torch semantics inside a trace: views, aliasing, in-place writes and data-dependent ops.
+
+Each program is checked against the same code run eagerly on the real tensors of the plain HF
+model, one prompt alone, inside ordinary forward hooks (``tests.reference``). Prompts of
+different lengths share one left-padded batch; every test runs on GPT-2 and Llama.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import PROMPT_1
+from tests.reference import run_alone, unpad
+from tests.test_differential import close, envoy, paths
+
+HELLO = "hello"
+PROMPTS = [PROMPT_1, HELLO]  # 10 and 3 tokens
+
+
+def heads(lm) -> tuple[int, int]:
+    cfg = lm.config
+    n = getattr(cfg, "n_head", None) or cfg.num_attention_heads
+    return n, cfg.hidden_size // n
+
+
+def norm1(lm, i: int) -> str:
+    return f"{paths(lm).layer(i)}.{'ln_1' if hasattr(lm._model, 'transformer') else 'input_layernorm'}"
+
+
+def test_write_through_a_view_of_an_attention_output(lm):
+    """NNsight's per-head ablation: a write into a .view() of the attention output reaches the model."""
+    p = paths(lm)
+    n_heads, head_dim = heads(lm)
+    with lm.trace() as tracer:
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                a = envoy(lm, p.attn(1)).output[0]
+                B, S = a.shape[0], a.shape[1]
+                a.view(B, S, n_heads, head_dim)[:, :, 2, :] = 0
+        with tracer.invoke():  # every row
+            logits = lm.lm_head.output.save()
+
+    def ablate(out):
+        out[0].view(out[0].shape[0], out[0].shape[1], n_heads, head_dim)[:, :, 2, :] = 0
+        return out
+
+    plain = run_alone(lm, PROMPTS[0])
+    for row, prompt in enumerate(PROMPTS):
+        ref = run_alone(lm, prompt, outputs={p.attn(1): ablate})
+        close(unpad(logits, row, len(ref.ids)), ref.logits, f"row {row}")
+    assert not torch.allclose(unpad(logits, 0, len(plain.ids)), plain.logits, atol=1e-4)
+
+
+def test_views_see_later_in_place_writes_and_clones_do_not(lm):
+    p = paths(lm)
+    with lm.trace() as tracer:
+        with tracer.invoke(PROMPT_1):
+            h = envoy(lm, p.layer(0)).output
+            view = h[:, -1].save()
+            whole = h.save()
+            copy = h[:, -1].clone().save()
+            h[:, -1] = 0
+            logits = lm.lm_head.output.save()
+        with tracer.invoke(HELLO):
+            other = envoy(lm, p.layer(0)).output[:, -1].save()
+
+    seen = {}
+
+    def edit(out):
+        seen["copy"] = out[:, -1].clone()
+        out[:, -1] = 0
+        return out
+
+    ref = run_alone(lm, PROMPT_1, outputs={p.layer(0): edit}, capture=[p.layer(0)])
+    assert view.abs().sum() == 0
+    close(copy[0], seen["copy"][0], "clone taken before the write")
+    close(unpad(whole, 0, len(ref.ids)), ref.outputs[p.layer(0)][0], "the module output after the write")
+    close(unpad(logits, 0, len(ref.ids)), ref.logits, "logits")
+    close(other[0], run_alone(lm, HELLO, capture=[p.layer(0)]).outputs[p.layer(0)][0, -1], "other invoke untouched")
+
+
+def test_in_place_write_to_a_module_input_reaches_the_residual_stream(lm):
+    """ln_1's input is the very tensor the block adds back: an in-place write changes both."""
+    path = norm1(lm, 1)
+    with lm.trace() as tracer:
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                x = envoy(lm, path).input
+                x[:, -1] *= 0.5
+        with tracer.invoke():
+            logits = lm.lm_head.output.save()
+
+    def in_place(args, kwargs):
+        args[0][:, -1] *= 0.5
+        return args, kwargs
+
+    for row, prompt in enumerate(PROMPTS):
+        ref = run_alone(lm, prompt, inputs={path: in_place})
+        close(unpad(logits, row, len(ref.ids)), ref.logits, f"row {row}")
+        # assigning replaces only the norm's argument: a different result
+        only_norm = run_alone(lm, prompt, inputs={path: lambda a, k: ((a[0] * torch.tensor(
+            [1.0] * (a[0].shape[1] - 1) + [0.5])[None, :, None],), k)})
+        assert not torch.allclose(unpad(logits, row, len(ref.ids)), only_norm.logits, atol=1e-4)
+
+
+def test_assigning_a_module_input_replaces_only_that_argument(lm):
+    path = norm1(lm, 1)
+    with lm.trace() as tracer:
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                x = envoy(lm, path).input
+                envoy(lm, path).input = x * 0.5
+        with tracer.invoke():
+            logits = lm.lm_head.output.save()
+    for row, prompt in enumerate(PROMPTS):
+        ref = run_alone(lm, prompt, inputs={path: lambda a, k: ((a[0] * 0.5, *a[1:]), k)})
+        close(unpad(logits, row, len(ref.ids)), ref.logits, f"row {row}")
+
+
+def test_data_dependent_ops(lm):
+    """Ops whose output shape depends on values run (they are not shape errors) and equal eager torch."""
+    p = paths(lm)
+    results = []
+    with lm.trace() as tracer:
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                h = envoy(lm, p.layer(1)).output[:, -1]
+                results.append((h[h > 0].sum().save(), torch.nonzero(h > 0.5).save(),
+                                torch.masked_select(h, h < -0.5).save(), torch.unique((h * 4).round()).save()))
+    assert len(results) == 2
+    for prompt, values in zip(PROMPTS, results):
+        ref = run_alone(lm, prompt, capture=[p.layer(1)]).outputs[p.layer(1)][:, -1]
+        close(values[0], ref[ref > 0].sum(), "boolean-mask sum")
+        assert torch.equal(values[1], torch.nonzero(ref > 0.5))
+        close(values[2], torch.masked_select(ref, ref < -0.5), "masked_select")
+        close(values[3], torch.unique((ref * 4).round()), "unique")
+
+
+def test_in_place_chain_of_views_on_the_last_invoke(lm):
+    """Writes through transpose/unflatten/narrow/select views, in the second of two invokes."""
+    p = paths(lm)
+    with lm.trace() as tracer:
+        with tracer.invoke(PROMPT_1):
+            donor = envoy(lm, p.layer(0)).output[:, -1].clone()
+        with tracer.invoke(HELLO):
+            h = envoy(lm, p.layer(0)).output
+            h.transpose(1, 2).unflatten(0, (1, -1)).narrow(3, h.shape[1] - 1, 1).select(0, 0)[..., 0] = donor
+            logits = lm.lm_head.output.save()
+    src = run_alone(lm, PROMPT_1, capture=[p.layer(0)]).outputs[p.layer(0)][:, -1]
+
+    def edit(out):
+        out.transpose(1, 2).unflatten(0, (1, -1)).narrow(3, out.shape[1] - 1, 1).select(0, 0)[..., 0] = src
+        return out
+
+    ref = run_alone(lm, HELLO, outputs={p.layer(0): edit})
+    close(unpad(logits, 0, len(ref.ids)), ref.logits, "patched row")
