@@ -1,4 +1,4 @@
-"""``fxpatch demo``: the reference page's examples on the embedded tiny GPT-2.
+"""The fxpatch command: ``fxpatch demo`` and ``fxpatch --version``.
 
 Run as ``fxpatch demo`` or ``python -m fxpatch demo``.
 """
@@ -13,13 +13,10 @@ import torch
 
 def demo() -> None:
     """Run the reference page's trace examples and print what they give."""
-    from transformers.utils import logging as hf_logging
-
     import fxpatch
     from fxpatch import TINY_GPT2, LanguageModel
     from fxpatch.runner import format_inserted
 
-    hf_logging.disable_progress_bar()  # the demo's output is the page's results, not loading bars
     model = LanguageModel(TINY_GPT2)
     tok = model.tokenizer
     p1 = "Madison square garden is located in the city of New"
@@ -108,9 +105,26 @@ def demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxpatch", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the reference examples on the embedded tiny GPT-2")
+    """Run the fxpatch command line; ``argv`` defaults to ``sys.argv[1:]``.
+
+    Example::
+
+        main(["demo"])   # as `fxpatch demo`
+    """
+    from fxpatch import __version__
+
+    # Help text is plain: argparse prints it as written, so no reST markup here.
+    parser = argparse.ArgumentParser(
+        prog="fxpatch",
+        description="fxpatch: NNsight's batched, cross-prompt interventions, run as one pass "
+                    "through an exported FX graph of a Hugging Face model.")
+    parser.add_argument("--version", action="version", version=f"fxpatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    sub.add_parser(
+        "demo", help="run the reference examples on the embedded tiny GPT-2",
+        description="Run the NNsight reference page's examples (batching, cross-prompt patching "
+                    "with and without a barrier, two separate runs, logit lens, generation) on the "
+                    "tiny GPT-2 shipped with fxpatch, offline, and print what each gives.")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo()

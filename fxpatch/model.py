@@ -45,6 +45,12 @@ class LanguageModel(Envoy):
     interventions. The model is put in eval mode (as ``from_pretrained`` returns it);
     a tokenizer passed in is used as it is.
 
+    Loading by name draws no transformers weight-loading progress bar unless asked:
+    ``progress=True`` (taken from ``kwargs``, not passed on) shows it, and so does setting
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` (transformers' own setting then applies); a tqdm hook
+    of your own (``transformers.utils.logging.set_tqdm_hook``) is left in charge.
+    transformers' global progress-bar setting is as it was after loading.
+
     Example::
 
         model = LanguageModel("openai-community/gpt2", device_map="auto")
@@ -184,6 +190,7 @@ def _dtype(dtype):
 def _load_model(name: str, device_map, dtype, kwargs) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    progress = kwargs.pop("progress", None)
     if dtype is not None:
         kwargs["dtype"] = _dtype(dtype)
     move_to = None
@@ -194,8 +201,43 @@ def _load_model(name: str, device_map, dtype, kwargs) -> torch.nn.Module:
         move_to = device_map  # one device: no need for accelerate
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    restore = _hide_loading_bars(progress)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    finally:
+        restore()
     return model.to(move_to) if move_to else model
+
+
+def _hide_loading_bars(progress: bool | None):
+    """Hide transformers' weight-loading bars unless the user asked for them; returns the undo.
+
+    A library call should not draw bars on its caller's stderr. The user has asked when
+    ``progress=True``, when ``HF_HUB_DISABLE_PROGRESS_BARS`` is set (transformers' own
+    setting then applies) or when they installed their own transformers tqdm hook.
+    """
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    if progress is None:
+        progress = "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ
+    if progress or not hf_logging.is_progress_bar_enabled():
+        return lambda: None
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        # A hook changes no global setting, and is put back as it was.
+        previous = hf_logging.set_tqdm_hook(_hidden_bar)
+        if previous is not None:  # the user's own hook decides what their bars do
+            hf_logging.set_tqdm_hook(previous)
+            return lambda: None
+        return lambda: hf_logging.set_tqdm_hook(previous)
+    # Older transformers: no hook; switch the bars off and on again.
+    hf_logging.disable_progress_bar()
+    return hf_logging.enable_progress_bar
+
+
+def _hidden_bar(factory, args, kwargs):
+    return factory(*args, **{**kwargs, "disable": True})
 
 
 def _load_tokenizer(name):

@@ -1,13 +1,13 @@
 """The ``generate`` code blocks of the reference page, run as written.
 
-``/work/shared/reference/nnsight-cross-prompt-batching.md`` (the NNsight page
-fxpatch reimplements) is the acceptance test: each of its ``model.generate``
-blocks is copied verbatim into a test below, and what it prints must be what
-the page shows in its output comments. The page's
+NNsight's "Cross-Prompt Intervention and Batching" page (the page fxpatch
+reimplements) is the acceptance test: each of its four ``model.generate``
+blocks is kept verbatim in ``PAGE_BLOCKS`` and copied into a test below, and
+what it prints must be what the page shows in its output comments. The page's
 ``model = LanguageModel('openai-community/gpt2', device_map='auto')`` is
 ``LanguageModel(fxpatch.TINY_GPT2)`` here: the session's ``gpt2`` fixture, so
 its exported graphs are shared with the other tests.
-``test_blocks_are_the_pages`` checks that the blocks here are still the page's.
+``test_blocks_are_the_pages`` checks that the tests run the blocks as written.
 """
 
 # The page's blocks bind `invoker` / `tracer` without using them; they stay verbatim.
@@ -15,8 +15,8 @@ its exported graphs are shared with the other tests.
 
 from __future__ import annotations
 
-import os
-import re
+import inspect
+import textwrap
 
 import pytest
 import torch
@@ -27,10 +27,64 @@ MADISON = "['Madison square garden is located in the city of New York City.']"
 PATCHED = "['_ _ _ _ _ _ _ _ _ _ York City.']"
 UNDERSCORES = "['_ _ _ _ _ _ _ _ _ _ _ _ _']"
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_PAGE_NAME = os.path.join("reference", "nnsight-cross-prompt-batching.md")
-_PAGE_CANDIDATES = [os.path.join(root, _PAGE_NAME) for root in (
-    os.path.join(_HERE, "..", "shared"), os.path.join(_HERE, "..", "..", "shared"), "/work/shared")]
+# The page's four generate blocks, verbatim (copied from the page, not read from it, so the
+# tests need nothing outside the repository), by the test that runs each.
+PAGE_BLOCKS = {
+    "test_batching": '''\
+with model.generate(max_new_tokens=3) as tracer:
+    with tracer.invoke("Madison square garden is located in the city of New") as invoker:
+        batch1 = model.generator.output.save()
+    with tracer.invoke("_ _ _ _ _ _ _ _ _ _") as invoker:
+        batch2 = model.generator.output.save()
+
+print(model.tokenizer.batch_decode(batch1))
+print(model.tokenizer.batch_decode(batch2))
+# ['Madison square garden is located in the city of New York City.']
+# ['_ _ _ _ _ _ _ _ _ _ _ _ _']
+''',
+    "test_cross_prompt_interventions": '''\
+with model.generate(max_new_tokens=3) as tracer:
+    # create barrier
+    barrier = tracer.barrier(2)
+    with tracer.invoke("Madison square garden is located in the city of New") as invoker:
+        embeddings = model.transformer.wte.output
+        # set barrier after defining output for first invoke
+        barrier()
+        original = model.generator.output.save()
+    with tracer.invoke("_ _ _ _ _ _ _ _ _ _") as invoker:
+        # we have to wait for the output from the previous invoke
+        barrier()
+        model.transformer.wte.output = embeddings
+        intervened = model.generator.output.save()
+
+print(model.tokenizer.batch_decode(original))
+print(model.tokenizer.batch_decode(intervened))
+# ['Madison square garden is located in the city of New York City.']
+# ['_ _ _ _ _ _ _ _ _ _ York City.']
+''',
+    "test_syntax_prior_to_0_5_without_barrier": '''\
+with model.generate(max_new_tokens=3) as tracer:
+    with tracer.invoke("Madison square garden is located in the city of New") as invoker:
+        embeddings = model.transformer.wte.output
+        original = model.generator.output.save()
+    with tracer.invoke("_ _ _ _ _ _ _ _ _ _") as invoker:
+        model.transformer.wte.output = embeddings
+        intervened = model.generator.output.save()
+''',
+    "test_two_separate_runs": '''\
+with model.generate("Madison square garden is located in the city of New", max_new_tokens=3) as tracer:
+    embeddings = model.transformer.wte.output.save()
+    original = model.generator.output.save()
+print(model.tokenizer.batch_decode(original))
+
+with model.generate("_ _ _ _ _ _ _ _ _ _", max_new_tokens=3) as tracer:
+    model.transformer.wte.output = embeddings
+    intervened = model.generator.output.save()
+print(model.tokenizer.batch_decode(intervened))
+# ['Madison square garden is located in the city of New York City.']
+# ['_ _ _ _ _ _ _ _ _ _ York City.']
+''',
+}
 
 
 @pytest.fixture(scope="module")
@@ -118,20 +172,12 @@ def test_two_separate_runs(model, capsys):
     assert isinstance(embeddings, torch.Tensor) and embeddings.shape[:2] == (1, 10)
 
 
-def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
+def body(function) -> str:
+    """A test function's source without its ``def`` line, dedented."""
+    return textwrap.dedent("".join(inspect.getsource(function).splitlines(keepends=True)[1:]))
 
 
 def test_blocks_are_the_pages():
-    """Every ``model.generate`` block of the page appears here line for line (indentation aside)."""
-    page = next((p for p in _PAGE_CANDIDATES if os.path.exists(p)), None)
-    if page is None:
-        pytest.skip(f"the reference page is not here ({_PAGE_NAME})")
-    with open(page, encoding="utf-8") as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-    blocks = [b for b in blocks if "model.generate(" in b]
-    assert len(blocks) == 4, f"the page has {len(blocks)} generate blocks; this file covers 4"
-    with open(__file__, encoding="utf-8") as f:
-        here = "\n".join(_lines(f.read()))
-    for block in blocks:
-        assert "\n".join(_lines(block)) in here, f"this page block is not in {__file__}:\n{block}"
+    """Each page block is the start of the test that runs it, character for character."""
+    for name, block in PAGE_BLOCKS.items():
+        assert body(globals()[name]).startswith(block), f"{name} no longer starts with the page's block:\n{block}"
