@@ -26,12 +26,13 @@ import torch
 from torch.export import Dim
 
 from .errors import FxpatchError, InputError, user_location
+from .generation_settings import check_generation_settings, split_generate_args
 from .inputs import left_pad
 from .passes.diagnostics import Location
 from .passes.ops import capture
 from .proxy import Proxy
 from .runner import bind_values, inserted_nodes, phase_outputs, run_detached, run_program
-from .tracing import Tracer, active_tracer
+from .tracing import Invoker, Tracer, active_tracer
 
 RESULT_PHASE = 1 << 30  # after every step: ops on the generated tokens
 
@@ -171,15 +172,32 @@ class StepLoop:
             tracer.phase = outer
 
 
+class RepeatedInvoker(Invoker):
+    """An invoke of ``model.generate``: each prompt row repeated ``num_return_sequences`` times
+    consecutively, as transformers' ``_expand_inputs_for_generation`` repeats them, so the
+    invoke's interventions and ``model.generator.output`` cover all its repeated rows."""
+
+    def __enter__(self) -> Invoker:
+        super().__enter__()
+        k = self.tracer.num_return_sequences
+        if self.rows and k > 1:
+            self.rows = [row for row in self.rows for _ in range(k)]
+            self.stop = self.start + len(self.rows)
+        return self
+
+
 class GenerateTracer(Tracer):
     """``model.generate(inputs=None, max_new_tokens=..., **generation_kwargs)``.
 
     Interventions written directly in an invoke apply to the prompt pass
     (step 0); ``for step in tracer.iter[a:b]`` / ``tracer.all()`` bind a loop
     body to those steps. After the block, ``tracer.result`` (if saved) and
-    ``model.generator.output`` hold token ids, prompt included; ``tracer.graph``
-    and ``tracer.inserted`` describe the prompt pass's rewritten graph and
-    ``tracer.graphs[step]`` the graph each step ran.
+    ``model.generator.output`` hold token ids, prompt included, or, with
+    ``return_dict_in_generate=True``, transformers' ``GenerateDecoderOnlyOutput``
+    (``sequences``, ``scores``, ``logits``, ``cache``), as NNsight gives them.
+    ``tracer.graph`` and ``tracer.inserted`` describe the prompt pass's rewritten
+    graph and ``tracer.graphs[step]`` the graph each step ran. Which generation
+    settings are used and which are refused: ``generation_settings.check_generation_settings``.
     """
 
     kind = "generate"
@@ -194,26 +212,46 @@ class GenerateTracer(Tracer):
             raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}", at=loc,
                              hint="Pass max_new_tokens=N with N >= 1.")
         self.max_new_tokens = max_new_tokens
+        self.generate_args = split_generate_args(kwargs, loc)  # logits_processor, streamer, ...
         self.generation_config = self._generation_config(kwargs, loc)
+        self.num_return_sequences: int = self.generation_config.num_return_sequences
+        if self._shortcut_invoke is not None:  # model.generate(prompt): its rows are repeated too
+            self._shortcut_invoke = RepeatedInvoker(self, inputs, loc)
         self.iter = StepSelection(self)
         self.graphs: dict[int, torch.fx.GraphModule] = {}  # the graph each step ran (steps may share one)
         self._result: Proxy | None = None
 
     def _generation_config(self, kwargs: dict, loc: Location):
         hf = self.model._model
+        base = kwargs.pop("generation_config", None)  # a GenerationConfig, as transformers' generate takes
+        user_set = set(kwargs) | ({k for k, v in vars(base).items() if v is not None} if base is not None else set())
         try:
-            base = kwargs.pop("generation_config", None)  # a GenerationConfig, as transformers' generate takes
             config, unused = hf._prepare_generation_config(base, max_new_tokens=self.max_new_tokens, **kwargs)
-            if unused:
+        except (ValueError, TypeError) as e:
+            raise _rejected(e, loc) from e
+        check_generation_settings(config, user_set, loc)
+        if unused:
+            try:  # transformers' own message for a typo
                 hf._validate_model_kwargs(dict(unused))
+            except (ValueError, TypeError) as e:
+                raise _rejected(e, loc) from e
+            raise InputError(f"model.generate(...) got {', '.join(sorted(unused))}, which transformers would pass "
+                             "to the model's forward", at=loc,
+                             hint="Drop them: fxpatch builds input_ids, attention_mask, position_ids and the cache "
+                             "itself; pass prompts, token ids or a BatchEncoding as the inputs.")
+        try:
             config.validate(strict=True)
             # transformers checks some settings only when it builds its logits processors
             ids = torch.zeros((1, 1), dtype=torch.long, device=self.model.device)
-            _processors(hf, copy.deepcopy(config), ids, torch.ones_like(ids), self.model.tokenizer)
+            _processors(hf, copy.deepcopy(config), ids, torch.ones_like(ids), self.model.tokenizer, self.generate_args)
         except (ValueError, TypeError) as e:
-            raise InputError(f"transformers rejects these generation settings: {e}", at=loc,
-                             hint="Fix the generation keyword arguments (see transformers' GenerationConfig).") from e
+            raise _rejected(e, loc) from e
         return config
+
+    def invoke(self, inputs: Any = None, **kwargs: Any) -> Invoker:
+        """Add ``inputs`` as rows of the batch, each repeated ``num_return_sequences`` times."""
+        invoker = super().invoke(inputs, **kwargs)
+        return RepeatedInvoker(self, invoker.inputs, invoker.loc)
 
     @property
     def mode(self) -> str:  # the graph of the step being recorded
@@ -225,7 +263,8 @@ class GenerateTracer(Tracer):
 
     @property
     def result(self) -> Proxy:
-        """The whole batch's token ids after generation (prompt and new tokens)."""
+        """The whole batch's token ids after generation (prompt and new tokens), or its
+        ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``."""
         if self.finished:
             raise FxpatchError("tracer.result is only available inside the generate block; save it there",
                                at=user_location(), hint="tracer.result.save() inside the block.")
@@ -238,7 +277,7 @@ class GenerateTracer(Tracer):
 
     def generator_output(self) -> Proxy:
         invoke = self._require_invoke("model.generator.output")
-        return self.record("call_function", capture, (self.result, invoke.start, invoke.stop), {},
+        return self.record("call_function", output_rows, (self.result, invoke.start, invoke.stop), {},
                            phase=RESULT_PHASE)
 
     def _run(self) -> None:
@@ -253,33 +292,67 @@ def _step_inputs(model, mode: str, ids, mask, positions, keys=(), values=()) -> 
     return inputs + list(keys) + list(values)
 
 
-def _processors(hf, config, ids: torch.Tensor, mask: torch.Tensor, tokenizer):
-    """transformers' logits processors and stopping criteria for ``config`` (changed in place)."""
+def _rejected(e: Exception, loc: Location) -> InputError:
+    return InputError(f"transformers rejects these generation settings: {e}", at=loc,
+                      hint="Fix the generation keyword arguments (see transformers' GenerationConfig).")
+
+
+def _processors(hf, config, ids: torch.Tensor, mask: torch.Tensor, tokenizer, args: dict):
+    """transformers' logits processors and stopping criteria for ``config`` (changed in place), with the
+    user's ``logits_processor`` / ``stopping_criteria`` / ``prefix_allowed_tokens_fn`` merged in as
+    transformers' generate merges them."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     hf._prepare_special_tokens(config, True, device=ids.device, batch_size=ids.shape[0])
     config.max_length = ids.shape[1] + config.max_new_tokens
     processors = hf._get_logits_processor(
         generation_config=config, input_ids_seq_length=ids.shape[1], encoder_input_ids=ids,
-        prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=ids.device,
+        prefix_allowed_tokens_fn=args.get("prefix_allowed_tokens_fn"),
+        logits_processor=args.get("logits_processor", LogitsProcessorList()), device=ids.device,
         model_kwargs={"attention_mask": mask})
-    stopping = hf._get_stopping_criteria(generation_config=config, stopping_criteria=StoppingCriteriaList(),
-                                         tokenizer=tokenizer)
+    stopping = hf._get_stopping_criteria(generation_config=config,
+                                         stopping_criteria=args.get("stopping_criteria", StoppingCriteriaList()),
+                                         tokenizer=args.get("tokenizer", tokenizer))
     return processors, stopping
 
 
+def output_rows(result, start: int, stop: int | None):
+    """Rows ``start:stop`` of a generation's result: of the token ids, or of each per-row
+    tensor of a ``GenerateDecoderOnlyOutput`` (sequences, each step's scores and logits, the cache)."""
+    if isinstance(result, torch.Tensor):
+        return capture(result, start, stop)
+    if start == 0 and stop is None:
+        return result
+    cache = result.cache
+    if cache is not None:  # a shallow copy whose layers hold the rows: the whole batch's cache is unchanged
+        cache = copy.copy(cache)
+        cache.layers = [copy.copy(layer) for layer in cache.layers]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[start:stop], layer.values[start:stop]
+    per_step = {name: None if steps is None else tuple(s[start:stop] for s in steps)
+                for name, steps in (("scores", result.scores), ("logits", result.logits))}
+    return type(result)(sequences=result.sequences[start:stop], cache=cache, **per_step)
+
+
 def generate(tracer: GenerateTracer) -> None:
-    """The decoding loop: prefill, then one decode graph run per new token."""
+    """The decoding loop: prefill, then one decode graph run per new token (transformers' ``_sample``)."""
     model = tracer.model
     rows = [r for invoke in tracer.invokes for r in invoke.rows]
     batch = left_pad(rows, model.pad_token_id, model.device)
     tracer.batch = batch
     config = copy.deepcopy(tracer.generation_config)
-    processors, stopping = _processors(model._model, config, batch.input_ids, batch.attention_mask, model.tokenizer)
+    processors, stopping = _processors(model._model, config, batch.input_ids, batch.attention_mask, model.tokenizer,
+                                       tracer.generate_args)
     pad = config._pad_token_tensor
     stops_on_eos = any(hasattr(c, "eos_token_id") for c in stopping)
+    as_dict = bool(config.return_dict_in_generate)
+    all_scores = () if as_dict and config.output_scores else None
+    all_logits = () if as_dict and config.output_logits else None
+    streamer = tracer.generate_args.get("streamer")
 
     ids, mask = batch.input_ids, batch.attention_mask
+    if streamer is not None:
+        streamer.put(ids.cpu())
     positions = batch.position_ids
     unfinished = torch.ones(len(rows), dtype=torch.long, device=ids.device)
     values: dict = {}
@@ -297,7 +370,12 @@ def generate(tracer: GenerateTracer) -> None:
         logits = out[0]
         n = (len(out) - 1) // 2
         keys, kv_values = out[1:1 + n], out[1 + n:]
-        scores = processors(ids, logits[:, -1].to(copy=True, dtype=torch.float32))
+        raw = logits[:, -1].to(copy=True, dtype=torch.float32)
+        scores = processors(ids, raw)
+        if all_scores is not None:
+            all_scores += (scores,)
+        if all_logits is not None:
+            all_logits += (raw,)
         if config.do_sample:
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
@@ -305,22 +383,33 @@ def generate(tracer: GenerateTracer) -> None:
         if stops_on_eos and pad is not None:
             next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
         ids = torch.cat([ids, next_tokens[:, None]], dim=-1)
-        unfinished = unfinished & ~stopping(ids, scores)
+        unfinished = unfinished & ~stopping(ids, all_scores)  # what transformers' criteria are given
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
         new_positions = mask.sum(-1, keepdim=True)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         step_inputs = [next_tokens[:, None], mask, new_positions]
         if unfinished.max() == 0:
             break
-    result = tracer.programs.get(RESULT_PHASE)
-    if result is not None:
-        values[tracer._result.node] = ids
-        run_detached(result, phase_outputs(tracer, RESULT_PHASE), values)
+    if streamer is not None:
+        streamer.end()
+    result_program = tracer.programs.get(RESULT_PHASE)
+    if result_program is not None:
+        result: Any = ids
+        if as_dict:
+            from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+            cache = DynamicKV(model._model.config).wrap(list(keys), list(kv_values))
+            result = GenerateDecoderOnlyOutput(sequences=ids, scores=all_scores, logits=all_logits, cache=cache)
+        values[tracer._result.node] = result
+        run_detached(result_program, phase_outputs(tracer, RESULT_PHASE), values)
     bind_values(tracer, values)
 
 
 class Generator:
     """``model.generator``: inside ``model.generate``, ``model.generator.output`` is the
-    current invoke's token ids after generation (prompt and new tokens)."""
+    current invoke's token ids after generation (prompt and new tokens), or its rows of
+    the ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``."""
 
     def __init__(self, model):
         self._model = model

@@ -163,7 +163,9 @@ class LanguageModel(Envoy):
         Interventions apply to the prompt pass unless placed in ``for step in
         tracer.iter[...]`` or ``tracer.all()``; ``model.generator.output`` is an
         invoke's token ids. ``generation_kwargs`` are transformers' (``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ...).
+        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``num_return_sequences``,
+        ``return_dict_in_generate``, ``logits_processor``, ...); those fxpatch's decoding loop
+        does not implement (beam search, ...) are refused (``fxpatch/generation_settings.py``).
 
         Example::
 
