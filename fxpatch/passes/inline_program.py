@@ -38,8 +38,8 @@ class InlineProgram(PassBase):
         order = {n: i for i, n in enumerate(graph.nodes)}
         sites: dict[str, torch.fx.Node] = {}
         for n in graph.nodes:
-            if is_site(n):
-                sites.setdefault(n.args[1], n)
+            if is_site(n) and sites.setdefault(n.args[1], n) is not n:  # a name must say which call it is
+                raise ValueError(f"two site nodes are named {n.args[1]!r}: {sites[n.args[1]].name}, {n.name}")
         model_users = {name: list(node.users) for name, node in sites.items()}
         successors = {n: list(n.users) for n in graph.nodes}
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
