@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from .passes.ops import site
+from .passes.ops import is_site, site
 from .structure import Spec, flatten, unflatten
 
 
@@ -98,6 +98,16 @@ class SiteGraph:
     def call_of(self, name: str) -> int:
         """Which call of its module (0 for the first) the site called ``name`` belongs to."""
         return self._site_index()[name][2]
+
+    def position(self, name: str) -> int:
+        """Where the site called ``name`` is in the graph's (execution) order; an earlier site has a smaller one.
+
+        Tells which call of a module comes next after a given site, as NNsight's
+        ``tracer.iter`` picks it for the reads that follow the first one in a step.
+        """
+        if not hasattr(self, "_positions"):
+            self._positions = {n.args[1]: i for i, n in enumerate(self.graph_module.graph.nodes) if is_site(n)}
+        return self._positions[name]
 
     def state_values(self, model: torch.nn.Module) -> list[Any]:
         """The model's current parameters and buffers, in placeholder order."""

@@ -149,6 +149,10 @@ def test_every_call_has_its_own_sites_with_that_calls_values(shared):
             for name in names:
                 assert sg.owner(name) == (path, kind) and sg.call_of(name) == call
     assert {n for n in values if "inputs" not in n} <= covered  # every output site is some module's call
+    # positions follow execution: both calls of the block, and the mlp call inside each, in order
+    order = [BLOCK + ".inputs[0][0]", f"{BLOCK}.mlp.output", BLOCK + ".output", BLOCK + ".inputs#1[0][0]",
+             f"{BLOCK}.mlp.output#1", BLOCK + ".output#1", "lm_head.output"]
+    assert [sg.position(n) for n in order] == sorted(sg.position(n) for n in order)
     # the two calls of the block really differ, so a name mix-up could not pass
     assert not torch.allclose(values[BLOCK + ".output"], values[BLOCK + ".output#1"])
 
