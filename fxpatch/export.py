@@ -8,6 +8,15 @@ sequence dims). During the export only, forward hooks pass each tensor that
 enters or leaves a module through ``fxpatch::site``; they are removed before it
 returns. transformers' own export patches (``transformers.exporters``) are
 applied while tracing.
+
+A module the forward calls more than once (a weight-shared block, a module
+applied in a loop) gets sites for every call: call 0 keeps the plain names
+(``transformer.h.0.output``), call ``k`` is marked after the kind
+(``transformer.h.0.output#1``, ``transformer.h.0.inputs#1[0][0]``), so no two
+site nodes share a name. A module reachable by several paths (the same object
+at ``transformer.h.0`` and ``transformer.h.1``) is hooked once and its sites are
+named after its first path in ``named_modules`` order, as NNsight's envoy tree
+names it; the other paths are aliases of it (``SiteGraph.aliases``).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from .passes.ops import site
+from .passes.ops import is_site, site
 from .structure import Spec, flatten, unflatten
 
 
@@ -48,10 +57,19 @@ class SiteGraph:
     ``graph_module`` is the lifted ``torch.export`` graph: its placeholders
     are the parameters, buffers and constants (``state``), then ``inputs``.
 
+    ``modules[path][kind]`` is the module's first call; ``calls[path][kind]``
+    lists every call in the order the forward made them (``calls[p][k][0]`` is
+    ``modules[p][k]``). Both are keyed by every path of a module, an alias path
+    (``aliases``: alias -> first path) sharing its first path's entries.
+
     Example::
 
         sg = model.site_graph("forward")
         sg.modules["transformer.h.0"]["output"].leaves   # ['transformer.h.0.output']
+        [c.leaves for c in sg.calls["transformer.h.0"]["output"]]
+        # [['transformer.h.0.output']]; a block run twice adds ['transformer.h.0.output#1']
+        sg.owner("transformer.h.0.output#1"), sg.call_of("transformer.h.0.output#1")
+        # ('transformer.h.0', 'output'), 1
     """
 
     graph_module: torch.fx.GraphModule
@@ -61,13 +79,36 @@ class SiteGraph:
     modules: dict[str, dict[str, ModuleSites]]
     export_seconds: float
     input_names: list[str] = field(default_factory=list)
+    calls: dict[str, dict[str, list[ModuleSites]]] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def _site_index(self) -> dict[str, tuple[str, str, int]]:
+        if not hasattr(self, "_sites"):
+            # built from the first paths only, so a site's owner is the module's name, never an alias
+            calls = self.calls or {m: {k: [ms] for k, ms in kinds.items()} for m, kinds in self.modules.items()}
+            self._sites = {n: (m, k, i) for m, kinds in calls.items() if m not in self.aliases
+                           for k, per_call in kinds.items() for i, ms in enumerate(per_call)
+                           for n, is_site in zip(ms.leaves, ms.is_site) if is_site}
+        return self._sites
 
     def owner(self, name: str) -> tuple[str, str]:
-        """``(module path, kind)`` of the site called ``name``."""
-        if not hasattr(self, "_owners"):
-            self._owners = {n: (m, k) for m, kinds in self.modules.items() for k, ms in kinds.items()
-                            for n, is_site in zip(ms.leaves, ms.is_site) if is_site}
-        return self._owners[name]
+        """``(module path, kind)`` of the site called ``name``, whichever call it belongs to."""
+        path, kind, _ = self._site_index()[name]
+        return path, kind
+
+    def call_of(self, name: str) -> int:
+        """Which call of its module (0 for the first) the site called ``name`` belongs to."""
+        return self._site_index()[name][2]
+
+    def position(self, name: str) -> int:
+        """Where the site called ``name`` is in the graph's (execution) order; an earlier site has a smaller one.
+
+        Tells which call of a module comes next after a given site, as NNsight's
+        ``tracer.iter`` picks it for the reads that follow the first one in a step.
+        """
+        if not hasattr(self, "_positions"):
+            self._positions = {n.args[1]: i for i, n in enumerate(self.graph_module.graph.nodes) if is_site(n)}
+        return self._positions[name]
 
     def state_values(self, model: torch.nn.Module) -> list[Any]:
         """The model's current parameters and buffers, in placeholder order."""
@@ -84,17 +125,19 @@ class SiteGraph:
         return out
 
 
-def site_name(module: str, kind: str, key: str) -> str:
-    """``transformer.h.3.output``, ``transformer.h.3.inputs[0][0]``, ``output['logits']``."""
+def site_name(module: str, kind: str, key: str, call: int = 0) -> str:
+    """``transformer.h.3.output``, ``transformer.h.3.inputs[0][0]``, ``output['logits']``; a later call of
+    the module is marked after the kind: ``transformer.h.3.output#1``, ``transformer.h.3.inputs#1[0][0]``."""
+    kind = f"{kind}#{call}" if call else kind
     return f"{module}.{kind}{key}" if module else f"{kind}{key}"
 
 
-def _site_tree(module: str, kind: str, value: Any, record: dict) -> Any:
+def _site_tree(module: str, kind: str, call: int, value: Any, record: dict) -> Any:
     leaves, spec = flatten(value)
     out, names, flags = [], [], []
     for key, leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            name = site_name(module, kind, key)
+            name = site_name(module, kind, key, call)
             out.append(site(leaf, name))
             names.append(name)
             flags.append(True)
@@ -102,8 +145,7 @@ def _site_tree(module: str, kind: str, value: Any, record: dict) -> Any:
             out.append(leaf)
             names.append(leaf if _is_constant(leaf) else Opaque(type(leaf).__name__))
             flags.append(False)
-    sites = ModuleSites(module, kind, spec, names, flags)
-    record.setdefault(module, {}).setdefault(kind, sites)
+    record.setdefault(module, {}).setdefault(kind, {})[call] = ModuleSites(module, kind, spec, names, flags)
     return unflatten(spec, out)
 
 
@@ -121,16 +163,43 @@ class Opaque:
         return f"<{self.type_name}>"
 
 
+def module_paths(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """``(modules, aliases)``: each module object once, under its first path in ``named_modules``
+    order (``""`` is the model), and every other path of one of them mapped to that first path.
+
+    Example::
+
+        model.transformer.h[1] = model.transformer.h[0]
+        module_paths(model)[1]["transformer.h.1.mlp"]   # 'transformer.h.0.mlp'
+    """
+    first: dict[int, str] = {}
+    modules: dict[str, torch.nn.Module] = {}
+    aliases: dict[str, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if id(module) in first:
+            aliases[path] = first[id(module)]
+        else:
+            first[id(module)] = path
+            modules[path] = module
+    return modules, aliases
+
+
 @contextlib.contextmanager
 def _site_hooks(model: torch.nn.Module, record: dict):
     handles = []
     try:
-        for path, module in model.named_modules(remove_duplicate=False):
-            def pre(mod, args, kwargs, path=path):
-                return _site_tree(path, "inputs", (args, kwargs), record)
+        # One pair of hooks per module object: hooking it once per path would wrap each of its calls in one
+        # site per path, all carrying the same value.
+        for path, module in module_paths(model)[0].items():
+            started: list[int] = []  # calls begun and not yet returned; pairs a call's output with its inputs
 
-            def post(mod, args, kwargs, output, path=path):
-                return _site_tree(path, "output", output, record)
+            def pre(mod, args, kwargs, path=path, started=started):
+                call = len(record.get(path, {}).get("inputs", ()))
+                started.append(call)
+                return _site_tree(path, "inputs", call, (args, kwargs), record)
+
+            def post(mod, args, kwargs, output, path=path, started=started):
+                return _site_tree(path, "output", started.pop(), output, record)
 
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True))
@@ -180,7 +249,7 @@ TRACING_LOCK = threading.RLock()
 
 
 def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
-    record: dict[str, dict[str, ModuleSites]] = {}
+    record: dict[str, dict[str, dict[int, ModuleSites]]] = {}  # path -> kind -> call -> sites
     dynamic = dynamic_shapes or {k: _all_dynamic(v) for k, v in example.items()}
     start = time.perf_counter()
     with torch.no_grad(), _transformers_export_patches(model), _site_hooks(model, record):
@@ -200,4 +269,11 @@ def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
         else:
             state.append(("constant", ep.constants[spec.target]))
     outputs = [o.arg.name for o in sig.output_specs]
-    return SiteGraph(ep.graph_module, state, inputs, outputs, record, seconds, list(example))
+    # by call number: a call made inside another call of the same module returns (is recorded) first
+    calls = {path: {kind: [per_call[i] for i in range(len(per_call))] for kind, per_call in kinds.items()}
+             for path, kinds in record.items()}
+    modules = {path: {kind: per_call[0] for kind, per_call in kinds.items()} for path, kinds in calls.items()}
+    aliases = module_paths(model)[1]
+    for table in (calls, modules):
+        table.update({alias: table[path] for alias, path in aliases.items() if path in table})
+    return SiteGraph(ep.graph_module, state, inputs, outputs, modules, seconds, list(example), calls, aliases)

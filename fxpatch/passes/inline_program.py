@@ -45,8 +45,8 @@ class InlineProgram(PassBase):
         by_name = {n.name: n for n in graph.nodes}
         sites: dict[str, torch.fx.Node] = {}
         for n in graph.nodes:
-            if is_site(n):
-                sites.setdefault(n.args[1], n)
+            if is_site(n) and sites.setdefault(n.args[1], n) is not n:  # a name must say which call it is
+                raise ValueError(f"two site nodes are named {n.args[1]!r}: {sites[n.args[1]].name}, {n.name}")
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         top = placeholders[-1]
         cursor: dict[torch.fx.Node, torch.fx.Node] = {}
