@@ -19,6 +19,7 @@ import torch
 from .envoy import Envoy
 from .errors import FxpatchError, user_location
 from .export import SiteGraph, export_sites
+from .inputs import NO_INPUTS
 from .tracing import Tracer
 
 
@@ -96,6 +97,16 @@ class LanguageModel(Envoy):
         return None
 
     @property
+    def vocab_size(self) -> int | None:
+        """The number of token ids the input embedding takes (``None`` when the model does not say)."""
+        get = getattr(self._model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        rows = getattr(embedding, "num_embeddings", None)
+        if rows is None:
+            rows = getattr(getattr(self._model, "config", None), "vocab_size", None)
+        return int(rows) if rows else None
+
+    @property
     def pad_token_id(self) -> int:
         for source in (self.tokenizer, getattr(self._model, "config", None)):
             for name in ("pad_token_id", "eos_token_id"):
@@ -141,15 +152,15 @@ class LanguageModel(Envoy):
         return export_sites(self._model, _Forward(self._model, takes_positions), example)
 
     # -- tracing ---------------------------------------------------------------------
-    def trace(self, inputs: Any = None, **kwargs: Any) -> Tracer:
+    def trace(self, inputs: Any = NO_INPUTS, **kwargs: Any) -> Tracer:
         """A context that records interventions and runs them in one batched pass at exit.
 
         ``model.trace("prompt")`` is a one-invoke shortcut; ``model.trace()`` with
-        ``tracer.invoke(...)`` blocks batches several.
+        ``tracer.invoke(...)`` blocks batches several (an explicit ``None`` is an error).
         """
         return Tracer(self, inputs, **kwargs)
 
-    def generate(self, inputs: Any = None, max_new_tokens: int | None = None, **generation_kwargs: Any):
+    def generate(self, inputs: Any = NO_INPUTS, max_new_tokens: int | None = None, **generation_kwargs: Any):
         """A context like ``trace`` that generates ``max_new_tokens`` tokens per prompt at exit.
 
         Interventions apply to the prompt pass unless placed in ``for step in
