@@ -12,12 +12,13 @@ Example::
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .envoy import Envoy
-from .errors import FxpatchError, user_location
+from .errors import FxpatchError, InputError, user_location
 from .export import SiteGraph, export_sites
 from .inputs import NO_INPUTS
 from .tracing import Tracer
@@ -57,10 +58,12 @@ class LanguageModel(Envoy):
                  dtype: torch.dtype | str | None = None, **from_pretrained_kwargs: Any):
         if isinstance(model, torch.nn.Module):
             hf_model = model
+            _check_one_device(hf_model)
             if dtype is not None:
                 hf_model = hf_model.to(dtype=_dtype(dtype))
         else:
             hf_model = _load_model(model, device_map, dtype, from_pretrained_kwargs)
+            _check_one_device(hf_model)
         if tokenizer is None:
             # A tokenizer fxpatch loads pads like its batches (left, EOS when it has no pad
             # token); one the user passes is theirs and stays as it is.
@@ -190,8 +193,67 @@ def _dtype(dtype):
     return getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
 
 
+# device_map strategies that spread a model over several devices
+_SPREADING_STRATEGIES = ("balanced", "balanced_low_0", "sequential")
+
+
+def _device_name(device: Any) -> str:
+    """One name per device, as ``device_map`` values name them (accelerate: an int is a GPU index)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return f"cuda:{device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return str(device)  # "disk": offloaded weights
+    if dev.type in ("cpu", "meta"):
+        return dev.type
+    return f"{dev.type}:{dev.index or 0}"
+
+
+def _refuse_devices(what: str, devices: set[str]) -> None:
+    raise InputError(
+        f"{what} on {len(devices)} devices ({', '.join(sorted(devices))}); fxpatch runs the whole model on one "
+        "device and does not support models split over several", at=user_location(),
+        hint='Put the model on one device: device_map="cuda:0" (or "cpu", or "auto", which picks one), or '
+        "model.to(device) before wrapping it.")
+
+
+def _one_device(device_map: Any) -> Any:
+    """``device_map`` with a dict that maps every module to one device made that device.
+
+    One device needs no accelerate; a ``device_map`` that spreads the model over
+    several devices is refused here, before anything loads.
+    """
+    if isinstance(device_map, str) and device_map in _SPREADING_STRATEGIES:
+        raise InputError(
+            f'device_map="{device_map}" spreads a model over several devices; fxpatch runs the whole model on '
+            "one device", at=user_location(),
+            hint='Use device_map="auto" (one device: the GPU if there is one) or name one device.')
+    if isinstance(device_map, Mapping):
+        devices = {_device_name(d) for d in device_map.values()}
+        if len(devices) > 1:
+            _refuse_devices("device_map puts the model's modules", devices)
+        if len(devices) == 1 and next(iter(devices)) != "disk":
+            return next(iter(devices))
+    return device_map
+
+
+def _check_one_device(model: torch.nn.Module) -> None:
+    """Refuse a model whose modules were dispatched to, or whose tensors lie on, several devices."""
+    hf_map = getattr(model, "hf_device_map", None)
+    if isinstance(hf_map, Mapping):
+        devices = {_device_name(d) for d in hf_map.values()}
+        if len(devices) > 1:
+            _refuse_devices("the model was loaded with its modules (hf_device_map)", devices)
+    devices = {_device_name(t.device) for t in model.parameters()} | {_device_name(t.device) for t in model.buffers()}
+    if len(devices) > 1:
+        _refuse_devices("the model's parameters and buffers are", devices)
+
+
 def _load_model(name: str, device_map, dtype, kwargs) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+
+    device_map = _one_device(device_map)
 
     if dtype is not None:
         kwargs["dtype"] = _dtype(dtype)
