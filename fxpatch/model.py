@@ -75,7 +75,8 @@ class LanguageModel(Envoy):
                 tokenizer.padding_side = "left"
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
-        own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": set()}
+        own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": set(),
+               "_fingerprint": None}
         for k, v in own.items():
             object.__setattr__(self, k, v)
 
@@ -122,9 +123,15 @@ class LanguageModel(Envoy):
 
     # -- exported graphs ------------------------------------------------------------------
     def site_graph(self, mode: str = "forward") -> SiteGraph:
-        """The model exported once for ``mode``, with a site at every module boundary (cached)."""
+        """The model exported once for ``mode``, with a site at every module boundary (cached).
+
+        The cache holds while the model's modules, their modes and its parameters' and
+        buffers' dtypes, devices and shapes stay the same (checked at the start of each
+        trace; see ``model_fingerprint``).
+        """
         sg = self._site_graphs.get(mode)
         if sg is None:
+            self._forget_stale_exports()  # all modes' graphs must come from the same model
             try:
                 sg = self._export(mode)
             except Exception as e:  # noqa: BLE001 - whatever torch.export says, say where and what
@@ -135,6 +142,20 @@ class LanguageModel(Envoy):
                     "below.") from e
             self._site_graphs[mode] = sg
         return sg
+
+    def _forget_stale_exports(self) -> None:
+        """Drop the exported graphs, and all made from them, if the model changed since they were made.
+
+        An export captures dtypes, devices, train/eval modes and the module objects;
+        weights edited in place need no new export.
+        """
+        fingerprint = model_fingerprint(self._model)
+        if fingerprint != self._fingerprint:
+            _check_one_device(self._model)  # a part moved elsewhere (model.lm_head.to("cuda")) splits the model
+            self._site_graphs.clear()
+            self._patched.clear()
+            self._checked.clear()  # keyed by id() of patched graphs, which may be reused once they are freed
+            object.__setattr__(self, "_fingerprint", fingerprint)
 
     def _export(self, mode: str) -> SiteGraph:
         if mode in ("prefill", "decode"):
@@ -154,6 +175,45 @@ class LanguageModel(Envoy):
             example["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return export_sites(self._model, _Forward(self._model, takes_positions), example)
 
+    # -- moving the model ----------------------------------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> LanguageModel:
+        """``torch.nn.Module.to`` on the wrapped model; returns this ``LanguageModel``.
+
+        The next trace exports the model again for its new dtype or device.
+
+        Example::
+
+            model = LanguageModel(fxpatch.TINY_GPT2).to(torch.float64)
+        """
+        self._model.to(*args, **kwargs)
+        return self
+
+    def half(self) -> LanguageModel:
+        """The wrapped model in float16 (see ``to``)."""
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> LanguageModel:
+        """The wrapped model in bfloat16 (see ``to``)."""
+        return self.to(torch.bfloat16)
+
+    def float(self) -> LanguageModel:
+        """The wrapped model in float32 (see ``to``)."""
+        return self.to(torch.float32)
+
+    def double(self) -> LanguageModel:
+        """The wrapped model in float64 (see ``to``)."""
+        return self.to(torch.float64)
+
+    def cpu(self) -> LanguageModel:
+        """The wrapped model on the CPU (see ``to``)."""
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> LanguageModel:
+        """The wrapped model on a GPU (see ``to``)."""
+        if isinstance(device, int):
+            device = f"cuda:{device}"
+        return self.to(device or "cuda")
+
     # -- tracing ---------------------------------------------------------------------
     def trace(self, inputs: Any = NO_INPUTS, **kwargs: Any) -> Tracer:
         """A context that records interventions and runs them in one batched pass at exit.
@@ -161,6 +221,7 @@ class LanguageModel(Envoy):
         ``model.trace("prompt")`` is a one-invoke shortcut; ``model.trace()`` with
         ``tracer.invoke(...)`` blocks batches several (an explicit ``None`` is an error).
         """
+        self._forget_stale_exports()
         return Tracer(self, inputs, **kwargs)
 
     def generate(self, inputs: Any = NO_INPUTS, max_new_tokens: int | None = None, **generation_kwargs: Any):
@@ -179,6 +240,7 @@ class LanguageModel(Envoy):
         """
         from .generation import GenerateTracer
 
+        self._forget_stale_exports()
         return GenerateTracer(self, inputs, max_new_tokens, **generation_kwargs)
 
     @property
@@ -191,6 +253,42 @@ class LanguageModel(Envoy):
 
 def _dtype(dtype):
     return getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+
+
+def model_fingerprint(model: torch.nn.Module) -> tuple:
+    """What an export of ``model`` depends on besides weight values.
+
+    The module objects, their names and train/eval modes (dropout is in the graph
+    or not), every parameter's identity (tied weights are one graph input),
+    dtype, device and shape, and every buffer's dtype, device and shape. A walk
+    over ``_modules`` with no name strings keeps it to a few hundred microseconds
+    for a 12-layer GPT-2.
+
+    Example::
+
+        before = model_fingerprint(hf_model)
+        hf_model.half()
+        assert model_fingerprint(hf_model) != before
+    """
+    items: list = []
+    add = items.append
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        add((id(module), module.training))
+        for name, p in module._parameters.items():
+            add(name)
+            if p is not None:
+                add((id(p), p.dtype, p.device, p.shape))
+        for name, b in module._buffers.items():
+            add(name)
+            if b is not None:
+                add((b.dtype, b.device, b.shape))
+        for name, child in module._modules.items():
+            add(name)
+            if child is not None:
+                stack.append(child)
+    return tuple(items)
 
 
 # device_map strategies that spread a model over several devices
