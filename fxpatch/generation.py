@@ -27,7 +27,7 @@ from torch.export import Dim
 
 from .errors import FxpatchError, InputError, user_location
 from .generation_settings import check_generation_settings, split_generate_args
-from .inputs import left_pad
+from .inputs import NO_INPUTS, left_pad
 from .passes.diagnostics import Location
 from .passes.ops import capture
 from .proxy import Proxy
@@ -202,7 +202,7 @@ class GenerateTracer(Tracer):
 
     kind = "generate"
 
-    def __init__(self, model, inputs: Any = None, max_new_tokens: int | None = None, **kwargs: Any):
+    def __init__(self, model, inputs: Any = NO_INPUTS, max_new_tokens: int | None = None, **kwargs: Any):
         super().__init__(model, inputs)
         loc = self.loc
         if max_new_tokens is None:

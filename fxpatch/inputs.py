@@ -17,13 +17,34 @@ from .errors import InputError
 from .passes.diagnostics import Location
 
 
-def to_rows(inputs, tokenizer, loc: Location, max_length: int | None) -> list[list[int]]:
+class _NoInputs:
+    """The default of ``model.trace`` / ``tracer.invoke``: no argument given (an explicit ``None`` is an error)."""
+
+    def __repr__(self) -> str:
+        return "<no inputs>"
+
+
+NO_INPUTS = _NoInputs()
+
+
+def to_rows(inputs, tokenizer, loc: Location, max_length: int | None,
+            vocab_size: int | None = None) -> list[list[int]]:
     """Token-id rows for one invoke's ``inputs``.
 
     Accepts a string, a list of strings, token ids (``list[int]``, a list of
     such lists, a 1-D or 2-D ``LongTensor``) or a tokenizer's ``BatchEncoding``
-    / a dict with ``input_ids`` (and optionally ``attention_mask``).
+    / a dict with ``input_ids`` (and optionally ``attention_mask`` of the same
+    shape). Every token id must lie in ``range(vocab_size)`` when it is given.
+
+    Example::
+
+        rows = to_rows(["Hello world", "Hi"], tokenizer, user_location(), 1024, 1024)   # one list per prompt
     """
+    if inputs is None:
+        raise InputError("the inputs are None: there is no prompt to run", at=loc,
+                         hint="Pass a prompt (a string, a list of strings, token ids or a BatchEncoding). To batch "
+                         "several invokes, leave the argument out: model.trace() with tracer.invoke(prompt) blocks; "
+                         "tracer.invoke() with no argument covers every row.")
     rows = _rows(inputs, tokenizer, loc)
     if not rows:
         raise InputError("no prompts were given to this invoke", at=loc,
@@ -37,7 +58,22 @@ def to_rows(inputs, tokenizer, loc: Location, max_length: int | None) -> list[li
             raise InputError(
                 f"prompt {i} of this invoke has {len(row)} tokens, more than the model's context of "
                 f"{max_length}", at=loc, hint=f"Shorten the prompt to at most {max_length} tokens.")
+        if vocab_size is not None:
+            _check_vocab(row, i, vocab_size, loc)
     return rows
+
+
+def _check_vocab(row: list[int], i: int, vocab_size: int, loc: Location) -> None:
+    """An id outside the embedding would fail inside the run, or on some devices read garbage."""
+    low, high = min(row), max(row)
+    if low >= 0 and high < vocab_size:
+        return
+    bad = low if low < 0 else high
+    raise InputError(
+        f"prompt {i} of this invoke has token id {bad} at position {row.index(bad)}, outside the model's "
+        f"vocabulary of {vocab_size} tokens (ids 0 to {vocab_size - 1})", at=loc,
+        hint=f"Pass token ids from 0 to {vocab_size - 1}; if the tokenizer has more tokens than the model's "
+        "embedding, call model.resize_token_embeddings(len(tokenizer)) first.")
 
 
 def _rows(inputs, tokenizer, loc: Location) -> list[list[int]]:
@@ -55,13 +91,16 @@ def _rows(inputs, tokenizer, loc: Location) -> list[list[int]]:
     if isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
             raise InputError(f"a dict of inputs needs 'input_ids'; it has {sorted(inputs)}", at=loc)
-        ids = torch.as_tensor(inputs["input_ids"])
-        ids = ids[None] if ids.dim() == 1 else ids
+        ids = _dict_tensor(inputs, "input_ids", loc)
         mask = inputs.get("attention_mask")
         if mask is None:
             return [r.tolist() for r in ids]
-        mask = torch.as_tensor(mask)
-        mask = mask[None] if mask.dim() == 1 else mask
+        mask = _dict_tensor(inputs, "attention_mask", loc)
+        if mask.shape != ids.shape:
+            raise InputError(
+                f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape {tuple(ids.shape)}", at=loc,
+                hint="Pass an attention_mask of the same shape as input_ids (as the tokenizer returns them), or "
+                "leave it out.")
         return [r[m.bool()].tolist() for r, m in zip(ids, mask)]
     if isinstance(inputs, (list, tuple)):
         if not inputs:
@@ -75,6 +114,23 @@ def _rows(inputs, tokenizer, loc: Location) -> list[list[int]]:
     raise InputError(f"cannot use {type(inputs).__name__} as model input", at=loc,
                      hint="Pass a string, a list of strings, token ids (list[int] or a LongTensor) or a "
                      "tokenizer's BatchEncoding.")
+
+
+def _dict_tensor(inputs: Mapping, key: str, loc: Location) -> torch.Tensor:
+    """``inputs[key]`` as a 2-D integer tensor (a 1-D one is one row)."""
+    try:
+        value = torch.as_tensor(inputs[key])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise InputError(f"{key} cannot be made a tensor: {e}", at=loc,
+                         hint=f"Pass {key} as a tensor or as lists of equal length (use the tokenizer with "
+                         "padding=True, return_tensors='pt').") from None
+    if key == "input_ids" and (value.dtype.is_floating_point or value.dtype.is_complex):
+        raise InputError(f"{key} must hold integers, got dtype {value.dtype}", at=loc,
+                         hint=f"Pass {key} as a LongTensor.")
+    if value.dim() not in (1, 2):
+        raise InputError(f"{key} must be 1-D or 2-D, got shape {tuple(value.shape)}", at=loc,
+                         hint="Pass one row per prompt: shape (prompts, tokens).")
+    return value[None] if value.dim() == 1 else value
 
 
 def _tokenize(texts: list[str], tokenizer, loc: Location) -> list[list[int]]:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .envoy import Envoy
-from .errors import FxpatchError, user_location
+from .errors import FxpatchError, InputError, user_location
 from .export import SiteGraph, export_sites
+from .inputs import NO_INPUTS
 from .tracing import Tracer
 
 
@@ -63,10 +65,12 @@ class LanguageModel(Envoy):
                  dtype: torch.dtype | str | None = None, **from_pretrained_kwargs: Any):
         if isinstance(model, torch.nn.Module):
             hf_model = model
+            _check_one_device(hf_model)
             if dtype is not None:
                 hf_model = hf_model.to(dtype=_dtype(dtype))
         else:
             hf_model = _load_model(model, device_map, dtype, from_pretrained_kwargs)
+            _check_one_device(hf_model)
         if tokenizer is None:
             # A tokenizer fxpatch loads pads like its batches (left, EOS when it has no pad
             # token); one the user passes is theirs and stays as it is.
@@ -79,7 +83,7 @@ class LanguageModel(Envoy):
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": {},
-               "_lock": threading.RLock()}
+               "_fingerprint": None, "_lock": threading.RLock()}
         for k, v in own.items():
             object.__setattr__(self, k, v)
 
@@ -104,6 +108,16 @@ class LanguageModel(Envoy):
         return None
 
     @property
+    def vocab_size(self) -> int | None:
+        """The number of token ids the input embedding takes (``None`` when the model does not say)."""
+        get = getattr(self._model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        rows = getattr(embedding, "num_embeddings", None)
+        if rows is None:
+            rows = getattr(getattr(self._model, "config", None), "vocab_size", None)
+        return int(rows) if rows else None
+
+    @property
     def pad_token_id(self) -> int:
         for source in (self.tokenizer, getattr(self._model, "config", None)):
             for name in ("pad_token_id", "eos_token_id"):
@@ -116,9 +130,15 @@ class LanguageModel(Envoy):
 
     # -- exported graphs ------------------------------------------------------------------
     def site_graph(self, mode: str = "forward") -> SiteGraph:
-        """The model exported once for ``mode``, with a site at every module boundary (cached)."""
+        """The model exported once for ``mode``, with a site at every module boundary (cached).
+
+        The cache holds while the model's modules, their modes and its parameters' and
+        buffers' dtypes, devices and shapes stay the same (checked at the start of each
+        trace; see ``model_fingerprint``).
+        """
         sg = self._site_graphs.get(mode)
         if sg is None:
+            self._forget_stale_exports()  # all modes' graphs must come from the same model
             try:
                 sg = self._export(mode)
             except Exception as e:  # noqa: BLE001 - whatever torch.export says, say where and what
@@ -129,6 +149,20 @@ class LanguageModel(Envoy):
                     "below.") from e
             self._site_graphs[mode] = sg
         return sg
+
+    def _forget_stale_exports(self) -> None:
+        """Drop the exported graphs, and all made from them, if the model changed since they were made.
+
+        An export captures dtypes, devices, train/eval modes and the module objects;
+        weights edited in place need no new export.
+        """
+        fingerprint = model_fingerprint(self._model)
+        if fingerprint != self._fingerprint:
+            _check_one_device(self._model)  # a part moved elsewhere (model.lm_head.to("cuda")) splits the model
+            self._site_graphs.clear()
+            self._patched.clear()
+            self._checked.clear()
+            object.__setattr__(self, "_fingerprint", fingerprint)
 
     def _export(self, mode: str) -> SiteGraph:
         if mode in ("prefill", "decode"):
@@ -148,16 +182,56 @@ class LanguageModel(Envoy):
             example["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return export_sites(self._model, _Forward(self._model, takes_positions), example)
 
+    # -- moving the model ----------------------------------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> LanguageModel:
+        """``torch.nn.Module.to`` on the wrapped model; returns this ``LanguageModel``.
+
+        The next trace exports the model again for its new dtype or device.
+
+        Example::
+
+            model = LanguageModel(fxpatch.TINY_GPT2).to(torch.float64)
+        """
+        self._model.to(*args, **kwargs)
+        return self
+
+    def half(self) -> LanguageModel:
+        """The wrapped model in float16 (see ``to``)."""
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> LanguageModel:
+        """The wrapped model in bfloat16 (see ``to``)."""
+        return self.to(torch.bfloat16)
+
+    def float(self) -> LanguageModel:
+        """The wrapped model in float32 (see ``to``)."""
+        return self.to(torch.float32)
+
+    def double(self) -> LanguageModel:
+        """The wrapped model in float64 (see ``to``)."""
+        return self.to(torch.float64)
+
+    def cpu(self) -> LanguageModel:
+        """The wrapped model on the CPU (see ``to``)."""
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> LanguageModel:
+        """The wrapped model on a GPU (see ``to``)."""
+        if isinstance(device, int):
+            device = f"cuda:{device}"
+        return self.to(device or "cuda")
+
     # -- tracing ---------------------------------------------------------------------
-    def trace(self, inputs: Any = None, **kwargs: Any) -> Tracer:
+    def trace(self, inputs: Any = NO_INPUTS, **kwargs: Any) -> Tracer:
         """A context that records interventions and runs them in one batched pass at exit.
 
         ``model.trace("prompt")`` is a one-invoke shortcut; ``model.trace()`` with
-        ``tracer.invoke(...)`` blocks batches several.
+        ``tracer.invoke(...)`` blocks batches several (an explicit ``None`` is an error).
         """
+        self._forget_stale_exports()
         return Tracer(self, inputs, **kwargs)
 
-    def generate(self, inputs: Any = None, max_new_tokens: int | None = None, **generation_kwargs: Any):
+    def generate(self, inputs: Any = NO_INPUTS, max_new_tokens: int | None = None, **generation_kwargs: Any):
         """A context like ``trace`` that generates ``max_new_tokens`` tokens per prompt at exit.
 
         Interventions apply to the prompt pass unless placed in ``for step in
@@ -175,6 +249,7 @@ class LanguageModel(Envoy):
         """
         from .generation import GenerateTracer
 
+        self._forget_stale_exports()
         return GenerateTracer(self, inputs, max_new_tokens, **generation_kwargs)
 
     @property
@@ -189,10 +264,105 @@ def _dtype(dtype):
     return getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
 
 
+def model_fingerprint(model: torch.nn.Module) -> tuple:
+    """What an export of ``model`` depends on besides weight values.
+
+    The module objects, their names and train/eval modes (dropout is in the graph
+    or not), every parameter's identity (tied weights are one graph input),
+    dtype, device and shape, and every buffer's dtype, device and shape. A walk
+    over ``_modules`` with no name strings keeps it to a few hundred microseconds
+    for a 12-layer GPT-2.
+
+    Example::
+
+        before = model_fingerprint(hf_model)
+        hf_model.half()
+        assert model_fingerprint(hf_model) != before
+    """
+    items: list = []
+    add = items.append
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        add((id(module), module.training))
+        for name, p in module._parameters.items():
+            add(name)
+            if p is not None:
+                add((id(p), p.dtype, p.device, p.shape))
+        for name, b in module._buffers.items():
+            add(name)
+            if b is not None:
+                add((b.dtype, b.device, b.shape))
+        for name, child in module._modules.items():
+            add(name)
+            if child is not None:
+                stack.append(child)
+    return tuple(items)
+
+
+# device_map strategies that spread a model over several devices
+_SPREADING_STRATEGIES = ("balanced", "balanced_low_0", "sequential")
+
+
+def _device_name(device: Any) -> str:
+    """One name per device, as ``device_map`` values name them (accelerate: an int is a GPU index)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return f"cuda:{device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return str(device)  # "disk": offloaded weights
+    if dev.type in ("cpu", "meta"):
+        return dev.type
+    return f"{dev.type}:{dev.index or 0}"
+
+
+def _refuse_devices(what: str, devices: set[str]) -> None:
+    raise InputError(
+        f"{what} on {len(devices)} devices ({', '.join(sorted(devices))}); fxpatch runs the whole model on one "
+        "device and does not support models split over several", at=user_location(),
+        hint='Put the model on one device: device_map="cuda:0" (or "cpu", or "auto", which picks one), or '
+        "model.to(device) before wrapping it.")
+
+
+def _one_device(device_map: Any) -> Any:
+    """``device_map`` with a dict that maps every module to one device made that device.
+
+    One device needs no accelerate; a ``device_map`` that spreads the model over
+    several devices is refused here, before anything loads.
+    """
+    if isinstance(device_map, str) and device_map in _SPREADING_STRATEGIES:
+        raise InputError(
+            f'device_map="{device_map}" spreads a model over several devices; fxpatch runs the whole model on '
+            "one device", at=user_location(),
+            hint='Use device_map="auto" (one device: the GPU if there is one) or name one device.')
+    if isinstance(device_map, Mapping):
+        devices = {_device_name(d) for d in device_map.values()}
+        if len(devices) > 1:
+            _refuse_devices("device_map puts the model's modules", devices)
+        if len(devices) == 1 and next(iter(devices)) != "disk":
+            return next(iter(devices))
+    return device_map
+
+
+def _check_one_device(model: torch.nn.Module) -> None:
+    """Refuse a model whose modules were dispatched to, or whose tensors lie on, several devices."""
+    hf_map = getattr(model, "hf_device_map", None)
+    if isinstance(hf_map, Mapping):
+        devices = {_device_name(d) for d in hf_map.values()}
+        if len(devices) > 1:
+            _refuse_devices("the model was loaded with its modules (hf_device_map)", devices)
+    devices = {_device_name(t.device) for t in model.parameters()} | {_device_name(t.device) for t in model.buffers()}
+    if len(devices) > 1:
+        _refuse_devices("the model's parameters and buffers are", devices)
+
+
 def _load_model(name: str, device_map, dtype, kwargs) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     progress = kwargs.pop("progress", None)
+    device_map = _one_device(device_map)
+
     if dtype is not None:
         kwargs["dtype"] = _dtype(dtype)
     move_to = None

@@ -35,7 +35,7 @@ from .errors import (
     ProxyScopeError,
     user_location,
 )
-from .inputs import to_rows
+from .inputs import NO_INPUTS, to_rows
 from .module_values import build_container
 from .passes.diagnostics import Location
 from .passes.ops import read_site, write_site
@@ -77,8 +77,8 @@ class Invoker:
         if t.current_invoke is not None:
             raise FxpatchError("tracer.invoke() was opened inside another invoke", at=self.loc,
                                hint="Close the first invoke before opening the next; invokes do not nest.")
-        if self.inputs is not None:
-            self.rows = to_rows(self.inputs, t.model.tokenizer, self.loc, t.model.max_length)
+        if self.inputs is not NO_INPUTS:
+            self.rows = to_rows(self.inputs, t.model.tokenizer, self.loc, t.model.max_length, t.model.vocab_size)
             self.start = sum(len(i.rows) for i in t.invokes)
             self.stop = self.start + len(self.rows)
         t.invokes.append(self)
@@ -140,7 +140,7 @@ class Tracer:
     mode = "forward"
     kind = "trace"
 
-    def __init__(self, model, inputs: Any = None, **kwargs: Any):
+    def __init__(self, model, inputs: Any = NO_INPUTS, **kwargs: Any):
         self.model = model
         self.loc = user_location(2)
         _no_model_kwargs(f"model.{self.kind}()", kwargs, self.loc)
@@ -154,7 +154,7 @@ class Tracer:
         self.saved: list[Proxy] = []
         self.current_invoke: Invoker | None = None
         self.finished = False
-        self.shortcut = inputs is not None
+        self.shortcut = inputs is not NO_INPUTS
         self._shortcut_invoke = Invoker(self, inputs, self.loc) if self.shortcut else None
         self._constants: dict[tuple[int, int], tuple[Any, torch.fx.Node]] = {}
         self.batch = None
@@ -194,7 +194,7 @@ class Tracer:
         _ACTIVE.set(tuple(t for t in _ACTIVE.get() if t is not self))
 
     # -- API ---------------------------------------------------------------------
-    def invoke(self, inputs: Any = None, **kwargs: Any) -> Invoker:
+    def invoke(self, inputs: Any = NO_INPUTS, **kwargs: Any) -> Invoker:
         """Add ``inputs`` as rows of the batch; interventions inside apply to those rows."""
         loc = user_location()
         _no_model_kwargs("tracer.invoke()", kwargs, loc)

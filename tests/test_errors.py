@@ -33,6 +33,7 @@ from fxpatch.errors import (
 from fxpatch.proxy import Proxy
 from fxpatch.tracing import active_tracer
 from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, layers, state
+from tests.reference import run_alone
 
 SHORT = "_ _ _"  # 3 tokens; PROMPT_1 and PROMPT_2 have 10
 _SOURCE = open(__file__, encoding="utf-8").read().splitlines()
@@ -341,6 +342,74 @@ def test_trace_without_inputs(lm):
         with lm.trace():  # line: no-inputs
             pass
     check_message(info.value, "no-inputs", "no inputs", "pass a prompt")
+
+
+@pytest.mark.parametrize("where", ["trace", "invoke", "dict", "negative"])
+def test_token_id_outside_the_vocabulary(lm, where):
+    vocab = lm._model.get_input_embeddings().num_embeddings
+    ids = lm.tokenizer(SHORT)["input_ids"]
+    with raises_cleanly(lm, InputError) as info:
+        if where == "trace":
+            with lm.trace(ids + [vocab]):  # line: vocab-trace
+                lm.lm_head.output.save()
+        elif where == "invoke":
+            with lm.trace() as tracer:
+                with tracer.invoke(PROMPT_1):
+                    lm.lm_head.output.save()
+                with tracer.invoke(torch.tensor([ids, ids[:-1] + [vocab + 7]])):  # line: vocab-invoke
+                    lm.lm_head.output.save()
+        elif where == "dict":
+            with lm.trace({"input_ids": [[vocab] + ids], "attention_mask": [[1] * (len(ids) + 1)]}):  # line: vocab-dict
+                lm.lm_head.output.save()
+        else:
+            with lm.trace([ids[0], -1] + ids[1:]):  # line: vocab-negative
+                lm.lm_head.output.save()
+    bad, row, position = {"trace": (vocab, 0, len(ids)), "invoke": (vocab + 7, 1, len(ids) - 1),
+                          "dict": (vocab, 0, 0), "negative": (-1, 0, 1)}[where]
+    check_message(info.value, f"vocab-{where}", f"prompt {row}", f"token id {bad} at position {position}",
+                  f"vocabulary of {vocab} tokens", f"token ids from 0 to {vocab - 1}")
+
+
+def test_largest_token_id_runs(lm):
+    """The vocabulary check stops at the embedding's last row, not before: that id runs as the HF model runs it."""
+    vocab = lm._model.get_input_embeddings().num_embeddings
+    ids = [0, vocab - 1, 5]
+    with lm.trace(ids):
+        logits = lm.lm_head.output.save()
+    torch.testing.assert_close(logits[0], run_alone(lm, ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask", ["shorter", "more rows"])
+def test_attention_mask_of_another_shape(lm, mask):
+    encoding = lm.tokenizer([PROMPT_1], return_tensors="pt")
+    n = encoding["input_ids"].shape[1]
+    encoding["attention_mask"] = torch.ones((1, n - 1) if mask == "shorter" else (2, n), dtype=torch.long)
+    with raises_cleanly(lm, InputError) as info:
+        with lm.trace() as tracer:
+            with tracer.invoke(encoding):  # line: mask-shape
+                lm.lm_head.output.save()
+    shape = (1, n - 1) if mask == "shorter" else (2, n)
+    check_message(info.value, "mask-shape", f"attention_mask has shape {shape}", f"input_ids has shape (1, {n})",
+                  "same shape as input_ids")
+
+
+@pytest.mark.parametrize("where", ["trace", "invoke", "generate"])
+def test_explicit_none_as_inputs(lm, where):
+    """``None`` is refused as a prompt; leaving the argument out keeps the multi-invoke form."""
+    with raises_cleanly(lm, InputError) as info:
+        if where == "trace":
+            with lm.trace(None):  # line: none-trace
+                lm.lm_head.output.save()
+        elif where == "invoke":
+            with lm.trace() as tracer:
+                with tracer.invoke(PROMPT_1):
+                    lm.lm_head.output.save()
+                with tracer.invoke(None):  # line: none-invoke
+                    lm.lm_head.output.save()
+        else:
+            with lm.generate(None, max_new_tokens=2):  # line: none-generate
+                lm.generator.output.save()
+    check_message(info.value, f"none-{where}", "inputs are None", "pass a prompt", "leave the argument out")
 
 
 def test_trace_with_only_an_empty_invoke(lm):

@@ -39,6 +39,43 @@ def test_bad_inputs_are_named(tokenizer, bad, message):
     assert str(info.value).startswith("user.py:3:")
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"input_ids": [[1, 2], [3]]}, "input_ids cannot be made a tensor"),
+    ({"input_ids": torch.zeros(1, 2, 2, dtype=torch.long)}, "input_ids must be 1-D or 2-D"),
+    ({"input_ids": torch.zeros(1, 2)}, "input_ids must hold integers"),
+    ({"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]}, r"attention_mask has shape \(1, 2\) but input_ids has "
+     r"shape \(1, 3\)"),
+    ({"input_ids": [1, 2, 3], "attention_mask": [[1, 1, 1], [1, 1, 1]]}, r"attention_mask has shape \(2, 3\)"),
+    (None, "the inputs are None"),
+])
+def test_bad_dicts_and_none_are_named(tokenizer, bad, message):
+    with pytest.raises(InputError, match=message) as info:
+        to_rows(bad, tokenizer, LOC, 128)
+    assert str(info.value).startswith("user.py:3:")
+
+
+@pytest.mark.parametrize("ids, bad, row, position", [
+    ([5, 10], 10, 0, 1), ([[1, 2], [3, -4, 5]], -4, 1, 1), (torch.tensor([[9, 10, 11]]), 11, 0, 2),
+    ({"input_ids": [[0, 12, 1]], "attention_mask": [[1, 1, 1]]}, 12, 0, 1),
+])
+def test_token_ids_outside_the_vocabulary(ids, bad, row, position):
+    with pytest.raises(InputError, match=rf"prompt {row} of this invoke has token id {bad} at position {position}, "
+                       r"outside the model's vocabulary of 10 tokens \(ids 0 to 9\)") as info:
+        to_rows(ids, None, LOC, 128, vocab_size=10)
+    assert str(info.value).startswith("user.py:3:") and "resize_token_embeddings" in str(info.value)
+
+
+def test_token_ids_at_the_vocabulary_edges_and_masked_ids_pass():
+    assert to_rows([[0, 9], [9]], None, LOC, 128, vocab_size=10) == [[0, 9], [9]]
+    # a padded position is dropped before the check: its id never reaches the model
+    padded = {"input_ids": [[50, 1, 2]], "attention_mask": [[0, 1, 1]]}
+    assert to_rows(padded, None, LOC, 128, vocab_size=10) == [[1, 2]]
+    # a float mask of 0s and 1s works as the tokenizer's integer one
+    padded["attention_mask"] = torch.tensor([[0.0, 1.0, 1.0]])
+    assert to_rows(padded, None, LOC, 128, vocab_size=10) == [[1, 2]]
+    assert to_rows([10**6], None, LOC, 128) == [[10**6]]  # no vocabulary known: nothing to check against
+
+
 def test_too_long_and_no_tokenizer():
     with pytest.raises(InputError, match="5 tokens, more than the model's context of 4"):
         to_rows([1, 2, 3, 4, 5], None, LOC, 4)
