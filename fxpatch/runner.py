@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from tabulate import tabulate
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .export import TRACING_LOCK
 from .inputs import left_pad
@@ -26,7 +27,8 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    return torch.fx.GraphModule(gm, graph)
+    # lazy: the passes that follow change the graph, so Python code is made once, at the first call
+    return _LazyGraphModule(gm, graph)
 
 
 def program_key(program: torch.fx.Graph) -> tuple:

@@ -35,6 +35,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.fx.node import map_aggregate
@@ -354,7 +355,7 @@ def functionalize_program(program: torch.fx.Graph, chains: Chains, root_module: 
         names = [f"root_{i}" for i in range(len(interp.roots))] + [p.name for p in interp.placeholders]
         flat = [graph.placeholder(name) for name in names]
         graph.output(tuple(interp(*flat)))
-        gm = torch.fx.GraphModule(root_module, graph)
+        gm = _LazyGraphModule(root_module, graph)
     n_saved = len(interp.output.args[0]) if interp.output else 0
     events = [Event(o.index, t, o.first, members, o.root, n_saved + i, loc, o.read_loc, o.assigned, o.target, waited)
               for i, (o, t, members, loc, waited) in enumerate(interp.events)]
