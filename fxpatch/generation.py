@@ -203,7 +203,7 @@ class GenerateTracer(Tracer):
     kind = "generate"
 
     def __init__(self, model, inputs: Any = NO_INPUTS, max_new_tokens: int | None = None, **kwargs: Any):
-        super().__init__(model, inputs)
+        super().__init__(model, inputs, compile=kwargs.pop("compile", None))
         loc = self.loc
         if max_new_tokens is None:
             raise InputError("model.generate(...) needs max_new_tokens", at=loc,
@@ -363,7 +363,8 @@ def generate(tracer: GenerateTracer) -> None:
         mode = "prefill" if step == 0 else "decode"
         program = tracer.program_of(step)
         out, gm = run_program(model, mode, program, phase_outputs(tracer, step),
-                              _step_inputs(model, mode, *step_inputs, keys, kv_values), values)
+                              _step_inputs(model, mode, *step_inputs, keys, kv_values), values,
+                              compile=tracer.compile)
         if step == 0:
             tracer.graph, tracer.inserted = gm, inserted_nodes(gm)
         tracer.graphs[step] = gm

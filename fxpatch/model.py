@@ -41,8 +41,11 @@ class _Forward(torch.nn.Module):
 class LanguageModel(Envoy):
     """A causal language model whose modules can be read and patched per prompt.
 
-    ``LanguageModel(name_or_path | PreTrainedModel, tokenizer=None, device_map=None, dtype=None, **kwargs)``;
-    ``kwargs`` go to ``from_pretrained``. Attribute access mirrors the model's module
+    ``LanguageModel(name_or_path | PreTrainedModel, tokenizer=None, device_map=None, dtype=None,
+    compile=False, **kwargs)``; ``kwargs`` go to ``from_pretrained``. With ``compile=True`` every
+    trace and generation runs its rewritten graph through ``torch.compile`` (inductor, dynamic
+    batch and sequence sizes; compiled once per rewritten graph); ``model.trace(..., compile=...)``
+    and ``model.generate(..., compile=...)`` choose per run. Attribute access mirrors the model's module
     tree (``model.transformer.h[3].mlp``); ``model.trace(...)`` records and runs
     interventions. The model is put in eval mode (as ``from_pretrained`` returns it);
     a tokenizer passed in is used as it is.
@@ -62,7 +65,7 @@ class LanguageModel(Envoy):
     """
 
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, device_map: Any = None,
-                 dtype: torch.dtype | str | None = None, **from_pretrained_kwargs: Any):
+                 dtype: torch.dtype | str | None = None, compile: bool = False, **from_pretrained_kwargs: Any):
         if isinstance(model, torch.nn.Module):
             hf_model = model
             _check_one_device(hf_model)
@@ -83,7 +86,7 @@ class LanguageModel(Envoy):
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": {},
-               "_fingerprint": None, "_lock": threading.RLock()}
+               "_fingerprint": None, "_lock": threading.RLock(), "_compile": bool(compile)}
         for k, v in own.items():
             object.__setattr__(self, k, v)
 

@@ -184,9 +184,19 @@ def _feeds(program: torch.fx.Graph, values: dict) -> list[Any]:
     return feeds
 
 
+def compiled(gm: torch.fx.GraphModule):
+    """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph."""
+    fn = getattr(gm, "_fxpatch_compiled", None)
+    if fn is None:
+        fn = torch.compile(gm, dynamic=True)
+        object.__setattr__(gm, "_fxpatch_compiled", fn)
+    return fn
+
+
 def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.fx.Node],
-                model_inputs: list[torch.Tensor], values: dict) -> tuple[list[Any], torch.fx.GraphModule]:
-    """Run one phase: the site graph of ``mode`` with ``program`` inlined.
+                model_inputs: list[torch.Tensor], values: dict,
+                compile: bool = False) -> tuple[list[Any], torch.fx.GraphModule]:
+    """Run one phase: the site graph of ``mode`` with ``program`` inlined (compiled if ``compile``).
 
     ``values`` maps program nodes of earlier phases to their values; the
     values of ``outputs`` are added to it. Returns the model's own outputs
@@ -199,8 +209,9 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     feeds = _feeds(program, values)
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
     flat = sg.state_values(model._model) + list(model_inputs) + feeds
+    run = compiled(gm) if compile else gm
     with torch.no_grad():
-        out = gm(*flat)
+        out = run(*flat)
     n = len(sg.outputs)
     values.update(zip(outputs, out[n:]))
     return list(out[:n]), gm
@@ -238,7 +249,8 @@ def _run_trace(tracer) -> None:
     if "position_ids" in model.site_graph("forward").input_names:
         inputs.append(batch.position_ids)
     values: dict = {}
-    _, gm = run_program(model, "forward", tracer.program_of(0), phase_outputs(tracer, 0), inputs, values)
+    _, gm = run_program(model, "forward", tracer.program_of(0), phase_outputs(tracer, 0), inputs, values,
+                        compile=tracer.compile)
     tracer.graph = gm
     tracer.inserted = inserted_nodes(gm)
     bind_values(tracer, values)

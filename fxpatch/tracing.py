@@ -143,6 +143,8 @@ class Tracer:
     def __init__(self, model, inputs: Any = NO_INPUTS, **kwargs: Any):
         self.model = model
         self.loc = user_location(2)
+        compile = kwargs.pop("compile", None)
+        self.compile: bool = model._compile if compile is None else bool(compile)  # run through torch.compile
         _no_model_kwargs(f"model.{self.kind}()", kwargs, self.loc)
         self.graph = None
         self.programs: dict[int, torch.fx.Graph] = {}

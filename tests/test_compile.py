@@ -1,0 +1,63 @@
+"""``compile=True``: the rewritten graph runs through torch.compile and gives the eager values.
+
+Compiling costs seconds per graph on this CPU, so this file keeps to two small programs; the
+whole differential suite compiled is under the ``slow`` marker.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+from fxpatch import LanguageModel
+from tests.conftest import PROMPT_1, PROMPT_2
+from tests.reference import run_alone, unpad
+
+
+def patch(model, source, target, compile):
+    with model.trace(compile=compile) as tracer:
+        with tracer.invoke(source):
+            h = model.transformer.h[1].output[:, -1]
+        with tracer.invoke(target):
+            model.transformer.h[1].output[:, -1] = h * 2
+        with tracer.invoke():
+            logits = model.lm_head.output.save()
+    return tracer, logits
+
+
+def test_compiled_trace_equals_eager_and_the_hooked_model(gpt2):
+    torch._dynamo.reset()
+    tracer, compiled = patch(gpt2, PROMPT_1, "hello", compile=True)
+    eager_tracer, eager = patch(gpt2, PROMPT_1, "hello", compile=False)
+    assert tracer.graph is eager_tracer.graph  # one rewritten graph; compiled is how it runs
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    src = run_alone(gpt2, PROMPT_1, capture=["transformer.h.1"]).outputs["transformer.h.1"][:, -1]
+
+    def edit(out):
+        out = out.clone()
+        out[:, -1] = src * 2
+        return out
+
+    ref = run_alone(gpt2, "hello", outputs={"transformer.h.1": edit})
+    torch.testing.assert_close(unpad(compiled, 1, len(ref.ids)), ref.logits, atol=1e-5, rtol=1e-5)
+    # another prompt length runs the same compiled graph (dynamic sizes)
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    _, again = patch(gpt2, "The Eiffel Tower is in Paris", PROMPT_2, compile=True)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+    _, again_eager = patch(gpt2, "The Eiffel Tower is in Paris", PROMPT_2, compile=False)
+    torch.testing.assert_close(again, again_eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_set_on_the_model_applies_to_generate(tokenizer):
+    import fxpatch
+
+    model = LanguageModel(fxpatch.TINY_GPT2, compile=True)
+    with model.generate(PROMPT_1, max_new_tokens=3) as tracer:
+        model.transformer.h[0].output[:, -1] *= 0.5
+        out = tracer.result.save()
+    with model.generate(PROMPT_1, max_new_tokens=3, compile=False) as tracer:
+        model.transformer.h[0].output[:, -1] *= 0.5
+        ref = tracer.result.save()
+    assert torch.equal(out, ref)
