@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import contextvars
+import ctypes
 import sys
 from typing import Any
 
@@ -91,10 +92,16 @@ class Invoker:
 
 
 class Barrier:
-    """``tracer.barrier(n)``: a point that exactly ``n`` invokes must each call once.
+    """``tracer.barrier(n)``: a point where ``n`` invokes meet, once per call.
 
-    fxpatch orders a program by its data flow, so the barrier does not change
-    what runs; it keeps NNsight's contract and checks that it is kept.
+    Each participating invoke may call it several times; their k-th calls
+    meet (NNsight's semantics). fxpatch orders a program by its data flow, so
+    the barrier does not change what runs, but it does what NNsight's threads
+    do with shared variables: after an invoke's k-th call, a local variable
+    that holds a value another invoke computed holds the value it had at that
+    invoke's k-th call (the IOI pattern: a loop over layers assigns
+    ``hidden_state`` and calls a barrier; the patching invoke reads
+    ``hidden_state`` after its own call of it).
     """
 
     def __init__(self, tracer: Tracer, n: int, loc: Location):
@@ -103,6 +110,7 @@ class Barrier:
                                hint="Create it as tracer.barrier(2) for two invokes.")
         self.tracer, self.n, self.loc = tracer, n, loc
         self.calls: list[tuple[int, Location]] = []
+        self.rounds: dict[int, dict[int, dict[str, Proxy]]] = {}  # call k -> invoke -> its traced locals then
 
     def __call__(self) -> None:
         loc = user_location()
@@ -110,23 +118,64 @@ class Barrier:
         if invoke is None:
             raise BarrierError("barrier() was called outside an invoke", at=loc,
                                hint="Call the barrier inside each `with tracer.invoke(...)` block that takes part.")
-        if any(i == invoke.index for i, _ in self.calls):
-            raise BarrierError("barrier() was called twice in the same invoke", at=loc,
-                               also=[("barrier created at", self.loc)], hint="Call it once per invoke.")
-        if len(self.calls) >= self.n:
+        invokes = list(dict.fromkeys(i for i, _ in self.calls))
+        if invoke.index not in invokes and len(invokes) >= self.n:
             raise BarrierError(
-                f"barrier() made for {self.n} invokes is called by one more invoke ({len(self.calls) + 1} in all)",
+                f"barrier() made for {self.n} invokes is called by one more invoke ({len(invokes) + 1} in all)",
                 at=loc,
                 also=[("barrier created at", self.loc)] + [("called at", c) for _, c in self.calls],
-                hint=f"Create it with tracer.barrier({len(self.calls) + 1}), or remove this call.")
+                hint=f"Create it with tracer.barrier({len(invokes) + 1}), or remove this call.")
+        k = sum(1 for i, _ in self.calls if i == invoke.index)
         self.calls.append((invoke.index, loc))
+        frame = sys._getframe(1)
+        while frame is not None and _is_internal_frame(frame):
+            frame = frame.f_back
+        if frame is None:
+            return
+        traced = {name: v for name, v in frame.f_locals.items()
+                  if isinstance(v, Proxy) and v.tracer is self.tracer}
+        self.rounds.setdefault(k, {})[invoke.index] = traced
+        rebound = {}
+        for other, values in self.rounds[k].items():
+            if other == invoke.index:
+                continue
+            for name, then in values.items():
+                now = traced.get(name)
+                if now is not None and now is not then and now.node.meta.get("fxpatch_invoke") == other:
+                    rebound[name] = then
+        if rebound:
+            set_frame_locals(frame, rebound)
 
     def check(self) -> None:
-        if len(self.calls) != self.n:
+        counts: dict[int, int] = {}
+        for i, _ in self.calls:
+            counts[i] = counts.get(i, 0) + 1
+        if len(counts) != self.n:
             raise BarrierError(
-                f"barrier made for {self.n} invokes was called by {len(self.calls)}", at=self.loc,
+                f"barrier made for {self.n} invokes was called by {len(counts)}", at=self.loc,
                 also=[("called at", c) for _, c in self.calls],
-                hint=f"Call barrier() in {self.n} invokes, or create it with tracer.barrier({len(self.calls)}).")
+                hint=f"Call barrier() in {self.n} invokes, or create it with tracer.barrier({len(counts)}).")
+        if len(set(counts.values())) > 1:
+            raise BarrierError(
+                "the invokes call this barrier different numbers of times "
+                f"({', '.join(f'invoke {i}: {c}' for i, c in counts.items())}), so some call has no partner",
+                at=self.loc, also=[("called at", c) for _, c in self.calls],
+                hint="Call it the same number of times in every invoke that takes part (once per loop step).")
+
+
+def _is_internal_frame(frame) -> bool:
+    from .errors import _is_internal
+
+    return _is_internal(frame.f_code.co_filename)
+
+
+def set_frame_locals(frame, values: dict) -> None:
+    """Rebind local variables of a running frame (a function's locals or module globals)."""
+    local_vars = frame.f_locals
+    for name, value in values.items():
+        local_vars[name] = value
+    if sys.version_info < (3, 13) and local_vars is not frame.f_globals:
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
 
 
 class Tracer:

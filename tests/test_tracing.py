@@ -52,12 +52,14 @@ def test_invokes_do_not_nest_and_a_shortcut_trace_has_one(gpt2):
                 pass
 
 
-def test_barrier_once_per_invoke_and_inside_one(gpt2):
-    with pytest.raises(BarrierError, match="called twice in the same invoke"):
+def test_barrier_calls_pair_up_and_happen_inside_an_invoke(gpt2):
+    with pytest.raises(BarrierError, match="different numbers of times"):
         with gpt2.trace() as tracer:
             barrier = tracer.barrier(2)
             with tracer.invoke(PROMPT_1):
                 barrier()
+                barrier()
+            with tracer.invoke(PROMPT_2):
                 barrier()
     with pytest.raises(BarrierError, match="outside an invoke"):
         with gpt2.trace() as tracer:
