@@ -15,6 +15,9 @@ Example::
         with tracer.invoke("The Colosseum is in the city of"):
             model.transformer.h[2].output[:, -1] = clean
             logits = model.lm_head.output[:, -1].save()
+
+A module the forward calls more than once is read at its first call;
+``for _ in tracer.iter[k]`` addresses call ``k`` (``fxpatch/calls.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from torch.fx.node import map_aggregate
 
+from .calls import CallLoop, CallSelection, Pin, pick_call
 from .errors import (
     BarrierError,
     FlowError,
@@ -210,6 +214,8 @@ class Tracer:
         self._constants: dict[tuple[int, int], tuple[Any, torch.fx.Node]] = {}
         self.batch = None
         self.inserted = None
+        self.pin = Pin(0)  # outside tracer.iter every read is a module's first call
+        self.iter = CallSelection(self)
 
     # -- context -----------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -250,6 +256,10 @@ class Tracer:
         loc = user_location()
         _no_model_kwargs("tracer.invoke()", kwargs, loc)
         return Invoker(self, inputs, loc)
+
+    def all(self) -> CallLoop:
+        """``for k in tracer.all()``: every call of the module the loop body reads first."""
+        return CallLoop(self, 0, None, user_location())
 
     def barrier(self, n: int) -> Barrier:
         """A barrier that ``n`` invokes call, to share values between them."""
@@ -376,8 +386,8 @@ class Tracer:
         return self.current_invoke
 
     def module_sites(self, path: str, kind: str, what: str):
-        """The recorded structure of a module's ``inputs`` or ``output``, checked to exist."""
-        sites = self.model.site_graph(self.mode).modules.get(path, {}).get(kind)
+        """The recorded structure of a module's ``inputs`` or ``output``, one per call, checked to exist."""
+        sites = self.model.site_graph(self.mode).calls.get(path, {}).get(kind)
         if sites is None:
             name = path or "the model"
             raise ModuleNotRunError(
@@ -387,9 +397,11 @@ class Tracer:
         return sites
 
     def read(self, path: str, kind: str) -> Any:
-        """A module's ``output`` or ``inputs`` for the current invoke, as proxies."""
+        """A module's ``output`` or ``inputs`` for the current invoke, as proxies, of the call ``tracer.iter``
+        picks (an alias path of a shared module reads the module)."""
         invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
-        sites = self.module_sites(path, kind, kind)
+        per_call = self.module_sites(path, kind, kind)
+        sites = per_call[pick_call(self, path, kind, per_call)]
         leaves = [self._read_leaf(name, invoke) if is_site else name
                   for name, is_site in zip(sites.leaves, sites.is_site)]
         return unflatten(sites.spec, leaves, build_container)
