@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .run import Measurement, case, timed_pair
+from .run import Measurement, case, timed_once, timed_pair
 
 PAD = 50256  # GPT-2's <|endoftext|>
 
@@ -25,14 +25,15 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab - 1, (8 + 2 * i,), generator=g).tolist() for i in range(n)]
 
 
-def setup():
-    """The plain model, fxpatch's wrapper of it, 8 prompts and their left-padded batch."""
+def setup(args=None, compile=False):
+    """The plain model, fxpatch's wrapper of it, 8 prompts and their left-padded batch (on ``args.device``)."""
     from fxpatch import LanguageModel
     from fxpatch.inputs import left_pad
 
-    hf = gpt2_small()
+    device = getattr(args, "device", "cpu")
+    hf = gpt2_small().to(device=device, dtype=getattr(args, "dtype", torch.float32))
     rows = prompts(8, hf.config.vocab_size)
-    return hf, LanguageModel(hf, tokenizer=None), rows, left_pad(rows, PAD)
+    return hf, LanguageModel(hf, tokenizer=None, compile=compile), rows, left_pad(rows, PAD, device)
 
 
 def patch_last_token(model, tracer, rows) -> None:
@@ -46,7 +47,7 @@ def patch_last_token(model, tracer, rows) -> None:
 @case("generate")
 def generate_case(args) -> list[Measurement]:
     """32 new tokens for 8 prompts with a step-0 patch, against plain generate with no intervention."""
-    hf, model, rows, batch = setup()
+    hf, model, rows, batch = setup(args)
     new = 32
     settings = {"do_sample": False, "min_new_tokens": new, "pad_token_id": PAD}
 
@@ -68,7 +69,7 @@ def generate_case(args) -> list[Measurement]:
 @case("trace")
 def trace_case(args) -> list[Measurement]:
     """One forward pass of 8 prompts with a cross-prompt patch, against the plain model on the same batch."""
-    hf, model, rows, batch = setup()
+    hf, model, rows, batch = setup(args)
 
     def plain():
         with torch.no_grad():
@@ -85,3 +86,29 @@ def trace_case(args) -> list[Measurement]:
     seconds, base = timed_pair(patched, plain, args.repeats)
     return [Measurement("trace", "trace, 8 prompts, cross-prompt patch (graph reused)", "HF forward, no patch",
                         seconds, base, args.repeats)]
+
+
+@case("trace_compiled")
+def trace_compiled_case(args) -> list[Measurement]:
+    """The trace case with the rewritten graph compiled (torch.compile, dynamic sizes); the first call's
+    compile time is reported on its own line."""
+    hf, model, rows, batch = setup(args, compile=args.compile_mode or True)
+
+    def plain():
+        with torch.no_grad():
+            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids).logits
+
+    def patched():
+        with model.trace() as tracer:
+            patch_last_token(model, tracer, rows)
+            with tracer.invoke():
+                out = model.lm_head.output[:, -1].save()
+        return out
+
+    first = timed_once(patched)
+    seconds, base = timed_pair(patched, plain, args.repeats, warmup=2)
+    return [Measurement("trace_compiled", "trace, 8 prompts, patch, compiled", "HF forward, no patch",
+                        seconds, base, args.repeats),
+            Measurement("trace_compiled", "first call: export + rewrite + compile", "HF forward, no patch",
+                        first, base, 1)]

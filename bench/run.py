@@ -45,6 +45,11 @@ def case(name: str):
     return register
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed_pair(fn: Callable[[], object], baseline: Callable[[], object], repeats: int, warmup: int = 1):
     """Median seconds of ``fn`` and ``baseline``, run alternately after ``warmup`` runs of each."""
     for _ in range(warmup):
@@ -53,10 +58,21 @@ def timed_pair(fn: Callable[[], object], baseline: Callable[[], object], repeats
     ours, theirs = [], []
     for _ in range(repeats):
         for f, sink in ((fn, ours), (baseline, theirs)):
+            _sync()
             start = time.perf_counter()
             f()
+            _sync()
             sink.append(time.perf_counter() - start)
     return statistics.median(ours), statistics.median(theirs)
+
+
+def timed_once(fn: Callable[[], object]) -> float:
+    """Seconds of one call (a first call: export, rewrite or compile included)."""
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cases", nargs="*", help=f"cases to run (default: all of {sorted(CASES)})")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode for the compiled cases (reduce-overhead: CUDA graphs)")
     args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -80,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
         with open(path, "w") as f:
             json.dump({"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+                       "dtype": str(args.dtype),
                        "results": [asdict(m) | {"ratio": m.ratio} for m in results]}, f, indent=2)
     print(tabulate(rows, headers=["case", "fxpatch", "baseline", "ms", "baseline ms", "ratio", "target", ""],
                    tablefmt="github"))

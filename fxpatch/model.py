@@ -44,7 +44,8 @@ class LanguageModel(Envoy):
     ``LanguageModel(name_or_path | PreTrainedModel, tokenizer=None, device_map=None, dtype=None,
     compile=False, **kwargs)``; ``kwargs`` go to ``from_pretrained``. With ``compile=True`` every
     trace and generation runs its rewritten graph through ``torch.compile`` (inductor, dynamic
-    batch and sequence sizes; compiled once per rewritten graph); ``model.trace(..., compile=...)``
+    batch and sequence sizes; compiled once per rewritten graph); a string is torch.compile's
+    ``mode`` (``"reduce-overhead"`` uses CUDA graphs on a GPU). ``model.trace(..., compile=...)``
     and ``model.generate(..., compile=...)`` choose per run. Attribute access mirrors the model's module
     tree (``model.transformer.h[3].mlp``); ``model.trace(...)`` records and runs
     interventions. The model is put in eval mode (as ``from_pretrained`` returns it);
@@ -65,7 +66,7 @@ class LanguageModel(Envoy):
     """
 
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, device_map: Any = None,
-                 dtype: torch.dtype | str | None = None, compile: bool = False, **from_pretrained_kwargs: Any):
+                 dtype: torch.dtype | str | None = None, compile: bool | str = False, **from_pretrained_kwargs: Any):
         if isinstance(model, torch.nn.Module):
             hf_model = model
             _check_one_device(hf_model)
@@ -86,7 +87,7 @@ class LanguageModel(Envoy):
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": {},
-               "_fingerprint": None, "_lock": threading.RLock(), "_compile": bool(compile)}
+               "_fingerprint": None, "_lock": threading.RLock(), "_compile": compile}
         for k, v in own.items():
             object.__setattr__(self, k, v)
 

@@ -184,18 +184,21 @@ def _feeds(program: torch.fx.Graph, values: dict) -> list[Any]:
     return feeds
 
 
-def compiled(gm: torch.fx.GraphModule):
-    """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph."""
-    fn = getattr(gm, "_fxpatch_compiled", None)
+def compiled(gm: torch.fx.GraphModule, mode: str | None = None):
+    """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph and mode.
+
+    ``mode`` is torch.compile's (``"reduce-overhead"`` uses CUDA graphs on a GPU).
+    """
+    cache = gm.__dict__.setdefault("_fxpatch_compiled", {})
+    fn = cache.get(mode)
     if fn is None:
-        fn = torch.compile(gm, dynamic=True)
-        object.__setattr__(gm, "_fxpatch_compiled", fn)
+        fn = cache[mode] = torch.compile(gm, dynamic=True, mode=mode)
     return fn
 
 
 def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.fx.Node],
                 model_inputs: list[torch.Tensor], values: dict,
-                compile: bool = False) -> tuple[list[Any], torch.fx.GraphModule]:
+                compile: bool | str = False) -> tuple[list[Any], torch.fx.GraphModule]:
     """Run one phase: the site graph of ``mode`` with ``program`` inlined (compiled if ``compile``).
 
     ``values`` maps program nodes of earlier phases to their values; the
@@ -209,7 +212,7 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     feeds = _feeds(program, values)
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
     flat = sg.state_values(model._model) + list(model_inputs) + feeds
-    run = compiled(gm) if compile else gm
+    run = compiled(gm, compile if isinstance(compile, str) else None) if compile else gm
     with torch.no_grad():
         out = run(*flat)
     n = len(sg.outputs)

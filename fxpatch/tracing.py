@@ -197,7 +197,8 @@ class Tracer:
         self.model = model
         self.loc = user_location(2)
         compile = kwargs.pop("compile", None)
-        self.compile: bool = model._compile if compile is None else bool(compile)  # run through torch.compile
+        # run through torch.compile: True, or a torch.compile mode ("reduce-overhead": CUDA graphs)
+        self.compile: bool | str = model._compile if compile is None else compile
         _no_model_kwargs(f"model.{self.kind}()", kwargs, self.loc)
         self.graph = None
         self.programs: dict[int, torch.fx.Graph] = {}
