@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -28,14 +30,18 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(fxpatch.TINY_GPT2)
 
 
+# FXPATCH_TEST_DEVICE=cuda runs the shared models' tests on a GPU (the reference runs there too)
+DEVICE = os.environ.get("FXPATCH_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="session")
 def gpt2() -> LanguageModel:
-    return LanguageModel(fxpatch.TINY_GPT2)
+    return LanguageModel(fxpatch.TINY_GPT2).to(DEVICE)
 
 
 @pytest.fixture(scope="session")
 def llama(tokenizer) -> LanguageModel:
-    return LanguageModel(tiny_llama(len(tokenizer)), tokenizer=tokenizer)
+    return LanguageModel(tiny_llama(len(tokenizer)), tokenizer=tokenizer).to(DEVICE)
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
