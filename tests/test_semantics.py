@@ -99,7 +99,7 @@ def test_in_place_write_to_a_module_input_reaches_the_residual_stream(lm):
         close(unpad(logits, row, len(ref.ids)), ref.logits, f"row {row}")
         # assigning replaces only the norm's argument: a different result
         only_norm = run_alone(lm, prompt, inputs={path: lambda a, k: ((a[0] * torch.tensor(
-            [1.0] * (a[0].shape[1] - 1) + [0.5])[None, :, None],), k)})
+            [1.0] * (a[0].shape[1] - 1) + [0.5], device=a[0].device)[None, :, None],), k)})
         assert not torch.allclose(unpad(logits, row, len(ref.ids)), only_norm.logits, atol=1e-4)
 
 
