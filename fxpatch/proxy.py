@@ -22,6 +22,7 @@ import torch
 from torch.fx.node import map_aggregate
 
 from .errors import ControlFlowError, ProxyScopeError, user_location
+from .fake_values import iterate, length_of
 
 _UNSET = object()
 
@@ -131,12 +132,21 @@ class Proxy:
         self._no_python_value("Using a traced value as a Python index",
                               "Index with tensors (torch.gather, x[idx_tensor]) or constants.")
 
-    def __len__(self):
-        self._no_python_value("len()", "Use .shape[0] (a traced value) or .size(0) inside the trace.")
+    # -- lengths known while recording --------------------------------------------------
+    def __len__(self) -> int:
+        """The length when it is known while recording: of a module's tuple output, a ``torch.Size``
+        (the rank), a ``split`` / ``chunk`` / ``unbind``, or dim 0 of a tensor (an invoke's rows)."""
+        if self.tracer.finished:
+            return len(self.tracer.check_live(self, user_location()))
+        return length_of(self, "len()")
 
     def __iter__(self):
-        self._no_python_value("Iterating over (or unpacking) a traced value",
-                              "Index it explicitly (x[0], x[1], or .values / .indices of max, topk, sort).")
+        """Unpacking a value of known length: ``q, k, v = x.split(n, dim=2)``, ``values, indices = x.max(-1)``,
+        ``B, S, H = x.shape`` (plain ints where known now; the padded width stays a traced int, which
+        is an int in your variables after the trace)."""
+        if self.tracer.finished:
+            return iter(self.tracer.check_live(self, user_location()))
+        return iterate(self)
 
     def __repr__(self) -> str:
         if self.value is not _UNSET:

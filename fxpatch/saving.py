@@ -1,11 +1,22 @@
 """Keeping values past the end of a trace: ``.save()``, ``fxpatch.save(...)`` and
 binding the saved values to the user's variables when the outermost block exits.
+
+As in NNsight, ``.save()`` works on any object while a trace records
+(``logits = list().save()``): ``mount_save`` puts a ``save`` method on
+``object`` while at least one trace (in any thread) is recording, and
+``unmount_save`` takes it off when the last one stops; it acts on the calling
+thread's own trace. Lists and dicts that existed before a trace and that the
+block fills with traced values (``acts.append(h)``) are filled with the real
+values after it, without ``.save()``: ``outside_containers`` notes them when
+the block starts and ``keep_appended`` keeps what was put in them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
+import threading
 from typing import Any
 
 from .errors import FxpatchError, user_location
@@ -26,17 +37,133 @@ def save(value: Any) -> Any:
     """
     if isinstance(value, (Proxy, SiteContainer)):
         return value.save()
+    return _save_object(value, "fxpatch.save()")
+
+
+def _save_object(value: Any, what: str) -> Any:
     from .tracing import active_tracer
 
     tracer = active_tracer()
     if tracer is None:
-        raise FxpatchError("fxpatch.save() was called outside a trace", at=user_location(),
+        raise FxpatchError(f"{what} was called outside a trace", at=user_location(),
                            hint="Call it inside `with model.trace(...)` or `with model.generate(...)`.")
     tracer.saved_containers.append(value)
     return value
 
 
+def _object_save(self: Any, _: Any = None) -> Any:
+    """``value.save()`` on any object while a trace records: keep it (a list or dict is filled
+    with the real values of the traced values it holds after the trace).
+
+    The unused default argument is NNsight's too: code that introspects every method of a
+    class (torch's inductor generates wrappers for them) treats a method with defaults generically.
+    """
+    return _save_object(self, ".save()")
+
+
+# -- ``.save()`` on every object while a trace records ---------------------------------------------------------
+_MOUNT_LOCK = threading.Lock()
+_RECORDING: set[int] = set()  # ids of the traces recording now, in every thread
+_ABSENT = object()
+_previous: Any = _ABSENT  # what ``object.save`` was before fxpatch mounted its own (another library's)
+
+
+def _object_dict() -> dict:
+    """``object``'s own attribute dict (``object.__dict__`` is a read-only view of it)."""
+    return gc.get_referents(object.__dict__)[0]
+
+
+def _set_object_save(value: Any) -> None:
+    d = _object_dict()
+    if value is _ABSENT:
+        d.pop("save", None)
+    else:
+        d["save"] = value
+    ctypes.pythonapi.PyType_Modified(ctypes.py_object(object))  # drop cached attribute lookups
+
+
+def mount_save(tracer: Any) -> None:
+    """``tracer`` starts recording: ``x.save()`` works on any ``x`` until the last trace stops."""
+    global _previous
+    with _MOUNT_LOCK:
+        if not _RECORDING:
+            _previous = _object_dict().get("save", _ABSENT)
+            _set_object_save(_object_save)
+        _RECORDING.add(id(tracer))
+
+
+def unmount_save(tracer: Any) -> None:
+    """``tracer`` stopped recording (at its exit, also when its block raised); idempotent."""
+    with _MOUNT_LOCK:
+        if id(tracer) not in _RECORDING:
+            return
+        _RECORDING.discard(id(tracer))
+        if not _RECORDING:
+            _set_object_save(_previous)
+
+
 _SCAN_LIMIT = 10_000  # containers larger than this are searched only if fxpatch.save() registered them
+_VISIT_LIMIT = 100_000  # elements looked at when noting the containers that exist before a trace
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, (list, dict)) and not isinstance(value, SiteContainer)
+
+
+def outside_containers(frame) -> list:
+    """The lists and dicts reachable from ``frame``'s variables (and its module's) when a trace
+    starts: what NNsight's users fill inside a trace without ``.save()`` (``acts.append(h)``).
+
+    Strong references, so that no container made inside the trace can take one's id.
+    """
+    found: dict[int, Any] = {}
+    budget = [_VISIT_LIMIT]
+
+    def visit(value: Any) -> None:
+        if not (_is_container(value) or type(value) is tuple) or id(value) in found or budget[0] <= 0:
+            return
+        if len(value) > _SCAN_LIMIT:
+            return
+        found[id(value)] = value
+        budget[0] -= len(value)
+        for v in (value.values() if isinstance(value, dict) else value):
+            visit(v)
+
+    if frame is None:
+        return []
+    scopes = [frame.f_locals] + ([frame.f_globals] if frame.f_globals is not frame.f_locals else [])
+    for scope in scopes:
+        for name, value in list(scope.items()):
+            if not name.startswith("__"):  # __builtins__ and the like
+                visit(value)
+    return [c for c in found.values() if _is_container(c)]
+
+
+def keep_appended(tracer, containers: list) -> list:
+    """Keep the traced values of ``tracer`` put into ``containers`` (made before the trace);
+    returns the containers that hold any, to fill after the run."""
+    kept = []
+    for container in containers:
+        found = [p for p in _proxies_in(container) if p.tracer is tracer]
+        for proxy in found:
+            if not proxy.saved:
+                proxy.save()
+        if found:
+            kept.append(container)
+    return kept
+
+
+def _proxies_in(value: Any, seen: set | None = None) -> list[Proxy]:
+    seen = set() if seen is None else seen
+    if isinstance(value, Proxy):
+        return [value]
+    if not isinstance(value, (list, dict, tuple)) or id(value) in seen:
+        return []
+    seen.add(id(value))
+    out = []
+    for v in (value.values() if isinstance(value, dict) else value):
+        out += _proxies_in(v, seen)
+    return out
 
 
 def _replace_saved(value: Any, seen: set, registered: set) -> Any:
@@ -49,12 +176,12 @@ def _replace_saved(value: Any, seen: set, registered: set) -> Any:
         if isinstance(value, SiteDict):
             return SiteDict(new)
         return (list if isinstance(value, list) else tuple)(v for _, v in new)
-    if type(value) not in (list, dict, tuple) or id(value) in seen:
+    if not (_is_container(value) or type(value) is tuple) or id(value) in seen:
         return value
     if len(value) > _SCAN_LIMIT and id(value) not in registered:
         return value
     seen.add(id(value))
-    if type(value) is dict:
+    if isinstance(value, dict):
         for k, v in value.items():
             new = _replace_saved(v, seen, registered)
             if new is not v:

@@ -45,7 +45,7 @@ from .module_values import build_container
 from .passes.diagnostics import Location
 from .passes.ops import read_site, write_site
 from .proxy import _UNSET, Proxy
-from .saving import bind_saved
+from .saving import bind_saved, keep_appended, mount_save, outside_containers, unmount_save
 from .structure import unflatten
 
 # The traces being recorded, innermost last: per thread (and per asyncio task), so that
@@ -225,6 +225,8 @@ class Tracer:
             raise FxpatchError("a trace was opened inside another trace of the same model", at=self.loc,
                                hint="Use several tracer.invoke(...) blocks in one trace instead.")
         _ACTIVE.set((*_ACTIVE.get(), self))
+        self._outside = outside_containers(sys._getframe(1))  # filled in after the run when used (NNsight's idiom)
+        mount_save(self)  # x.save() on any object while recording
         if self._shortcut_invoke is not None:
             try:
                 self._shortcut_invoke.__enter__()
@@ -234,21 +236,26 @@ class Tracer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        unmount_save(self)
         if self._shortcut_invoke is not None:
             self._shortcut_invoke.__exit__(exc_type, exc, tb)
         if exc_type is not None:
             self._close()
             return False
         frame = sys._getframe(1)  # the frame running the `with` statement
+        kept = keep_appended(self, self._outside)
         try:
             self._execute()
         finally:
             self._close()
-        bind_saved(frame, self.saved, self.saved_containers)
+        bind_saved(frame, self.saved, [*self.saved_containers, *kept])
         return False
 
     def _close(self) -> None:
         self.finished = True
+        self._outside = []
+        self.__dict__.pop("_fake_values", None)  # fake tensors of the recording (fake_values.py)
+        unmount_save(self)
         _ACTIVE.set(tuple(t for t in _ACTIVE.get() if t is not self))
 
     # -- API ---------------------------------------------------------------------

@@ -1,0 +1,381 @@
+"""NNsight idioms that run unchanged: ``.save()`` on any object, unpacking values of known length,
+containers made outside the trace, and Python control flow refused with what to write instead.
+
+Each test is an example from NNsight's documentation (README, docs/patterns/*.md), run on the tiny
+GPT-2 and the tiny Llama (``lm``), with values checked against the plain HF model run prompt by
+prompt with forward hooks (``tests.reference``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from fxpatch.errors import ControlFlowError, FxpatchError
+from fxpatch.proxy import Proxy
+from tests.conftest import PROMPT_1, PROMPT_2
+from tests.reference import paths, run_alone, token_ids, unpad
+from tests.test_differential import close, envoy
+from tests.test_errors import raises_cleanly
+from tests.test_generation import hf_generate
+
+EIFFEL = "The Eiffel Tower is in Paris"
+SHORT = "_ _ _"
+PROMPTS = [PROMPT_1, EIFFEL, SHORT]
+_SOURCE = open(__file__, encoding="utf-8").read().splitlines()
+
+
+def line_of(tag: str) -> int:
+    hits = [i + 1 for i, text in enumerate(_SOURCE) if text.rstrip().endswith("# line: " + tag)]
+    assert len(hits) == 1, tag
+    return hits[0]
+
+
+def at_line(err: Exception, tag: str, *words: str) -> None:
+    """``err``'s message starts with this file's ``path:line`` of ``tag`` and says ``words``."""
+    msg = str(err)
+    where = msg.splitlines()[0].split(": ", 1)[0]
+    path, _, lineno = where.rpartition(":")
+    assert os.path.samefile(path, __file__) and lineno == str(line_of(tag)), msg
+    for word in words:
+        assert word.lower() in msg.lower(), f"{word!r} missing from:\n{msg}"
+
+
+def heads(lm) -> tuple[int, int]:
+    config = lm._model.config
+    return config.num_attention_heads, config.hidden_size // config.num_attention_heads
+
+
+def mounted() -> bool:
+    return hasattr([], "save")
+
+
+# -- 10. .save() on any object -------------------------------------------------------------------------
+def test_save_on_a_list_and_a_dict_made_in_the_trace(lm):
+    """NNsight README: ``logits = list().save()`` inside the trace, appended to in each invoke."""
+    p = paths(lm)
+    assert not mounted()
+    with lm.trace() as tracer:
+        assert mounted()
+        logits = list().save()
+        hidden = dict().save()
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                logits.append(lm.lm_head.output[:, -1])
+                hidden[prompt] = envoy(lm, p.layer(1)).output
+    assert not mounted()
+    assert isinstance(logits, list) and isinstance(hidden, dict) and len(logits) == len(PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        ref = run_alone(lm, prompt, capture=[p.layer(1)])
+        close(logits[i][0], ref.logits[-1], prompt)
+        close(unpad(hidden[prompt], 0, len(ref.ids)), ref.outputs[p.layer(1)][0], prompt)
+
+
+def test_save_is_on_objects_only_while_a_trace_records(gpt2, llama):
+    """Mounted while any trace records (nested traces: until the outer one ends), removed after,
+    also when the block raises; outside a trace ``x.save()`` is an AttributeError again."""
+    with pytest.raises(ValueError, match="boom"):
+        with gpt2.trace(PROMPT_1):
+            assert mounted()
+            raise ValueError("boom")
+    assert not mounted()
+    with gpt2.trace(PROMPT_1):
+        outer = list().save()
+        outer.append(gpt2.lm_head.output[:, -1])
+        with llama.trace(PROMPT_1):
+            inner = list().save()
+            inner.append(llama.lm_head.output[:, -1])
+        assert mounted()  # the outer trace still records
+        assert isinstance(inner[0], torch.Tensor)  # the inner trace ran at its exit
+    assert not mounted()
+    with pytest.raises(AttributeError):
+        [].save()
+    for lm, saved in ((gpt2, outer), (llama, inner)):
+        close(saved[0][0], run_alone(lm, PROMPT_1).logits[-1])
+
+
+def test_save_acts_on_the_calling_threads_trace(gpt2, llama):
+    """Two threads record at once, each filling its own ``list().save()``; a third thread that
+    records nothing gets a clear error from ``.save()`` while they record."""
+    barrier = threading.Barrier(3, timeout=60)
+    results: dict = {}
+    errors: list = []
+
+    def record(lm, prompt):
+        try:
+            with lm.trace(prompt):
+                saved = list().save()
+                saved.append(lm.lm_head.output[:, -1])
+                barrier.wait()  # all three threads are here: two recording, one not
+                barrier.wait()
+            results[prompt] = (lm, saved)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    def bystander():
+        try:
+            barrier.wait()
+            try:
+                [].save()
+            except FxpatchError as e:
+                results["bystander"] = e
+            barrier.wait()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=record, args=(gpt2, PROMPT_1)),
+               threading.Thread(target=record, args=(llama, PROMPT_2)), threading.Thread(target=bystander)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert ".save() was called outside a trace" in str(results["bystander"])
+    for prompt in (PROMPT_1, PROMPT_2):
+        lm, saved = results[prompt]
+        assert len(saved) == 1
+        close(saved[0][0], run_alone(lm, prompt).logits[-1], prompt)
+    assert not mounted()
+
+
+# -- 11. values of known length unpack -----------------------------------------------------------------
+def test_tuple_module_output_unpacks(lm):
+    """``out, *rest = attn.output``: the attention module's tuple output."""
+    p = paths(lm)
+    with lm.trace(PROMPT_1):
+        out, *rest = envoy(lm, p.attn(0)).output
+        out = out.save()
+    ref = run_alone(lm, PROMPT_1, capture=[p.attn(0)])
+    expected, *expected_rest = ref.outputs[p.attn(0)]
+    close(out, expected)
+    assert len(rest) == len(expected_rest) and all(r is None for r in expected_rest)
+    assert rest == expected_rest
+
+
+def test_shape_unpacks_per_head_read_and_ablation(lm):
+    """docs/patterns/per-head-attention.md: ``B, S, H = attn_out.shape``, then ``view(B, S, n_heads,
+    head_dim)``; reading one head, and zeroing one head in place through the view."""
+    p = paths(lm)
+    n_heads, head_dim = heads(lm)
+    head = 1
+    with lm.trace(PROMPT_1):
+        attn_out = envoy(lm, p.attn(1)).output[0]
+        B, S, H = attn_out.shape
+        assert isinstance(B, int) and isinstance(H, int) and isinstance(S, Proxy)  # the width is known at the run
+        per_head = attn_out.view(B, S, n_heads, head_dim).save()
+    n = len(token_ids(lm, PROMPT_1))
+    assert (B, S, H) == (1, n, n_heads * head_dim) and type(S) is int
+    ref = run_alone(lm, PROMPT_1, capture=[p.attn(1)])
+    close(per_head, ref.outputs[p.attn(1)][0].view(1, n, n_heads, head_dim))
+
+    with lm.trace(PROMPT_1):
+        attn = envoy(lm, p.attn(1)).output[0]
+        B, S, _ = attn.shape
+        reshaped = attn.view(B, S, n_heads, head_dim)
+        reshaped[:, :, head, :] = 0  # the view shares storage: the model goes on with the head zeroed
+        logits = lm.lm_head.output[:, -1, :].save()
+
+    def zero_head(output):
+        out = output[0].clone()
+        out.view(*out.shape[:2], n_heads, head_dim)[:, :, head] = 0
+        return (out, *output[1:])
+
+    ref = run_alone(lm, PROMPT_1, outputs={p.attn(1): zero_head})
+    close(logits[0], ref.logits[-1])
+
+
+def test_split_unpacks_into_q_k_v(lm):
+    """``q, k, v = c_attn.output.split(n_embd, dim=2)`` (GPT-2's fused projection); Llama's separate
+    projections merged and split with sizes, as NNsight's vLLM guide does for a fused qkv."""
+    p = paths(lm)
+    attn = p.attn(0)
+    if hasattr(lm._model, "transformer"):
+        n_embd = lm._model.config.hidden_size
+        with lm.trace(PROMPT_1):
+            q, k, v = envoy(lm, f"{attn}.c_attn").output.split(n_embd, dim=2)
+            q, k, v = q.save(), k.save(), v.save()
+        ref = run_alone(lm, PROMPT_1, capture=[f"{attn}.c_attn"])
+        expected = ref.outputs[f"{attn}.c_attn"].split(n_embd, dim=2)
+    else:
+        projections = [f"{attn}.{name}_proj" for name in "qkv"]
+        with lm.trace(PROMPT_1):
+            outputs = [envoy(lm, path).output for path in projections]
+            sizes = [o.shape[-1] for o in outputs]  # traced ints: split sizes the run knows
+            q, k, v = torch.cat(outputs, dim=-1).split(sizes, dim=-1)
+            q, k, v = q.save(), k.save(), v.save()
+        ref = run_alone(lm, PROMPT_1, capture=projections)
+        expected = [ref.outputs[path] for path in projections]
+    for name, got, want in zip("qkv", (q, k, v), expected):
+        close(got, want, name)
+
+
+def test_chunk_and_unbind_unpack(lm):
+    """``chunk`` into a fixed number of parts, ``unbind`` of the invoke's rows, ``max``'s named tuple."""
+    p = paths(lm)
+    with lm.trace() as tracer:
+        with tracer.invoke([PROMPT_1, EIFFEL]):
+            h = envoy(lm, p.layer(0)).output
+            first_half, second_half = h.chunk(2, dim=-1)
+            row_a, row_b = h.unbind(0)
+            values, indices = lm.lm_head.output[:, -1].max(-1)
+            saved = [x.save() for x in (first_half, second_half, row_a, row_b, values, indices)]
+            rows = len(h)
+    first_half, second_half, row_a, row_b, values, indices = saved
+    assert rows == 2
+    for row, (prompt, row_value) in enumerate(((PROMPT_1, row_a), (EIFFEL, row_b))):
+        ref = run_alone(lm, prompt, capture=[p.layer(0)])
+        n = len(ref.ids)
+        expected = ref.outputs[p.layer(0)][0]
+        half = expected.shape[-1] // 2
+        close(unpad(first_half, row, n), expected[:, :half])
+        close(unpad(second_half, row, n), expected[:, half:])
+        close(row_value[row_value.shape[0] - n:], expected)
+        assert indices[row] == ref.logits[-1].argmax()
+        close(values[row], ref.logits[-1].max())
+
+
+def test_sequence_width_from_shape_is_an_int_after_the_trace(lm):
+    """The width unpacked from ``.shape`` is a traced int inside the block (usable in ops) and a plain
+    int in the user's variables after it, without ``.save()``: the padded width of the batch."""
+    p = paths(lm)
+    widths = []
+    with lm.trace() as tracer:
+        for prompt in (PROMPT_1, SHORT):
+            with tracer.invoke(prompt):
+                B, S, H = envoy(lm, p.layer(0)).output.shape
+                widths.append(S)
+                last = envoy(lm, p.layer(0)).output[:, S - 1].save()  # S used in a later op
+    width = max(len(token_ids(lm, prompt)) for prompt in (PROMPT_1, SHORT))
+    assert type(S) is int and S == width and B == 1 and H == lm._model.config.hidden_size
+    assert widths == [width, width]
+    ref = run_alone(lm, SHORT, capture=[p.layer(0)])
+    close(last[0], ref.outputs[p.layer(0)][0, -1])
+
+
+def test_unknown_length_says_why(lm):
+    """Splitting the sequence dim makes a number of parts only the run knows: a clear error, before
+    the model runs, at the user's line."""
+    p = paths(lm)
+    with raises_cleanly(lm, ControlFlowError) as info:
+        with lm.trace(PROMPT_1):
+            h = envoy(lm, p.layer(0)).output
+            first, second = h.split(4, dim=1)  # line: split-width
+    at_line(info.value, "split-width", "unpacking", "padded sequence width", "chunk")
+    with raises_cleanly(lm, ControlFlowError) as info:
+        with lm.trace(PROMPT_1):
+            h = envoy(lm, p.layer(0)).output
+            for _position in h[0]:  # line: iterate-width
+                pass
+    at_line(info.value, "iterate-width", "iterating", "padded sequence width")
+    with raises_cleanly(lm, ControlFlowError) as info:
+        with lm.trace(PROMPT_1):
+            h = envoy(lm, p.layer(0)).output
+            total = h.sum()
+            a, b = total  # line: zero-d
+    at_line(info.value, "zero-d", "0-d tensor")
+
+
+# -- 12. containers made outside the trace -------------------------------------------------------------
+def test_list_made_outside_is_filled_mean_ablation(lm):
+    """docs/patterns/ablation.md, mean ablation: ``acts = []`` outside the trace, ``acts.append(...)``
+    in each invoke with no ``.save()``; the mean is then written into another prompt."""
+    p = paths(lm)
+    mlp = p.mlp(1)
+    ref_prompts = PROMPTS
+    acts = []
+    token_counts = []
+    with lm.trace() as tracer:
+        for prompt in ref_prompts:
+            with tracer.invoke(prompt):
+                acts.append(envoy(lm, mlp).output[:, -1, :])
+                token_counts.append(envoy(lm, mlp).output.shape[1])
+    assert all(isinstance(a, torch.Tensor) for a in acts)
+    width = max(len(token_ids(lm, prompt)) for prompt in ref_prompts)
+    assert token_counts == [width] * len(ref_prompts) and sum(token_counts) == width * len(ref_prompts)
+    refs = [run_alone(lm, prompt, capture=[mlp]).outputs[mlp][:, -1] for prompt in ref_prompts]
+    for prompt, got, want in zip(ref_prompts, acts, refs):
+        close(got, want, prompt)
+    mean_act = torch.stack(acts, dim=0).mean(dim=0)
+
+    with lm.trace(PROMPT_2):
+        envoy(lm, mlp).output[:, -1, :] = mean_act
+        logits = lm.lm_head.output[:, -1, :].save()
+
+    def set_mean(output):
+        output = output.clone()
+        output[:, -1] = torch.stack(refs).mean(0)
+        return output
+
+    close(logits[0], run_alone(lm, PROMPT_2, outputs={mlp: set_mean}).logits[-1])
+
+
+def test_dicts_made_outside_are_filled(lm):
+    """A dict (and a list inside one) made before the trace, filled inside it: real values after."""
+    p = paths(lm)
+    cache = {"layers": []}
+    with lm.trace(PROMPT_1):
+        for i in range(p.n_layers):
+            cache["layers"].append(envoy(lm, p.layer(i)).output[:, -1])
+        cache["logits"] = lm.lm_head.output[:, -1]
+    ref = run_alone(lm, PROMPT_1, capture=[p.layer(i) for i in range(p.n_layers)])
+    assert len(cache["layers"]) == p.n_layers
+    for i, got in enumerate(cache["layers"]):
+        close(got, ref.outputs[p.layer(i)][:, -1], f"layer {i}")
+    close(cache["logits"][0], ref.logits[-1])
+
+
+def test_list_made_outside_is_filled_at_every_generation_step(lm):
+    """``hs = []`` before ``model.generate``, appended to at each step: each step's last-position
+    hidden state, as plain HF ``generate`` computes it."""
+    p = paths(lm)
+    n = 3
+    hs = []
+    with lm.generate(PROMPT_1, max_new_tokens=n) as tracer:
+        for _step in tracer.all():
+            hs.append(envoy(lm, p.layer(p.n_layers - 1)).output[:, -1])
+    expected: list = []
+    hf_generate(lm, PROMPT_1, n, capture=(lm._model.get_submodule(p.layer(p.n_layers - 1)), expected))
+    assert len(hs) == n
+    for step, (got, want) in enumerate(zip(hs, expected)):
+        close(got, want, f"step {step}")
+
+
+# -- 15. Python control flow on traced values ----------------------------------------------------------
+@pytest.mark.parametrize("what", ["if", "tolist", "float", "range"])
+def test_python_values_are_refused_with_what_to_write_instead(lm, what):
+    """Nothing runs inside the block, so a traced value has no Python value there: a clear error."""
+    p = paths(lm)
+    with raises_cleanly(lm, ControlFlowError) as info:
+        with lm.trace(PROMPT_1):
+            h = envoy(lm, p.layer(0)).output
+            if what == "if":
+                if h[:, -1].norm() > 1:  # line: if
+                    h[:] = 0
+            elif what == "tolist":
+                h[0, -1, :3].tolist()  # line: tolist
+            elif what == "float":
+                float(h.mean())  # line: float
+            else:
+                for _ in range(h.shape[1]):  # line: range
+                    pass
+    words = {"if": ("control flow", "torch.where"), "tolist": (".tolist()", ".save()"),
+             "float": ("float()", ".save()"), "range": ("python index", "constants")}[what]
+    at_line(info.value, what, "until the model runs", *words)
+
+
+def test_known_sizes_are_python_ints_for_control_flow(lm):
+    """What is known while recording is a plain int: Python loops over it work."""
+    p = paths(lm)
+    with lm.trace() as tracer:
+        with tracer.invoke([PROMPT_1, EIFFEL]):
+            h = envoy(lm, p.layer(0)).output
+            B, S, H = h.shape
+            rows = [h[i, -1].save() for i in range(B)]
+    for i, prompt in enumerate((PROMPT_1, EIFFEL)):
+        ref = run_alone(lm, prompt, capture=[p.layer(0)])
+        close(rows[i], ref.outputs[p.layer(0)][0, -1], prompt)
