@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from .active import active_tracer
 from .errors import FxpatchError, ModulePathError, user_location
 from .module_values import write_element
 from .proxy import Proxy
 from .structure import flatten
-from .tracing import active_tracer
 
 _VALUES = ("output", "input", "inputs")
 

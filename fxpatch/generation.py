@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
+from .active import active_tracer
 from .errors import FxpatchError, InputError, user_location
 from .generation_settings import check_generation_settings, split_generate_args
 from .inputs import NO_INPUTS, left_pad
@@ -32,7 +33,7 @@ from .passes.diagnostics import Location
 from .passes.ops import capture
 from .proxy import Proxy
 from .runner import bind_values, inserted_nodes, phase_outputs, run_detached, run_program
-from .tracing import Invoker, Tracer, active_tracer
+from .tracing import Invoker, Tracer
 
 RESULT_PHASE = 1 << 30  # after every step: ops on the generated tokens
 

@@ -19,6 +19,7 @@ import sys
 import threading
 from typing import Any
 
+from .active import active_tracer
 from .errors import FxpatchError, user_location
 from .module_values import SiteContainer, SiteDict
 from .proxy import _UNSET, Proxy
@@ -41,8 +42,6 @@ def save(value: Any) -> Any:
 
 
 def _save_object(value: Any, what: str) -> Any:
-    from .tracing import active_tracer
-
     tracer = active_tracer()
     if tracer is None:
         raise FxpatchError(f"{what} was called outside a trace", at=user_location(),

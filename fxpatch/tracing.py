@@ -22,7 +22,6 @@ A module the forward calls more than once is read at its first call;
 
 from __future__ import annotations
 
-import contextvars
 import ctypes
 import sys
 from typing import Any
@@ -30,6 +29,8 @@ from typing import Any
 import torch
 from torch.fx.node import map_aggregate
 
+from . import active
+from .active import active_tracer
 from .calls import CallLoop, CallSelection, Pin, pick_call
 from .errors import (
     BarrierError,
@@ -45,18 +46,9 @@ from .module_values import build_container
 from .passes.diagnostics import Location
 from .passes.ops import read_site, write_site
 from .proxy import _UNSET, Proxy
+from .runner import chains_of, run_trace
 from .saving import bind_saved, keep_appended, mount_save, outside_containers, unmount_save
 from .structure import unflatten
-
-# The traces being recorded, innermost last: per thread (and per asyncio task), so that
-# threads tracing at the same time each see only their own.
-_ACTIVE: contextvars.ContextVar[tuple[Tracer, ...]] = contextvars.ContextVar("fxpatch_active_traces", default=())
-
-
-def active_tracer() -> Tracer | None:
-    """The innermost trace being recorded in this thread, if any."""
-    active = _ACTIVE.get()
-    return active[-1] if active else None
 
 
 class Invoker:
@@ -221,10 +213,10 @@ class Tracer:
     # -- context -----------------------------------------------------------------
     def __enter__(self) -> Tracer:
         # A trace of another model may nest (it runs at its own exit); one of the same model may not.
-        if any(t.model is self.model for t in _ACTIVE.get()) or self.finished:
+        if any(t.model is self.model for t in active.active_tracers()) or self.finished:
             raise FxpatchError("a trace was opened inside another trace of the same model", at=self.loc,
                                hint="Use several tracer.invoke(...) blocks in one trace instead.")
-        _ACTIVE.set((*_ACTIVE.get(), self))
+        active.push(self)
         self._outside = outside_containers(sys._getframe(1))  # filled in after the run when used (NNsight's idiom)
         mount_save(self)  # x.save() on any object while recording
         if self._shortcut_invoke is not None:
@@ -256,7 +248,7 @@ class Tracer:
         self._outside = []
         self.__dict__.pop("_fake_values", None)  # fake tensors of the recording (fake_values.py)
         unmount_save(self)
-        _ACTIVE.set(tuple(t for t in _ACTIVE.get() if t is not self))
+        active.remove(self)
 
     # -- API ---------------------------------------------------------------------
     def invoke(self, inputs: Any = NO_INPUTS, **kwargs: Any) -> Invoker:
@@ -374,9 +366,9 @@ class Tracer:
     def _after_trace(self, op: str, target: Any, args: tuple, kwargs: dict, loc: Location) -> Any:
         """An op on this ended trace's values: saved ones act as their tensors, unsaved ones fail."""
         resolved = map_aggregate((args, kwargs), lambda v: self.check_live(v, loc) if isinstance(v, Proxy) else v)
-        active = active_tracer()
-        if active is not None:
-            return active.record(op, target, *resolved)
+        current = active_tracer()
+        if current is not None:
+            return current.record(op, target, *resolved)
         args, kwargs = resolved
         if op == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
@@ -415,8 +407,6 @@ class Tracer:
         return unflatten(sites.spec, leaves, build_container)
 
     def _position(self, name: str) -> int:
-        from .runner import chains_of
-
         return chains_of(self.model.site_graph(self.mode)).position[name]
 
     def _read_leaf(self, name: str, invoke: Invoker) -> Proxy:
@@ -459,8 +449,6 @@ class Tracer:
         self._run()
 
     def _run(self) -> None:
-        from .runner import run_trace
-
         run_trace(self)
 
 

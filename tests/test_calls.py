@@ -20,6 +20,7 @@ import fxpatch
 import fxpatch.generation
 import fxpatch.runner
 from fxpatch import LanguageModel
+from fxpatch.active import active_tracer
 from fxpatch.errors import FxpatchError
 from fxpatch.export import module_paths
 from fxpatch.passes import InlineProgram, StripSites, functionalize_program
@@ -27,7 +28,6 @@ from fxpatch.passes.diagnostics import Location
 from fxpatch.passes.ops import is_site, read_site, write_site
 from fxpatch.runner import chains_of, copy_graph_module
 from fxpatch.structure import flatten
-from fxpatch.tracing import active_tracer
 
 from .conftest import PROMPT_1, assert_state_unchanged, state
 

@@ -20,6 +20,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fxpatch import LanguageModel
+from fxpatch.active import active_tracer
 from fxpatch.errors import (
     BarrierError,
     ControlFlowError,
@@ -31,7 +32,6 @@ from fxpatch.errors import (
     ShapeError,
 )
 from fxpatch.proxy import Proxy
-from fxpatch.tracing import active_tracer
 from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, layers, state
 from tests.reference import run_alone
 

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import fxpatch
+from fxpatch.active import active_tracer
 from fxpatch.errors import FxpatchError, InputError, ShapeError
-from fxpatch.tracing import active_tracer
 from tests.conftest import PROMPT_1, assert_state_unchanged, layers, state
 from tests.reference import token_ids
 

@@ -28,8 +28,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import fxpatch
 from fxpatch import generation_settings
+from fxpatch.active import active_tracer
 from fxpatch.errors import InputError
-from fxpatch.tracing import active_tracer
 from tests.conftest import PROMPT_1, assert_state_unchanged, layers, state
 from tests.reference import token_ids
 from tests.test_generation import EIFFEL, HELLO, N, add_last, assert_tokens, expected_batch, push_vector
