@@ -22,7 +22,7 @@ from .passes.diagnostics import FlowError, FxpatchError, Location, ShapeError
 
 __all__ = [
     "BarrierError", "ControlFlowError", "FlowError", "FxpatchError", "InputError", "Location",
-    "ModuleNotRunError", "ModulePathError", "ProxyScopeError", "ShapeError", "user_location",
+    "MissingDependencyError", "ModuleNotRunError", "ModulePathError", "ProxyScopeError", "ShapeError", "user_location",
 ]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +57,10 @@ class ProxyScopeError(FxpatchError, RuntimeError):
 
 class InputError(FxpatchError, ValueError):
     """Prompts or inputs that cannot be run."""
+
+
+class MissingDependencyError(FxpatchError, ImportError):
+    """An optional package that a feature needs (an extra of fxpatch: ``fxpatch[plot]``) is not installed."""
 
 
 def user_location(depth: int = 1) -> Location:
