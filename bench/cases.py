@@ -112,3 +112,32 @@ def trace_compiled_case(args) -> list[Measurement]:
                         seconds, base, args.repeats),
             Measurement("trace_compiled", "first call: export + rewrite + compile", "HF forward, no patch",
                         first, base, 1)]
+
+
+@case("stop")
+def stop_case(args) -> list[Measurement]:
+    """A trace that reads layer 0 of 8 prompts: with ``tracer.stop()``, without it (the graph ends at the last
+    value used either way), and the same read with ``model.output`` also saved (the whole model runs)."""
+    _, model, rows, _ = setup()
+
+    def layer0(stop: bool, output: bool):
+        def run():
+            with model.trace(rows) as tracer:
+                h = model.transformer.h[0].output.save()
+                if output:
+                    model.output.save()
+                if stop:
+                    tracer.stop()
+            return h
+        return run
+
+    with_stop, without_stop, whole = layer0(True, False), layer0(False, False), layer0(False, True)
+    stop_s, plain_s = timed_pair(with_stop, without_stop, args.repeats)
+    plain2_s, whole_s = timed_pair(without_stop, whole, args.repeats)
+    stop2_s, whole2_s = timed_pair(with_stop, whole, args.repeats)
+    return [Measurement("stop", "layer 0 read, tracer.stop()", "layer 0 read, no stop", stop_s, plain_s,
+                        args.repeats),
+            Measurement("stop", "layer 0 read, no stop", "layer 0 + model.output (all 12 layers + head)", plain2_s,
+                        whole_s, args.repeats),
+            Measurement("stop", "layer 0 read, tracer.stop()", "layer 0 + model.output (all 12 layers + head)",
+                        stop2_s, whole2_s, args.repeats)]

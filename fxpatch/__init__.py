@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from . import errors, patching
-from .model import LanguageModel
+from .model import LanguageModel, TransformersModel
 from .runner import format_inserted
 from .saving import save
 
@@ -29,4 +29,5 @@ __version__ = "0.1.0"
 TINY_GPT2: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-gpt2")
 """Path of the embedded tiny GPT-2 (Hugging Face format): ``LanguageModel(fxpatch.TINY_GPT2)``."""
 
-__all__ = ["TINY_GPT2", "LanguageModel", "errors", "format_inserted", "patching", "save", "__version__"]
+__all__ = ["TINY_GPT2", "LanguageModel", "TransformersModel", "errors", "format_inserted", "patching", "save",
+           "__version__"]

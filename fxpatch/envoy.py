@@ -21,6 +21,7 @@ import torch
 
 from .active import active_tracer
 from .errors import FxpatchError, ModulePathError, user_location
+from .model_values import typed_output, visible_inputs
 from .module_values import write_element
 from .proxy import Proxy
 from .structure import flatten
@@ -42,11 +43,22 @@ class Envoy:
         path = f"{self._path}.{name}" if self._path else name
         return Envoy(self._lm, module, path)
 
+    def _alias(self, name: str) -> Envoy | None:
+        """The module ``name`` names here through the model's ``rename=`` aliases, if it does."""
+        aliases = self._lm.__dict__.get("_renamed")
+        target = aliases.get(self._path, name) if aliases else None
+        if target is None:
+            return None
+        return Envoy(self._lm, self._lm._model.get_submodule(target), target)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
         if name in self._module._modules and self._module._modules[name] is not None:
             return self._child(name)
+        alias = self._alias(name)
+        if alias is not None:
+            return alias
         try:
             return getattr(self._module, name)
         except AttributeError:
@@ -75,6 +87,8 @@ class Envoy:
                     at=user_location(), hint=f"Use an index from 0 to {len(names) - 1} (or negative).") from None
         if isinstance(index, str) and index in self._module._modules:
             return self._child(index)
+        if isinstance(index, str) and self._alias(index) is not None:
+            return self._alias(index)
         raise ModulePathError(f"cannot index {self._path or 'the model'} with {index!r}", at=user_location())
 
     def __iter__(self):
@@ -96,18 +110,42 @@ class Envoy:
 
     @property
     def output(self) -> Any:
-        """The module's output for the current invoke (a proxy, or a tuple/dict of them)."""
-        return self._tracer("output").read(self._path, "output")
+        """The module's output for the current invoke (a proxy, or a tuple/dict of them).
+
+        A transformers ``ModelOutput`` (``model.output``: logits) is one again once saved and
+        the trace has run, as NNsight gives it.
+        """
+        tracer = self._tracer("output")
+        return typed_output(tracer, self._path, tracer.read(self._path, "output"))
 
     @property
     def inputs(self) -> Any:
         """``(args, kwargs)`` the module was called with, for the current invoke."""
-        return self._tracer("inputs").read(self._path, "inputs")
+        tracer = self._tracer("inputs")
+        return visible_inputs(tracer, self._path, tracer.read(self._path, "inputs"))
 
     @property
     def input(self) -> Any:
         """The module's first input: its first positional argument, else its first keyword argument."""
-        return _first_input(self._tracer("input").read(self._path, "inputs"))
+        tracer = self._tracer("input")
+        return _first_input(visible_inputs(tracer, self._path, tracer.read(self._path, "inputs")))
+
+    def skip(self, value: Any) -> None:
+        """The module does not run in this invoke: ``value`` is its output (NNsight's ``skip``).
+
+        Reading a value inside the skipped module in the same invoke is an error. When every
+        invoke skips it, the module's computation is not in the graph that runs; fxpatch also
+        lets a single invoke skip it (NNsight requires all), the other rows computing as usual.
+
+        Example::
+
+            with model.trace("Hello"):
+                model.transformer.h[0].skip(model.transformer.h[0].input)   # layer 0 passes its input on
+                out = model.lm_head.output.save()
+        """
+        from .control import skip_module
+
+        skip_module(self._tracer("skip"), self._path, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _VALUES:
@@ -115,6 +153,8 @@ class Envoy:
                                hint="Assign to .output, .input or .inputs.")
         tracer = self._tracer(name)
         current = tracer.read(self._path, "output" if name == "output" else "inputs")
+        if name != "output":
+            current = visible_inputs(tracer, self._path, current, keep_hidden=False)
         if name == "input":
             current = _first_input(current)
         _assign_structure(current, value, f"{self._path}.{name}")

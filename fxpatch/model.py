@@ -1,9 +1,10 @@
-"""``LanguageModel``: a Hugging Face causal LM wrapped for batched interventions.
+"""``TransformersModel`` (and its older name ``LanguageModel``): a Hugging Face causal LM wrapped
+for batched interventions.
 
 Example::
 
-    from fxpatch import LanguageModel, TINY_GPT2
-    model = LanguageModel(TINY_GPT2)
+    from fxpatch import TINY_GPT2, TransformersModel
+    model = TransformersModel(TINY_GPT2, task="text-generation")
     with model.trace("Madison square garden is located in the city of New"):
         logits = model.lm_head.output.save()
     print(model.tokenizer.decode(logits[0, -1].argmax()))   # ' York'
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .aliases import bind_aliases
 from .envoy import Envoy
 from .errors import FxpatchError, InputError, user_location
 from .export import SiteGraph, export_sites
@@ -38,11 +40,16 @@ class _Forward(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
 
 
-class LanguageModel(Envoy):
+class TransformersModel(Envoy):
     """A causal language model whose modules can be read and patched per prompt.
 
-    ``LanguageModel(name_or_path | PreTrainedModel, tokenizer=None, device_map=None, dtype=None,
-    compile=False, **kwargs)``; ``kwargs`` go to ``from_pretrained``. With ``compile=True`` every
+    ``TransformersModel(name_or_path | PreTrainedModel, task=None, tokenizer=None, device_map=None,
+    dtype=None, compile=False, rename=None, **kwargs)``; ``kwargs`` go to ``from_pretrained``.
+    ``task`` is NNsight 0.8's: fxpatch runs causal language models, ``"text-generation"`` (``None``
+    means that); another task is refused. ``rename`` gives modules extra names with NNsight's rules
+    (``rename={"transformer.h": "layers"}`` makes ``model.layers[0]`` the first block; see
+    ``fxpatch/aliases.py``). ``dispatch`` (NNsight's "load the weights now") is accepted and has
+    nothing to do: fxpatch always loads them. With ``compile=True`` every
     trace and generation runs its rewritten graph through ``torch.compile`` (inductor, dynamic
     batch and sequence sizes; compiled once per rewritten graph); a string is torch.compile's
     ``mode`` (``"reduce-overhead"`` uses CUDA graphs on a GPU). ``model.trace(..., compile=...)``
@@ -59,14 +66,20 @@ class LanguageModel(Envoy):
 
     Example::
 
-        model = LanguageModel("openai-community/gpt2", device_map="auto")
+        model = TransformersModel("openai-community/gpt2", task="text-generation", device_map="auto")
         with model.trace() as tracer:
             with tracer.invoke("Prompt 1"):
                 x = model.transformer.wte.output.save()
     """
 
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, device_map: Any = None,
-                 dtype: torch.dtype | str | None = None, compile: bool | str = False, **from_pretrained_kwargs: Any):
+                 dtype: torch.dtype | str | None = None, compile: bool | str = False, *, task: str | None = None,
+                 rename: Mapping | None = None, dispatch: bool = True, **from_pretrained_kwargs: Any):
+        loc = user_location()
+        if task not in _TASKS:
+            raise InputError(f"fxpatch runs causal language models (task='text-generation'); task={task!r} is "
+                             "not supported", at=loc,
+                             hint="Pass task='text-generation' (or leave it out) with a causal language model.")
         if isinstance(model, torch.nn.Module):
             hf_model = model
             _check_one_device(hf_model)
@@ -87,9 +100,12 @@ class LanguageModel(Envoy):
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": {},
-               "_fingerprint": None, "_lock": threading.RLock(), "_compile": compile}
+               "_fingerprint": None, "_lock": threading.RLock(), "_compile": compile, "task": "text-generation"}
         for k, v in own.items():
             object.__setattr__(self, k, v)
+        reserved = {n for klass in Envoy.__mro__ for n in vars(klass)}
+        reserved_root = {n for klass in type(self).__mro__ for n in vars(klass)} | set(self.__dict__)
+        object.__setattr__(self, "_renamed", bind_aliases(hf_model, rename, reserved, reserved_root, loc))
 
     # -- facts about the model ----------------------------------------------------------
     @property
@@ -187,39 +203,39 @@ class LanguageModel(Envoy):
         return export_sites(self._model, _Forward(self._model, takes_positions), example)
 
     # -- moving the model ----------------------------------------------------------------
-    def to(self, *args: Any, **kwargs: Any) -> LanguageModel:
-        """``torch.nn.Module.to`` on the wrapped model; returns this ``LanguageModel``.
+    def to(self, *args: Any, **kwargs: Any) -> TransformersModel:
+        """``torch.nn.Module.to`` on the wrapped model; returns this model.
 
         The next trace exports the model again for its new dtype or device.
 
         Example::
 
-            model = LanguageModel(fxpatch.TINY_GPT2).to(torch.float64)
+            model = TransformersModel(fxpatch.TINY_GPT2).to(torch.float64)
         """
         self._model.to(*args, **kwargs)
         return self
 
-    def half(self) -> LanguageModel:
+    def half(self) -> TransformersModel:
         """The wrapped model in float16 (see ``to``)."""
         return self.to(torch.float16)
 
-    def bfloat16(self) -> LanguageModel:
+    def bfloat16(self) -> TransformersModel:
         """The wrapped model in bfloat16 (see ``to``)."""
         return self.to(torch.bfloat16)
 
-    def float(self) -> LanguageModel:
+    def float(self) -> TransformersModel:
         """The wrapped model in float32 (see ``to``)."""
         return self.to(torch.float32)
 
-    def double(self) -> LanguageModel:
+    def double(self) -> TransformersModel:
         """The wrapped model in float64 (see ``to``)."""
         return self.to(torch.float64)
 
-    def cpu(self) -> LanguageModel:
+    def cpu(self) -> TransformersModel:
         """The wrapped model on the CPU (see ``to``)."""
         return self.to("cpu")
 
-    def cuda(self, device: int | str | torch.device | None = None) -> LanguageModel:
+    def cuda(self, device: int | str | torch.device | None = None) -> TransformersModel:
         """The wrapped model on a GPU (see ``to``)."""
         if isinstance(device, int):
             device = f"cuda:{device}"
@@ -234,6 +250,21 @@ class LanguageModel(Envoy):
         """
         self._forget_stale_exports()
         return Tracer(self, inputs, **kwargs)
+
+    def scan(self, inputs: Any = NO_INPUTS, **kwargs: Any):
+        """A context like ``trace`` in which nothing real runs: saved values are fake tensors with the
+        shapes and dtypes the run would give (NNsight's ``scan``; see ``fxpatch/scan.py``).
+
+        Example::
+
+            with model.scan("The Eiffel Tower is in"):
+                h = model.transformer.h[0].output.save()
+            h.shape   # torch.Size([1, n_tokens, hidden]); h is a FakeTensor
+        """
+        from .scan import ScanTracer
+
+        self._forget_stale_exports()
+        return ScanTracer(self, inputs, **kwargs)
 
     def generate(self, inputs: Any = NO_INPUTS, max_new_tokens: int | None = None, **generation_kwargs: Any):
         """A context like ``trace`` that generates ``max_new_tokens`` tokens per prompt at exit.
@@ -262,6 +293,31 @@ class LanguageModel(Envoy):
         from .generation import Generator
 
         return Generator(self)
+
+
+class LanguageModel(TransformersModel):
+    """NNsight's earlier name for a ``TransformersModel`` of task ``"text-generation"``.
+
+    ``LanguageModel(name_or_path | PreTrainedModel, tokenizer_kwargs=None, **kwargs)`` takes what
+    ``TransformersModel`` takes; ``tokenizer_kwargs`` are set on the tokenizer after loading
+    (``padding_side`` is the usual one). NNsight 0.8 warns that the name is deprecated; fxpatch keeps
+    it as a plain alias, without a warning, since code written for NNsight uses it everywhere.
+
+    Example::
+
+        model = LanguageModel(fxpatch.TINY_GPT2)
+        assert isinstance(model, TransformersModel) and model.task == "text-generation"
+    """
+
+    def __init__(self, *args: Any, tokenizer_kwargs: Mapping | None = None, **kwargs: Any):
+        kwargs.setdefault("task", "text-generation")
+        super().__init__(*args, **kwargs)
+        if self.tokenizer is not None:
+            for key, value in (tokenizer_kwargs or {}).items():
+                setattr(self.tokenizer, key, value)
+
+
+_TASKS = (None, "text-generation")
 
 
 def _dtype(dtype):

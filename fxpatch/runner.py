@@ -15,6 +15,7 @@ import torch
 from tabulate import tabulate
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
+from .control import skipped_module
 from .export import TRACING_LOCK
 from .inputs import left_pad
 from .passes import InlineProgram, StripSites
@@ -131,10 +132,43 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
             return gm
     fp = functionalize_program(program, chains, model._model, modules, specs, feeds, mutating, sizes)
     gm = copy_graph_module(sg.graph_module)
-    for p in (InlineProgram(fp), StripSites()):
+    for p in (InlineProgram(fp), StripSites(**strip_options(sg, mode, program))):
         gm = p(gm).graph_module
     model._patched.setdefault(gkey, []).append((fp, gm))
     return gm
+
+
+# Run modes whose callers discard the model's own outputs: their graphs end at the last value the program needs.
+WITHOUT_MODEL_OUTPUTS = ("forward",)
+
+
+def strip_options(sg, mode: str, program: torch.fx.Graph) -> dict[str, Any]:
+    """What ``StripSites`` removes besides sites: the model's own outputs where the caller discards them
+    (a trace), and the computation of modules every invoke skips (the nodes computing their outputs get
+    stand-ins, where those nodes are computed inside the module)."""
+    skipped = [n.args[0] for n in program.nodes if n.op == "call_function" and n.target is skipped_module]
+    return {"drop_outputs": len(sg.outputs) if mode in WITHOUT_MODEL_OUTPUTS else 0,
+            "stand_ins": [root for path in skipped for root in _computed_inside(sg, path)]}
+
+
+def _computed_inside(sg, path: str) -> list[str]:
+    """The model nodes whose values leave the module at ``path`` as its outputs and that the module itself
+    computes (not a value it passes through unchanged from before it, which others may use)."""
+    chains = chains_of(sg)
+    out = sg.modules[path]["output"]
+    roots = []
+    for name, a_site in zip(out.leaves, out.is_site):
+        if not a_site:
+            continue
+        root, start = chains.root[name], chains.position[name]
+        if all(chains.position[m] >= start or _inside(sg, m, path) for m in chains.members(root)):
+            roots.append(root)
+    return roots
+
+
+def _inside(sg, site: str, path: str) -> bool:
+    owner, kind = sg.owner(site)
+    return owner.startswith(path + ".") or (owner == path and kind == "output")
 
 
 def inserted_nodes(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
@@ -203,7 +237,7 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
 
     ``values`` maps program nodes of earlier phases to their values; the
     values of ``outputs`` are added to it. Returns the model's own outputs
-    and the graph that ran.
+    (none for a mode in ``WITHOUT_MODEL_OUTPUTS``) and the graph that ran.
     """
     if program.find_nodes(op="output"):
         raise RuntimeError("a program runs once")
@@ -215,7 +249,7 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     run = compiled(gm, compile if isinstance(compile, str) else None) if compile else gm
     with torch.no_grad():
         out = run(*flat)
-    n = len(sg.outputs)
+    n = 0 if mode in WITHOUT_MODEL_OUTPUTS else len(sg.outputs)
     values.update(zip(outputs, out[n:]))
     return list(out[:n]), gm
 

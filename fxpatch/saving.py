@@ -173,7 +173,7 @@ def _replace_saved(value: Any, seen: set, registered: set) -> Any:
         items = value.items() if isinstance(value, dict) else enumerate(value)
         new = [(k, _replace_saved(v, seen, registered)) for k, v in items]
         if isinstance(value, SiteDict):
-            return SiteDict(new)
+            return getattr(value, "_bound", SiteDict)(new)  # a ModelOutput is bound as its own class
         return (list if isinstance(value, list) else tuple)(v for _, v in new)
     if not (_is_container(value) or type(value) is tuple) or id(value) in seen:
         return value

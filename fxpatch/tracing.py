@@ -32,6 +32,7 @@ from torch.fx.node import map_aggregate
 from . import active
 from .active import active_tracer
 from .calls import CallLoop, CallSelection, Pin, pick_call
+from .control import finish_program, is_stop
 from .errors import (
     BarrierError,
     FlowError,
@@ -209,6 +210,8 @@ class Tracer:
         self.inserted = None
         self.pin = Pin(0)  # outside tracer.iter every read is a module's first call
         self.iter = CallSelection(self)
+        self.skips: dict[tuple[int, str], list[tuple[int, Location]]] = {}  # (phase, module) -> skipping invokes
+        self.stops: list[tuple[int, tuple | None, Location]] = []  # tracer.stop(): (point reached, its read, line)
 
     # -- context -----------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -231,7 +234,8 @@ class Tracer:
         unmount_save(self)
         if self._shortcut_invoke is not None:
             self._shortcut_invoke.__exit__(exc_type, exc, tb)
-        if exc_type is not None:
+        stopped = is_stop(exc, self)  # tracer.stop() ends the block's code, and the trace runs
+        if exc_type is not None and not stopped:
             self._close()
             return False
         frame = sys._getframe(1)  # the frame running the `with` statement
@@ -241,7 +245,7 @@ class Tracer:
         finally:
             self._close()
         bind_saved(frame, self.saved, [*self.saved_containers, *kept])
-        return False
+        return stopped
 
     def _close(self) -> None:
         self.finished = True
@@ -255,7 +259,7 @@ class Tracer:
         """Add ``inputs`` as rows of the batch; interventions inside apply to those rows."""
         loc = user_location()
         _no_model_kwargs("tracer.invoke()", kwargs, loc)
-        return Invoker(self, inputs, loc)
+        return StoppableInvoker(self, inputs, loc)
 
     def all(self) -> CallLoop:
         """``for k in tracer.all()``: every call of the module the loop body reads first."""
@@ -266,6 +270,38 @@ class Tracer:
         b = Barrier(self, n, user_location())
         self.barriers.append(b)
         return b
+
+    @property
+    def result(self) -> Any:
+        """The model's output (a ``ModelOutput``: ``.logits``), as NNsight's ``tracer.result``: inside an
+        invoke that invoke's rows, outside every invoke the whole batch. Read it in the block and
+        ``.save()`` it; the model's output is computed only when something uses it.
+
+        Example::
+
+            with model.trace("Hello") as tracer:
+                out = tracer.result.save()
+            out.logits.shape   # (1, n_tokens, vocab)
+        """
+        from .control import trace_result
+
+        return trace_result(self)
+
+    def stop(self) -> None:
+        """End the forward pass here, as NNsight's ``tracer.stop()``: the code after it in the block does
+        not run, and the graph that runs ends at the last value the program needs (sites the model
+        computes after the point this invoke reached are not computed; reading one in another invoke
+        is an error).
+
+        Example::
+
+            with model.trace("Hello") as tracer:
+                h0 = model.transformer.h[0].output.save()
+                tracer.stop()   # layers 1.. and the head do not run
+        """
+        from .control import stop
+
+        stop(self)
 
     # -- recording ---------------------------------------------------------------------
     def program_of(self, phase: int) -> torch.fx.Graph:
@@ -446,10 +482,20 @@ class Tracer:
             for proxy in _proxies(container):
                 if not proxy.saved:
                     proxy.save()
+        finish_program(self)
         self._run()
 
     def _run(self) -> None:
         run_trace(self)
+
+
+class StoppableInvoker(Invoker):
+    """An invoke of ``model.trace``: ``tracer.stop()`` in it ends its code, and the trace's code goes on
+    with the next invoke, as NNsight's invokes (each its own worker) do."""
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        super().__exit__(exc_type, exc, tb)
+        return is_stop(exc, self.tracer)
 
 
 # NNsight's own tracing switches: fxpatch always checks (fake-tensor shapes) and runs locally.
