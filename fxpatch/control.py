@@ -62,7 +62,7 @@ def trace_result(tracer) -> Any:
     if tracer.current_invoke is not None:
         value = tracer.read("", "output")
     else:
-        sites = tracer.module_sites("", "output", "output")
+        sites = tracer.module_sites("", "output", "output")[0]
         leaves = [_whole_batch(tracer, name) if is_site else name for name, is_site in zip(sites.leaves, sites.is_site)]
         value = unflatten(sites.spec, leaves, build_container)
     return typed_output(tracer, "", value)
@@ -102,7 +102,7 @@ def skip_module(tracer, path: str, value: Any) -> None:
     if not path:
         raise FxpatchError("the model itself cannot be skipped", at=loc, hint="Skip one of its modules.")
     sg = tracer.model.site_graph(tracer.mode)
-    sites = tracer.module_sites(path, "output", "output")
+    sites = tracer.module_sites(path, "output", "output")[0]
     module = sg.aliases.get(path, path)
     if len(sg.calls.get(module, {}).get("output", ())) > 1:
         raise FxpatchError(f"{path} runs more than once in the forward pass; fxpatch skips only modules that run "

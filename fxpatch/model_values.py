@@ -43,7 +43,7 @@ def typed_output(tracer, path: str, value: Any) -> Any:
     """``value`` (a module's output as read) as a ``ModelOutputValue`` when the module returns a ``ModelOutput``."""
     if not isinstance(value, SiteDict):
         return value
-    container = tracer.module_sites(path, "output", "output").spec.container
+    container = tracer.module_sites(path, "output", "output")[0].spec.container
     if container is None or container is dict or not hasattr(container, "to_tuple"):
         return value
     return ModelOutputValue(value.items(), container)
