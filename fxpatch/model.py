@@ -13,8 +13,10 @@ Example::
 from __future__ import annotations
 
 import inspect
+import os
 import threading
-from collections.abc import Mapping
+from collections import OrderedDict, namedtuple
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +27,9 @@ from .errors import FxpatchError, InputError, user_location
 from .export import SiteGraph, export_sites
 from .inputs import NO_INPUTS
 from .tracing import Tracer
+
+DEFAULT_CACHE_SIZE = 256
+"""Rewritten graphs a ``LanguageModel`` keeps by default (a few MB each for GPT-2 small)."""
 
 
 class _Forward(torch.nn.Module):
@@ -53,10 +58,15 @@ class TransformersModel(Envoy):
     trace and generation runs its rewritten graph through ``torch.compile`` (inductor, dynamic
     batch and sequence sizes; compiled once per rewritten graph); a string is torch.compile's
     ``mode`` (``"reduce-overhead"`` uses CUDA graphs on a GPU). ``model.trace(..., compile=...)``
-    and ``model.generate(..., compile=...)`` choose per run. Attribute access mirrors the model's module
+    and ``model.generate(..., compile=...)`` choose per run. Rewritten graphs are kept in a
+    least-recently-used cache of ``cache_size`` graphs (``model.cache_info()``,
+    ``model.cache_clear()``). Attribute access mirrors the model's module
     tree (``model.transformer.h[3].mlp``); ``model.trace(...)`` records and runs
     interventions. The model is put in eval mode (as ``from_pretrained`` returns it);
     a tokenizer passed in is used as it is.
+
+    Rewritten graphs are kept in a least-recently-used cache of ``cache_size`` graphs (``None``:
+    no bound); ``model.cache_info()`` and ``model.cache_clear()`` work as ``functools.lru_cache``'s.
 
     Loading by name draws no transformers weight-loading progress bar unless asked:
     ``progress=True`` (taken from ``kwargs``, not passed on) shows it, and so does setting
@@ -74,7 +84,9 @@ class TransformersModel(Envoy):
 
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, device_map: Any = None,
                  dtype: torch.dtype | str | None = None, compile: bool | str = False, *, task: str | None = None,
-                 rename: Mapping | None = None, dispatch: bool = True, **from_pretrained_kwargs: Any):
+                 rename: Mapping | None = None, dispatch: bool = True,
+                 cache_size: int | None = DEFAULT_CACHE_SIZE, **from_pretrained_kwargs: Any):
+        _check_cache_settings(cache_size, None)
         loc = user_location()
         if task not in _TASKS:
             raise InputError(f"fxpatch runs causal language models (task='text-generation'); task={task!r} is "
@@ -99,8 +111,9 @@ class TransformersModel(Envoy):
                 tokenizer.padding_side = "left"
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
-        own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": {}, "_checked": {},
-               "_fingerprint": None, "_lock": threading.RLock(), "_compile": compile, "task": "text-generation"}
+        own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": GraphCache(cache_size),
+               "_checked": BoundedDict(cache_size), "_fingerprint": None, "_lock": threading.RLock(),
+               "_compile": compile, "task": "text-generation"}
         for k, v in own.items():
             object.__setattr__(self, k, v)
         reserved = {n for klass in Envoy.__mro__ for n in vars(klass)}
@@ -147,6 +160,34 @@ class TransformersModel(Envoy):
                 if value is not None:
                     return int(value)
         return 0
+
+    # -- caches ---------------------------------------------------------------------------
+    def cache_info(self) -> CacheInfo:
+        """``CacheInfo(hits, misses, maxsize, currsize)`` of the rewritten-graph cache, as
+        ``functools.lru_cache`` reports it: a hit is a trace or generation step that reused a
+        rewritten graph, a miss one that had to build it; ``currsize`` counts graphs kept.
+
+        Example::
+
+            with model.trace("Hello"):
+                model.transformer.h[0].output[:, -1] = 0
+            with model.trace("Another, longer prompt"):
+                model.transformer.h[0].output[:, -1] = 0
+            model.cache_info()   # CacheInfo(hits=1, misses=1, maxsize=256, currsize=1)
+        """
+        return self._patched.info()
+
+    def cache_clear(self) -> None:
+        """Forget every rewritten graph (and every checked program) and zero the counts.
+
+        The exported site graphs stay, in memory and on disk. Example::
+
+            model.cache_clear()
+            model.cache_info()   # CacheInfo(hits=0, misses=0, maxsize=256, currsize=0)
+        """
+        with self._lock:
+            self._patched.clear(statistics=True)
+            self._checked.clear()
 
     # -- exported graphs ------------------------------------------------------------------
     def site_graph(self, mode: str = "forward") -> SiteGraph:
@@ -318,6 +359,103 @@ class LanguageModel(TransformersModel):
 
 
 _TASKS = (None, "text-generation")
+
+
+CacheInfo = namedtuple("CacheInfo", ["hits", "misses", "maxsize", "currsize"])
+CacheInfo.__doc__ = "What ``LanguageModel.cache_info()`` returns, as ``functools.lru_cache``'s ``cache_info``."
+
+
+class BoundedDict(OrderedDict):
+    """A dict that keeps its ``maxsize`` most recently used items (``None``: all of them).
+
+    Example::
+
+        d = BoundedDict(2)
+        d["a"], d["b"] = 1, 2
+        d.get("a"); d["c"] = 3   # "b" goes: "a" was used more recently
+    """
+
+    def __init__(self, maxsize: int | None):
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key: Hashable, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if self.maxsize is not None:
+            while len(self) > self.maxsize:
+                self.popitem(last=False)
+
+
+class GraphCache:
+    """Rewritten graphs by program key, the least recently used going first past ``maxsize`` graphs.
+
+    A key can hold several graphs (one per range of sizes its guards allow); ``find`` returns
+    the first that ``fits`` and counts a hit, or counts a miss. Example::
+
+        cache = GraphCache(256)
+        gm = cache.find(key, lambda fp: fp.holds_for(sizes))
+        if gm is None:
+            cache.add(key, fp, gm := build())
+    """
+
+    def __init__(self, maxsize: int | None):
+        self.maxsize = maxsize
+        self._graphs: OrderedDict[Hashable, list[tuple[Any, torch.fx.GraphModule]]] = OrderedDict()
+        self._size = 0
+        self.hits = self.misses = 0
+
+    def find(self, key: Hashable, fits: Callable[[Any], bool]) -> torch.fx.GraphModule | None:
+        for fp, gm in self._graphs.get(key, ()):
+            if fits(fp):
+                self._graphs.move_to_end(key)
+                self.hits += 1
+                return gm
+        self.misses += 1
+        return None
+
+    def add(self, key: Hashable, fp: Any, gm: torch.fx.GraphModule) -> None:
+        if self.maxsize == 0:
+            return
+        self._graphs.setdefault(key, []).append((fp, gm))
+        self._graphs.move_to_end(key)
+        self._size += 1
+        while self.maxsize is not None and self._size > self.maxsize:
+            oldest = next(iter(self._graphs))
+            graphs = self._graphs[oldest]
+            graphs.pop(0)
+            self._size -= 1
+            if not graphs:
+                del self._graphs[oldest]
+
+    def clear(self, statistics: bool = False) -> None:
+        """Drop every graph; with ``statistics`` the hit and miss counts too."""
+        self._graphs.clear()
+        self._size = 0
+        if statistics:
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def info(self) -> CacheInfo:
+        return CacheInfo(self.hits, self.misses, self.maxsize, self._size)
+
+
+def _check_cache_settings(cache_size: Any, cache_dir: Any) -> None:
+    if cache_size is not None and (isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0):
+        raise InputError(f"cache_size={cache_size!r} is not a number of graphs", at=user_location(),
+                         hint="Pass a whole number of rewritten graphs to keep (0 keeps none), or None for no bound.")
+    if not (cache_dir is None or cache_dir is False or isinstance(cache_dir, (str, os.PathLike))):
+        raise InputError(f"cache_dir={cache_dir!r} is not a directory", at=user_location(),
+                         hint="Pass a directory path, None for the default ($FXPATCH_CACHE_DIR or ~/.cache/fxpatch), "
+                         "or False to keep no exported graphs on disk.")
 
 
 def _dtype(dtype):

@@ -127,14 +127,14 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
         model._checked[(key, shapes)] = mutating
     # a program that writes in place is functionalized per feed shapes, for all sizes its guards allow
     gkey = (key, _shape_key(feeds)) if mutating else key
-    for fp, gm in model._patched.get(gkey, ()):
-        if fp.holds_for(sizes):
-            return gm
+    gm = model._patched.find(gkey, lambda fp: fp.holds_for(sizes))  # counts a hit or a miss
+    if gm is not None:
+        return gm
     fp = functionalize_program(program, chains, model._model, modules, specs, feeds, mutating, sizes)
     gm = copy_graph_module(sg.graph_module)
     for p in (InlineProgram(fp), StripSites(**strip_options(sg, mode, program))):
         gm = p(gm).graph_module
-    model._patched.setdefault(gkey, []).append((fp, gm))
+    model._patched.add(gkey, fp, gm)
     return gm
 
 

@@ -1,0 +1,168 @@
+"""The rewritten-graph cache: a bounded LRU with ``functools.lru_cache``'s ``cache_info`` / ``cache_clear``.
+
+A hit is a trace or generation step that reused a rewritten graph, a miss one that built it. Every run's
+values are compared with the plain HF model edited by ordinary hooks (``tests/reference.py``), so a graph
+kept too long or handed to the wrong program would show as wrong logits. Each test builds its own
+``LanguageModel``: the session fixtures' counts belong to the other tests.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import pytest
+import torch
+
+import fxpatch
+from fxpatch import LanguageModel
+from fxpatch.errors import InputError
+from fxpatch.model import DEFAULT_CACHE_SIZE, CacheInfo
+from tests.conftest import PROMPT_1, PROMPT_2
+from tests.reference import run_alone
+
+PROMPTS = [PROMPT_1, "The Eiffel Tower is in Paris", "_ _ _", PROMPT_2]
+MLP = "transformer.h.0.mlp"
+
+
+def scaled(lm: LanguageModel, prompt: str, position: int, scale: float) -> torch.Tensor:
+    """Logits after scaling position ``position`` of layer 0's MLP output by ``scale`` (one program per
+    position and scale: both are part of the program)."""
+    with lm.trace(prompt):
+        mlp = lm.transformer.h[0].mlp
+        mlp.output[:, position] = mlp.output[:, position] * scale
+        logits = lm.lm_head.output.save()
+    return logits[0]
+
+
+def reference(lm: LanguageModel, prompt: str, position: int, scale: float) -> torch.Tensor:
+    def edit(out):
+        out = out.clone()
+        out[:, position] = out[:, position] * scale
+        return out
+    return run_alone(lm, prompt, outputs={MLP: edit}).logits
+
+
+def check(lm: LanguageModel, prompt: str, position: int, scale: float) -> None:
+    torch.testing.assert_close(scaled(lm, prompt, position, scale), reference(lm, prompt, position, scale),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_same_program_on_other_prompts_is_a_hit():
+    lm = LanguageModel(fxpatch.TINY_GPT2)
+    assert lm.cache_info() == CacheInfo(0, 0, DEFAULT_CACHE_SIZE, 0)
+    check(lm, PROMPTS[0], 1, 0.5)
+    assert lm.cache_info() == CacheInfo(hits=0, misses=1, maxsize=DEFAULT_CACHE_SIZE, currsize=1)
+    check(lm, PROMPTS[0], 1, 0.5)
+    assert lm.cache_info() == CacheInfo(1, 1, DEFAULT_CACHE_SIZE, 1)
+    for prompt in PROMPTS[1:]:  # other lengths, other tokens: the same graph
+        check(lm, prompt, 1, 0.5)
+    assert lm.cache_info() == CacheInfo(4, 1, DEFAULT_CACHE_SIZE, 1)
+    check(lm, PROMPTS[1], 1, 2.0)  # another scale is another program
+    assert lm.cache_info() == CacheInfo(4, 2, DEFAULT_CACHE_SIZE, 2)
+    assert isinstance(lm.cache_info(), tuple) and lm.cache_info().currsize == 2
+
+
+def test_least_recently_used_graph_goes_first_at_maxsize():
+    lm = LanguageModel(fxpatch.TINY_GPT2, cache_size=2)
+    a, b, c = (1, 0.5), (2, 0.5), (3, 0.5)
+    for pos, scale in (a, b, c):
+        check(lm, PROMPT_1, pos, scale)
+    assert lm.cache_info() == CacheInfo(0, 3, 2, 2)  # a went
+    check(lm, PROMPTS[1], *b)  # b is now the most recently used
+    assert lm.cache_info() == CacheInfo(1, 3, 2, 2)
+    check(lm, PROMPT_1, *a)  # built again; c, least recently used, goes
+    assert lm.cache_info() == CacheInfo(1, 4, 2, 2)
+    check(lm, PROMPTS[2], *b)
+    assert lm.cache_info() == CacheInfo(2, 4, 2, 2)
+    check(lm, PROMPT_1, *c)
+    assert lm.cache_info() == CacheInfo(2, 5, 2, 2)
+    assert len(lm._checked) <= 2  # the checked programs are bounded too
+
+
+def test_cache_clear_forgets_graphs_checks_and_counts():
+    lm = LanguageModel(fxpatch.TINY_GPT2)
+    check(lm, PROMPT_1, 1, 0.5)
+    check(lm, PROMPTS[1], 1, 0.5)  # another length: checked again for its shapes, the same graph
+    assert lm.cache_info() == CacheInfo(1, 1, DEFAULT_CACHE_SIZE, 1) and len(lm._checked) == 2
+    lm.cache_clear()
+    assert lm.cache_info() == CacheInfo(0, 0, DEFAULT_CACHE_SIZE, 0) and len(lm._checked) == 0
+    check(lm, PROMPT_1, 1, 0.5)  # built again, and still right
+    assert lm.cache_info() == CacheInfo(0, 1, DEFAULT_CACHE_SIZE, 1)
+
+
+def test_unbounded_and_zero_sizes():
+    unbounded = LanguageModel(fxpatch.TINY_GPT2, cache_size=None)
+    for pos in range(1, 5):
+        check(unbounded, PROMPT_1, pos, 0.5)
+    assert unbounded.cache_info() == CacheInfo(0, 4, None, 4)
+    nothing = LanguageModel(fxpatch.TINY_GPT2, cache_size=0)
+    check(nothing, PROMPT_1, 1, 0.5)
+    check(nothing, PROMPT_1, 1, 0.5)
+    assert nothing.cache_info() == CacheInfo(0, 2, 0, 0)
+
+
+def test_generation_steps_count_as_lookups():
+    """Each step (the prompt pass, every decode step) looks a graph up; the same generation again on other
+    prompts builds nothing, and gives transformers' own greedy tokens."""
+    lm = LanguageModel(fxpatch.TINY_GPT2)
+
+    def generate(prompt):
+        with lm.generate(prompt, max_new_tokens=3):
+            out = lm.generator.output.save()
+        return out
+
+    def steps(prompt, out):  # the prompt pass and each decode step; a row that ends early ends the loop
+        return out.shape[-1] - len(lm.tokenizer(prompt)["input_ids"])
+
+    second = "The Eiffel Tower is in Paris"
+    out = generate(PROMPT_1)
+    first = lm.cache_info()
+    assert first.hits + first.misses == steps(PROMPT_1, out) == 3 and first.misses >= 1
+    out2 = generate(second)
+    assert lm.cache_info() == CacheInfo(first.hits + steps(second, out2), first.misses, DEFAULT_CACHE_SIZE,
+                                        first.currsize)
+    for prompt, got in ((PROMPT_1, out), (second, out2)):
+        ids = lm.tokenizer(prompt, return_tensors="pt")
+        want = lm._model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=lm.pad_token_id)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("size", [-1, 2.5, True, "big"])
+def test_a_bad_cache_size_is_refused_at_the_users_line(size):
+    with pytest.raises(InputError, match=r"test_graph_cache.py:\d+: cache_size=.* is not a number of graphs") as e:
+        LanguageModel(fxpatch.TINY_GPT2, cache_size=size)
+    assert "None for no bound" in str(e.value)
+
+
+def rss_mb() -> float:
+    """Resident memory now (VmRSS), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - not Linux
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
+def test_memory_stays_flat_over_thousands_of_changing_programs():
+    """2,000 traces, each a new program (another position and scale), with room for 8 graphs: after
+    warm-up resident memory grows by less than 50 MB, and a sample of runs is checked against HF."""
+    lm = LanguageModel(fxpatch.TINY_GPT2, cache_size=8)
+    n, warm = 2000, 500
+    seen = {}
+    for i in range(n):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        position, scale = i % 3, 1.0 + i / n
+        if i % 250 == 0:
+            check(lm, prompt, position, scale)
+        else:
+            scaled(lm, prompt, position, scale)
+        if i in (warm, n - 1):
+            seen[i] = rss_mb()
+    info = lm.cache_info()
+    print(f"\nRSS at trace {warm}: {seen[warm]:.1f} MB, at trace {n - 1}: {seen[n - 1]:.1f} MB, "
+          f"growth {seen[n - 1] - seen[warm]:.1f} MB; {info}")
+    assert info == CacheInfo(0, n, 8, 8) and len(lm._checked) <= 8
+    assert seen[n - 1] - seen[warm] < 50
