@@ -1,11 +1,15 @@
 """Keeping values past the end of a trace: ``.save()``, ``fxpatch.save(...)`` and
 binding the saved values to the user's variables when the outermost block exits.
 
-As in NNsight, ``.save()`` works on any object while a trace records
-(``logits = list().save()``): ``mount_save`` puts a ``save`` method on
-``object`` while at least one trace (in any thread) is recording, and
-``unmount_save`` takes it off when the last one stops; it acts on the calling
-thread's own trace. Lists and dicts that existed before a trace and that the
+As in NNsight, ``.save()`` works on plain containers while a trace records
+(``logits = list().save()``, ``dict().save()``): ``mount_save`` puts a ``save``
+method on ``list``, ``dict``, ``set`` and ``tuple`` while at least one trace (in
+any thread) is recording, and ``unmount_save`` takes it off when the last one
+stops; it acts on the calling thread's own trace. NNsight mounts it on
+``object``; fxpatch does not, because libraries that list an object's
+attributes when they are imported (torch inductor lists its ops handler's
+methods) would then see a ``save`` on every class imported during a trace.
+Lists and dicts that existed before a trace and that the
 block fills with traced values (``acts.append(h)``) are filled with the real
 values after it, without ``.save()``: ``outside_containers`` notes them when
 the block starts and ``keep_appended`` keeps what was put in them.
@@ -64,30 +68,31 @@ def _object_save(self: Any, _: Any = None) -> Any:
 _MOUNT_LOCK = threading.Lock()
 _RECORDING: set[int] = set()  # ids of the traces recording now, in every thread
 _ABSENT = object()
-_previous: Any = _ABSENT  # what ``object.save`` was before fxpatch mounted its own (another library's)
+_MOUNTED_ON = (list, dict, set, tuple)
+_previous: dict[type, Any] = {}  # what each type's ``save`` was before fxpatch mounted its own
 
 
-def _object_dict() -> dict:
-    """``object``'s own attribute dict (``object.__dict__`` is a read-only view of it)."""
-    return gc.get_referents(object.__dict__)[0]
+def _type_dict(cls: type) -> dict:
+    """A builtin type's own attribute dict (``cls.__dict__`` is a read-only view of it)."""
+    return gc.get_referents(cls.__dict__)[0]
 
 
-def _set_object_save(value: Any) -> None:
-    d = _object_dict()
+def _set_save(cls: type, value: Any) -> None:
+    d = _type_dict(cls)
     if value is _ABSENT:
         d.pop("save", None)
     else:
         d["save"] = value
-    ctypes.pythonapi.PyType_Modified(ctypes.py_object(object))  # drop cached attribute lookups
+    ctypes.pythonapi.PyType_Modified(ctypes.py_object(cls))  # drop cached attribute lookups
 
 
 def mount_save(tracer: Any) -> None:
     """``tracer`` starts recording: ``x.save()`` works on any ``x`` until the last trace stops."""
-    global _previous
     with _MOUNT_LOCK:
         if not _RECORDING:
-            _previous = _object_dict().get("save", _ABSENT)
-            _set_object_save(_object_save)
+            for cls in _MOUNTED_ON:
+                _previous[cls] = _type_dict(cls).get("save", _ABSENT)
+                _set_save(cls, _object_save)
         _RECORDING.add(id(tracer))
 
 
@@ -98,7 +103,8 @@ def unmount_save(tracer: Any) -> None:
             return
         _RECORDING.discard(id(tracer))
         if not _RECORDING:
-            _set_object_save(_previous)
+            for cls in _MOUNTED_ON:
+                _set_save(cls, _previous.pop(cls, _ABSENT))
 
 
 _SCAN_LIMIT = 10_000  # containers larger than this are searched only if fxpatch.save() registered them
