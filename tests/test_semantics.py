@@ -154,3 +154,14 @@ def test_in_place_chain_of_views_on_the_last_invoke(lm):
 
     ref = run_alone(lm, HELLO, outputs={p.layer(0): edit})
     close(unpad(logits, 0, len(ref.ids)), ref.logits, "patched row")
+
+
+def test_a_saved_shape_beside_an_in_place_write(gpt2):
+    """A shape (nested sizes in the functional program's outputs) saved in a program that writes in place."""
+    with gpt2.trace(PROMPT_1):
+        h = gpt2.transformer.h[0].output
+        shape = h.shape.save()
+        h[:, -1] = 0
+        after = gpt2.transformer.h[0].output.save()
+    assert tuple(shape) == tuple(after.shape) == (1, 10, gpt2.config.hidden_size)
+    assert after[0, -1].abs().sum() == 0 and after[0, 0].abs().sum() > 0

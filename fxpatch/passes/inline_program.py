@@ -85,7 +85,7 @@ class InlineProgram(PassBase):
                 env[pnode], anchor[pnode] = new, top
                 continue
             if pnode.op == "output":
-                outputs = [env[a] if isinstance(a, torch.fx.Node) else a for a in pnode.args[0]]
+                outputs = list(map_arg(tuple(pnode.args[0]), lambda a: env[a]))  # nested: a saved shape
                 continue
             if pnode.op == "get_attr":
                 name = f"fxpatch_const_{len(called)}_{pnode.target}"
