@@ -44,6 +44,23 @@ def patch_last_token(model, tracer, rows) -> None:
         model.transformer.h[6].output[:, -1] = h
 
 
+def forward_pair(hf, model, rows, batch):
+    """The trace cases' two sides: the plain HF forward of the batch, and fxpatch's patched trace of it."""
+    def plain():
+        with torch.no_grad():
+            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids).logits
+
+    def patched():
+        with model.trace() as tracer:
+            patch_last_token(model, tracer, rows)
+            with tracer.invoke():
+                out = model.lm_head.output[:, -1].save()
+        return out
+
+    return plain, patched
+
+
 @case("generate")
 def generate_case(args) -> list[Measurement]:
     """32 new tokens for 8 prompts with a step-0 patch, against plain generate with no intervention."""
@@ -71,17 +88,7 @@ def trace_case(args) -> list[Measurement]:
     """One forward pass of 8 prompts with a cross-prompt patch, against the plain model on the same batch."""
     hf, model, rows, batch = setup(args)
 
-    def plain():
-        with torch.no_grad():
-            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids).logits
-
-    def patched():
-        with model.trace() as tracer:
-            patch_last_token(model, tracer, rows)
-            with tracer.invoke():
-                out = model.lm_head.output[:, -1].save()
-        return out
+    plain, patched = forward_pair(hf, model, rows, batch)
 
     seconds, base = timed_pair(patched, plain, args.repeats)
     return [Measurement("trace", "trace, 8 prompts, cross-prompt patch (graph reused)", "HF forward, no patch",
@@ -94,17 +101,7 @@ def trace_compiled_case(args) -> list[Measurement]:
     compile time is reported on its own line."""
     hf, model, rows, batch = setup(args, compile=args.compile_mode or True)
 
-    def plain():
-        with torch.no_grad():
-            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids).logits
-
-    def patched():
-        with model.trace() as tracer:
-            patch_last_token(model, tracer, rows)
-            with tracer.invoke():
-                out = model.lm_head.output[:, -1].save()
-        return out
+    plain, patched = forward_pair(hf, model, rows, batch)
 
     first = timed_once(patched)
     seconds, base = timed_pair(patched, plain, args.repeats, warmup=2)

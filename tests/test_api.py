@@ -22,22 +22,11 @@ from fxpatch import LanguageModel, TransformersModel
 from fxpatch.errors import FxpatchError, InputError, ModuleNotRunError, ShapeError
 from tests.conftest import PROMPT_1, assert_state_unchanged, state
 from tests.reference import paths, run_alone, token_ids, unpad
+from tests.test_differential import close, envoy
 
 EIFFEL = "The Eiffel Tower is in Paris"  # 9 tokens
 HELLO = "hello"  # 3 tokens
-ATOL, RTOL = 1e-5, 1e-5
 _SOURCE = open(__file__, encoding="utf-8").read().splitlines()
-
-
-def close(actual, expected, msg: str = "") -> None:
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=(lambda m: f"{msg}: {m}") if msg else None)
-
-
-def envoy(lm, path: str):
-    node = lm
-    for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
 
 
 def line_of(tag: str) -> int:
