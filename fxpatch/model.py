@@ -216,7 +216,7 @@ class LanguageModel(Envoy):
             from .generation import export_entry
 
             entry, example, dynamic = export_entry(self, mode)
-            return export_sites(self._model, entry, example, dynamic)
+            return export_sites(self._model, entry, example, dynamic, cache_dir=self._cache_dir)
         if mode != "forward":
             raise ValueError(f"unknown run mode {mode!r}")
         takes_positions = "position_ids" in inspect.signature(self._model.forward).parameters
@@ -227,7 +227,8 @@ class LanguageModel(Envoy):
         example = {"input_ids": ids, "attention_mask": mask}
         if takes_positions:
             example["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        return export_sites(self._model, _Forward(self._model, takes_positions), example)
+        return export_sites(self._model, _Forward(self._model, takes_positions), example,
+                            cache_dir=self._cache_dir)
 
     # -- moving the model ----------------------------------------------------------------
     def to(self, *args: Any, **kwargs: Any) -> LanguageModel:

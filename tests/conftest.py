@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import fxpatch
 from fxpatch import LanguageModel
+
+# Exported graphs go to a temporary disk cache, never the user's ~/.cache: set before any test makes a model.
+SESSION_CACHE_DIR = tempfile.mkdtemp(prefix="fxpatch-test-cache-")
+os.environ["FXPATCH_CACHE_DIR"] = SESSION_CACHE_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir():
+    """The session's export cache directory (``$FXPATCH_CACHE_DIR``), removed at the end."""
+    yield SESSION_CACHE_DIR
+    shutil.rmtree(SESSION_CACHE_DIR, ignore_errors=True)
+
 
 PROMPT_1 = "Madison square garden is located in the city of New"
 PROMPT_2 = "_ _ _ _ _ _ _ _ _ _"
