@@ -24,6 +24,7 @@ cleanly (truncated, corrupt, stale, from another user) is ignored, exported agai
 
 Entries are written to a temporary file in the same directory and moved into place with
 ``os.replace``: readers, and processes writing the same entry at once, see a whole entry or none.
+A directory keeps its ``MAX_ENTRIES`` most recently used entries.
 
 Example::
 
@@ -42,6 +43,7 @@ import operator
 import os
 import sys
 import tempfile
+import time
 import zipfile
 from functools import cache, lru_cache
 from pathlib import Path
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the entry layout changes
 ENV_VAR = "FXPATCH_CACHE_DIR"
+MAX_ENTRIES = 200  # entries kept in a directory (0.3 MB for tiny GPT-2's, 1 MB for a 32-layer model's)
 
 
 class Unsupported(Exception):
@@ -645,7 +648,30 @@ def save(directory: Path, key: str, parts: dict[str, Any]) -> Path | None:
         with _suppress():
             os.unlink(tmp)
         raise
+    prune(directory, MAX_ENTRIES)
     return path
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used entries (a load marks an entry used), and temporary
+    files more than an hour old (a writer that died). An entry removed under another process's feet costs
+    that process an export.
+
+    Example::
+
+        prune(entries_dir(None), 50)
+    """
+    now, entries = time.time(), []
+    for p in directory.iterdir():
+        with _suppress():
+            st = p.stat()
+            if p.suffix == ".fxg":
+                entries.append((st.st_mtime_ns, p))
+            elif p.suffix == ".tmp" and p.name.startswith(".") and now - st.st_mtime > 3600:
+                p.unlink()
+    for _, p in sorted(entries, reverse=True)[keep:]:
+        with _suppress():
+            p.unlink()
 
 
 class _suppress:
@@ -705,6 +731,8 @@ def load(directory: Path, key: str) -> dict[str, Any] | None:
             if len(placeholders) != len(state) + len(inputs) or placeholders[len(state):] != inputs \
                     or len(returned) != len(outputs):
                 raise ValueError("the graph's inputs or outputs do not match its signature")
+            with _suppress():
+                os.utime(path)  # used now: pruning keeps the most recently used entries
             return {"graph_module": gm, "state": state, "inputs": inputs, "outputs": outputs,
                     "calls": decode_calls(entry["calls"]), "export_seconds": float(entry["export_seconds"]),
                     "path": str(path)}

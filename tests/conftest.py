@@ -14,15 +14,19 @@ import fxpatch
 from fxpatch import LanguageModel
 
 # Exported graphs go to a temporary disk cache, never the user's ~/.cache: set before any test makes a model.
-SESSION_CACHE_DIR = tempfile.mkdtemp(prefix="fxpatch-test-cache-")
-os.environ["FXPATCH_CACHE_DIR"] = SESSION_CACHE_DIR
+# Processes a test spawns import this file too; they inherit the session's directory rather than make their own.
+_INHERITED = os.environ.get("FXPATCH_TEST_SESSION_CACHE_DIR")
+SESSION_CACHE_DIR = _INHERITED or tempfile.mkdtemp(prefix="fxpatch-test-cache-")
+os.environ["FXPATCH_TEST_SESSION_CACHE_DIR"] = os.environ["FXPATCH_CACHE_DIR"] = SESSION_CACHE_DIR
 
 
 @pytest.fixture(scope="session", autouse=True)
 def session_cache_dir():
-    """The session's export cache directory (``$FXPATCH_CACHE_DIR``), removed at the end."""
+    """The session's export cache directory (``$FXPATCH_CACHE_DIR``), removed at the end by the session
+    that made it."""
     yield SESSION_CACHE_DIR
-    shutil.rmtree(SESSION_CACHE_DIR, ignore_errors=True)
+    if not _INHERITED:
+        shutil.rmtree(SESSION_CACHE_DIR, ignore_errors=True)
 
 
 PROMPT_1 = "Madison square garden is located in the city of New"

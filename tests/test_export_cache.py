@@ -386,6 +386,22 @@ def test_two_processes_writing_at_once_leave_a_whole_entry(tmp_path, no_export):
     torch.testing.assert_close(got, plain_logits(lm), rtol=1e-5, atol=1e-5)
 
 
+def test_a_directory_keeps_its_most_recently_used_entries(tmp_path, monkeypatch, exports):
+    monkeypatch.setattr(export_cache, "MAX_ENTRIES", 2)
+    a, b = one_layer(tmp_path, 1e-5), one_layer(tmp_path, 1e-3)
+    a.site_graph(), b.site_graph()
+    folder = tmp_path / "exports"
+    path_a, path_b = (export_cache.entry_path(folder, forward_key(m)) for m in (a, b))
+    assert entries(tmp_path) == sorted([path_a, path_b])
+    assert export_cache.load(folder, forward_key(a)) is not None  # a is now used more recently than b
+    left = tmp_path / "exports" / ".dead-writer.tmp"
+    left.write_bytes(b"half an entry")
+    os.utime(left, (0, 0))
+    one_layer(tmp_path, 1e-1).site_graph()  # a third entry: b, the least recently used, goes
+    assert len(exports) == 3 and path_a in entries(tmp_path) and not path_b.exists() and not left.exists()
+    assert len(entries(tmp_path)) == 2
+
+
 # -- where -----------------------------------------------------------------------------------------------------------
 def test_the_cache_directory_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("FXPATCH_CACHE_DIR", str(tmp_path / "env"))
