@@ -7,7 +7,9 @@ steps for generation) with ``torch.export`` (non-strict, dynamic batch and
 sequence dims). During the export only, forward hooks pass each tensor that
 enters or leaves a module through ``fxpatch::site``; they are removed before it
 returns. transformers' own export patches (``transformers.exporters``) are
-applied while tracing.
+applied while tracing. With a ``cache_dir`` the site graph is read from, and
+written to, a disk cache (``fxpatch/export_cache.py``), so a second process
+need not export the same model again.
 
 A module the forward calls more than once (a weight-shared block, a module
 applied in a loop) gets sites for every call: call 0 keeps the plain names

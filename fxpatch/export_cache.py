@@ -15,9 +15,10 @@ archive says to (``torch.load(weights_only=False)`` for tensor-subclass weights 
 as the fallback for the sample inputs, ``pickle.loads`` for opaque constants), evaluates the
 archive's shape expressions with ``sympy.sympify`` (``eval``) and resolves call targets by
 ``getattr`` on any ``torch.*`` name; ``save`` writes every weight (500 MB for GPT-2 small); and
-its loader spends about as long on a GPT-2-small graph as the export itself. Here nothing is
-unpickled or evaluated: nodes are JSON, call targets resolve only to registered operators
-(``torch.ops.<namespace>.<op>.<overload>``) or a fixed list of Python functions, shape
+its loader takes two thirds of the export's time (GPT-2 small's forward graph: 8 s of CPU
+against 12 s; this format: 1.1 s). Here nothing is unpickled or evaluated: nodes are JSON,
+call targets resolve only to registered operators (``torch.ops.<namespace>.<op>.<overload>``)
+or a fixed list of Python functions, shape
 expressions are rebuilt from trees over a fixed list of sympy and torch functions, and tensor
 constants are raw bytes with a dtype from torch's own list. Any entry that does not read back
 cleanly (truncated, corrupt, stale, from another user) is ignored, exported again and replaced.
