@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import linecache
 import os
 import threading
 from collections import OrderedDict, namedtuple
@@ -377,13 +378,17 @@ class GraphCache:
         while self.maxsize is not None and self._size > self.maxsize:
             oldest = next(iter(self._graphs))
             graphs = self._graphs[oldest]
-            graphs.pop(0)
+            _release(*graphs.pop(0))
             self._size -= 1
             if not graphs:
                 del self._graphs[oldest]
+        _trim_torch_caches()
 
     def clear(self, statistics: bool = False) -> None:
         """Drop every graph; with ``statistics`` the hit and miss counts too."""
+        for graphs in self._graphs.values():
+            for fp, gm in graphs:
+                _release(fp, gm)
         self._graphs.clear()
         self._size = 0
         if statistics:
@@ -394,6 +399,52 @@ class GraphCache:
 
     def info(self) -> CacheInfo:
         return CacheInfo(self.hits, self.misses, self.maxsize, self._size)
+
+
+def _release(fp: Any, gm: torch.fx.GraphModule) -> None:
+    """Forget the generated source of a graph the cache lets go.
+
+    torch.fx keeps the source of every ``forward`` it generates, for tracebacks, as long as the
+    process lives (``torch.fx.graph_module._loader`` and ``linecache``): 30 kB for each of tiny
+    GPT-2's rewritten graphs, so a long run of changing programs would grow without bound. A graph
+    still held elsewhere (``tracer.graph``) keeps working; its tracebacks show no source lines.
+    """
+    from torch.fx.graph_module import _loader
+
+    for module in (getattr(fp, "graph", None), gm):
+        code = getattr(type(module).__dict__.get("forward"), "__code__", None)
+        if code is not None and code.co_filename in _loader.eval_cache:
+            del _loader.eval_cache[code.co_filename]
+            linecache.cache.pop(code.co_filename, None)
+
+
+TORCH_CACHE_PERIOD = 32  # graphs built between two trims of torch's process-wide caches
+_built = 0
+
+
+def _trim_torch_caches() -> None:
+    """Every ``TORCH_CACHE_PERIOD`` graphs built, empty torch's process-wide caches of fake-tensor work.
+
+    Checking and functionalizing a program runs ops on fake tensors of a new ShapeEnv, and torch
+    keeps, for the life of the process, a fake-tensor dispatch entry per op call and an
+    ``lru_cache`` entry per ShapeEnv method call (``get_implications``, ``constrain_symbol_range``:
+    unbounded), each holding its ShapeEnv: a long run of changing programs would keep every one
+    (0.15 MB a program for tiny GPT-2). No later program can hit these entries; only speed ever
+    depends on them, never a result.
+    """
+    global _built
+    _built += 1
+    if _built % TORCH_CACHE_PERIOD:
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental import symbolic_shapes
+
+    FakeTensorMode.cache_clear()
+    worker = getattr(symbolic_shapes, "_maybe_evaluate_static_worker", None)
+    for fn in [*vars(symbolic_shapes.ShapeEnv).values(), worker]:
+        clear = getattr(fn, "cache_clear", None)
+        if callable(clear):
+            clear()
 
 
 def _check_cache_settings(cache_size: Any, cache_dir: Any) -> None:
