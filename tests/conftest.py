@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -15,18 +16,18 @@ from fxpatch import LanguageModel
 
 # Exported graphs go to a temporary disk cache, never the user's ~/.cache: set before any test makes a model.
 # Processes a test spawns import this file too; they inherit the session's directory rather than make their own.
-_INHERITED = os.environ.get("FXPATCH_TEST_SESSION_CACHE_DIR")
-SESSION_CACHE_DIR = _INHERITED or tempfile.mkdtemp(prefix="fxpatch-test-cache-")
+# The process that made it removes it at exit (also when this file is imported outside pytest).
+SESSION_CACHE_DIR = os.environ.get("FXPATCH_TEST_SESSION_CACHE_DIR")
+if SESSION_CACHE_DIR is None:
+    SESSION_CACHE_DIR = tempfile.mkdtemp(prefix="fxpatch-test-cache-")
+    atexit.register(shutil.rmtree, SESSION_CACHE_DIR, ignore_errors=True)
 os.environ["FXPATCH_TEST_SESSION_CACHE_DIR"] = os.environ["FXPATCH_CACHE_DIR"] = SESSION_CACHE_DIR
 
 
-@pytest.fixture(scope="session", autouse=True)
-def session_cache_dir():
-    """The session's export cache directory (``$FXPATCH_CACHE_DIR``), removed at the end by the session
-    that made it."""
-    yield SESSION_CACHE_DIR
-    if not _INHERITED:
-        shutil.rmtree(SESSION_CACHE_DIR, ignore_errors=True)
+@pytest.fixture(scope="session")
+def session_cache_dir() -> str:
+    """The session's export cache directory (``$FXPATCH_CACHE_DIR``)."""
+    return SESSION_CACHE_DIR
 
 
 PROMPT_1 = "Madison square garden is located in the city of New"
