@@ -7,7 +7,9 @@ steps for generation) with ``torch.export`` (non-strict, dynamic batch and
 sequence dims). During the export only, forward hooks pass each tensor that
 enters or leaves a module through ``fxpatch::site``; they are removed before it
 returns. transformers' own export patches (``transformers.exporters``) are
-applied while tracing.
+applied while tracing. With a ``cache_dir`` the site graph is read from, and
+written to, a disk cache (``fxpatch/export_cache.py``), so a second process
+need not export the same model again.
 
 A module the forward calls more than once (a weight-shared block, a module
 applied in a loop) gets sites for every call: call 0 keeps the plain names
@@ -22,6 +24,8 @@ names it; the other paths are aliases of it (``SiteGraph.aliases``).
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +36,8 @@ from torch.export import Dim
 
 from .passes.ops import is_site, site
 from .structure import Spec, flatten, unflatten
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +62,8 @@ class SiteGraph:
 
     ``graph_module`` is the lifted ``torch.export`` graph: its placeholders
     are the parameters, buffers and constants (``state``), then ``inputs``.
+    ``loaded_from`` is the disk cache entry it was read from (``None``: exported
+    in this process); ``export_seconds`` is the time the export, or the read, took.
 
     ``modules[path][kind]`` is the module's first call; ``calls[path][kind]``
     lists every call in the order the forward made them (``calls[p][k][0]`` is
@@ -81,6 +89,7 @@ class SiteGraph:
     input_names: list[str] = field(default_factory=list)
     calls: dict[str, dict[str, list[ModuleSites]]] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    loaded_from: str | None = None  # the disk cache entry it was read from (then export_seconds is the read's)
 
     def _site_index(self) -> dict[str, tuple[str, str, int]]:
         if not hasattr(self, "_sites"):
@@ -232,15 +241,47 @@ def _all_dynamic(value: Any) -> Any:
 
 
 def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[str, Any],
-                 dynamic_shapes: dict[str, Any] | None = None, prefix: str = "model.") -> SiteGraph:
+                 dynamic_shapes: dict[str, Any] | None = None, prefix: str = "model.",
+                 cache_dir: str | os.PathLike | bool | None = False) -> SiteGraph:
     """Export ``entry`` (which holds ``model`` at attribute ``prefix``) with sites.
 
     ``example`` holds keyword inputs (tensors or lists of tensors); without
     ``dynamic_shapes`` every dim is ``Dim.AUTO``. Returns a ``SiteGraph``; the
-    model is left as it was.
+    model is left as it was. With a ``cache_dir`` (``None``: the default one) the
+    site graph is loaded from there when an earlier process exported the same model
+    for the same mode, and written there after an export (``fxpatch.export_cache``).
+
+    Example::
+
+        sg = export_sites(hf_model, _Forward(hf_model, True), example, cache_dir=None)
+        sg.loaded_from   # the cache entry's path, or None when it was exported
     """
     with TRACING_LOCK:
-        return _export_sites(model, entry, example, dynamic_shapes, prefix)
+        from . import export_cache
+
+        directory = export_cache.entries_dir(cache_dir)
+        key = None
+        if directory is not None:
+            try:
+                key = export_cache.cache_key(model, entry, example, dynamic_shapes, prefix)
+            except Exception as e:  # noqa: BLE001 - a model the key cannot describe is exported, not cached
+                _log.warning("fxpatch: not caching this export on disk: %s: %s", type(e).__name__, e)
+        if key is not None:
+            start = time.perf_counter()
+            parts = export_cache.load(directory, key)
+            if parts is not None:
+                return _site_graph(model, parts["graph_module"], parts["state"], parts["inputs"], parts["outputs"],
+                                   parts["calls"], time.perf_counter() - start, list(example), parts["path"])
+        sg, calls = _export_sites(model, entry, example, dynamic_shapes, prefix)
+        if key is not None:
+            try:
+                export_cache.save(directory, key, {"graph_module": sg.graph_module, "state": sg.state,
+                                                   "inputs": sg.inputs, "outputs": sg.outputs, "calls": calls,
+                                                   "export_seconds": sg.export_seconds})
+            except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder: the next process exports
+                _log.warning("fxpatch: could not write the export cache in %s: %s: %s", directory,
+                             type(e).__name__, e)
+        return sg
 
 
 # torch.export, make_fx and transformers' export patches change process-wide state while they
@@ -248,7 +289,7 @@ def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[s
 TRACING_LOCK = threading.RLock()
 
 
-def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
+def _export_sites(model, entry, example, dynamic_shapes, prefix) -> tuple[SiteGraph, dict]:
     record: dict[str, dict[str, dict[int, ModuleSites]]] = {}  # path -> kind -> call -> sites
     dynamic = dynamic_shapes or {k: _all_dynamic(v) for k, v in example.items()}
     start = time.perf_counter()
@@ -272,8 +313,17 @@ def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
     # by call number: a call made inside another call of the same module returns (is recorded) first
     calls = {path: {kind: [per_call[i] for i in range(len(per_call))] for kind, per_call in kinds.items()}
              for path, kinds in record.items()}
+    return _site_graph(model, ep.graph_module, state, inputs, outputs, calls, seconds, list(example)), calls
+
+
+def _site_graph(model, graph_module, state, inputs, outputs, calls, seconds, input_names,
+                loaded_from=None) -> SiteGraph:
+    """The ``SiteGraph`` of an exported (or loaded) graph: every module path, aliases included, gets its
+    first path's site records."""
+    calls = {path: dict(kinds) for path, kinds in calls.items()}
     modules = {path: {kind: per_call[0] for kind, per_call in kinds.items()} for path, kinds in calls.items()}
     aliases = module_paths(model)[1]
     for table in (calls, modules):
         table.update({alias: table[path] for alias, path in aliases.items() if path in table})
-    return SiteGraph(ep.graph_module, state, inputs, outputs, modules, seconds, list(example), calls, aliases)
+    return SiteGraph(graph_module, state, inputs, outputs, modules, seconds, input_names, calls, aliases,
+                     loaded_from)

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import linecache
 import os
 import threading
 from collections import OrderedDict, namedtuple
@@ -28,8 +29,9 @@ from .export import SiteGraph, export_sites
 from .inputs import NO_INPUTS
 from .tracing import Tracer
 
-DEFAULT_CACHE_SIZE = 256
-"""Rewritten graphs a ``LanguageModel`` keeps by default (a few MB each for GPT-2 small)."""
+DEFAULT_CACHE_SIZE = 64
+"""Rewritten graphs a ``LanguageModel`` keeps by default: each holds a copy of the exported graph, about
+2.5 MB for GPT-2 small (1,000 nodes), 4.4 MB for a 32-layer Llama-shaped one (3,600 nodes)."""
 
 
 class _Forward(torch.nn.Module):
@@ -49,7 +51,8 @@ class TransformersModel(Envoy):
     """A causal language model whose modules can be read and patched per prompt.
 
     ``TransformersModel(name_or_path | PreTrainedModel, task=None, tokenizer=None, device_map=None,
-    dtype=None, compile=False, rename=None, **kwargs)``; ``kwargs`` go to ``from_pretrained``.
+    dtype=None, compile=False, rename=None, cache_size=64, cache_dir=None, **kwargs)``; ``kwargs`` go
+    to ``from_pretrained``.
     ``task`` is NNsight 0.8's: fxpatch runs causal language models, ``"text-generation"`` (``None``
     means that); another task is refused. ``rename`` gives modules extra names with NNsight's rules
     (``rename={"transformer.h": "layers"}`` makes ``model.layers[0]`` the first block; see
@@ -67,6 +70,9 @@ class TransformersModel(Envoy):
 
     Rewritten graphs are kept in a least-recently-used cache of ``cache_size`` graphs (``None``:
     no bound); ``model.cache_info()`` and ``model.cache_clear()`` work as ``functools.lru_cache``'s.
+    The exported site graphs are kept on disk, so another process loads them instead of exporting
+    again: in ``cache_dir``, else ``$FXPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxpatch`` (default
+    ``~/.cache/fxpatch``); ``cache_dir=False`` keeps nothing on disk (see ``fxpatch.export_cache``).
 
     Loading by name draws no transformers weight-loading progress bar unless asked:
     ``progress=True`` (taken from ``kwargs``, not passed on) shows it, and so does setting
@@ -85,8 +91,9 @@ class TransformersModel(Envoy):
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, device_map: Any = None,
                  dtype: torch.dtype | str | None = None, compile: bool | str = False, *, task: str | None = None,
                  rename: Mapping | None = None, dispatch: bool = True,
-                 cache_size: int | None = DEFAULT_CACHE_SIZE, **from_pretrained_kwargs: Any):
-        _check_cache_settings(cache_size, None)
+                 cache_size: int | None = DEFAULT_CACHE_SIZE, cache_dir: str | os.PathLike | bool | None = None,
+                 **from_pretrained_kwargs: Any):
+        _check_cache_settings(cache_size, cache_dir)
         loc = user_location()
         if task not in _TASKS:
             raise InputError(f"fxpatch runs causal language models (task='text-generation'); task={task!r} is "
@@ -113,7 +120,7 @@ class TransformersModel(Envoy):
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": GraphCache(cache_size),
                "_checked": BoundedDict(cache_size), "_fingerprint": None, "_lock": threading.RLock(),
-               "_compile": compile, "task": "text-generation"}
+               "_compile": compile, "task": "text-generation", "_cache_dir": cache_dir}
         for k, v in own.items():
             object.__setattr__(self, k, v)
         reserved = {n for klass in Envoy.__mro__ for n in vars(klass)}
@@ -173,7 +180,7 @@ class TransformersModel(Envoy):
                 model.transformer.h[0].output[:, -1] = 0
             with model.trace("Another, longer prompt"):
                 model.transformer.h[0].output[:, -1] = 0
-            model.cache_info()   # CacheInfo(hits=1, misses=1, maxsize=256, currsize=1)
+            model.cache_info()   # CacheInfo(hits=1, misses=1, maxsize=64, currsize=1)
         """
         return self._patched.info()
 
@@ -183,7 +190,7 @@ class TransformersModel(Envoy):
         The exported site graphs stay, in memory and on disk. Example::
 
             model.cache_clear()
-            model.cache_info()   # CacheInfo(hits=0, misses=0, maxsize=256, currsize=0)
+            model.cache_info()   # CacheInfo(hits=0, misses=0, maxsize=64, currsize=0)
         """
         with self._lock:
             self._patched.clear(statistics=True)
@@ -230,7 +237,7 @@ class TransformersModel(Envoy):
             from .generation import export_entry
 
             entry, example, dynamic = export_entry(self, mode)
-            return export_sites(self._model, entry, example, dynamic)
+            return export_sites(self._model, entry, example, dynamic, cache_dir=self._cache_dir)
         if mode != "forward":
             raise ValueError(f"unknown run mode {mode!r}")
         takes_positions = "position_ids" in inspect.signature(self._model.forward).parameters
@@ -241,7 +248,8 @@ class TransformersModel(Envoy):
         example = {"input_ids": ids, "attention_mask": mask}
         if takes_positions:
             example["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        return export_sites(self._model, _Forward(self._model, takes_positions), example)
+        return export_sites(self._model, _Forward(self._model, takes_positions), example,
+                            cache_dir=self._cache_dir)
 
     # -- moving the model ----------------------------------------------------------------
     def to(self, *args: Any, **kwargs: Any) -> TransformersModel:
@@ -399,7 +407,7 @@ class GraphCache:
     A key can hold several graphs (one per range of sizes its guards allow); ``find`` returns
     the first that ``fits`` and counts a hit, or counts a miss. Example::
 
-        cache = GraphCache(256)
+        cache = GraphCache(64)
         gm = cache.find(key, lambda fp: fp.holds_for(sizes))
         if gm is None:
             cache.add(key, fp, gm := build())
@@ -429,13 +437,17 @@ class GraphCache:
         while self.maxsize is not None and self._size > self.maxsize:
             oldest = next(iter(self._graphs))
             graphs = self._graphs[oldest]
-            graphs.pop(0)
+            _release(*graphs.pop(0))
             self._size -= 1
             if not graphs:
                 del self._graphs[oldest]
+        _trim_torch_caches()
 
     def clear(self, statistics: bool = False) -> None:
         """Drop every graph; with ``statistics`` the hit and miss counts too."""
+        for graphs in self._graphs.values():
+            for fp, gm in graphs:
+                _release(fp, gm)
         self._graphs.clear()
         self._size = 0
         if statistics:
@@ -446,6 +458,52 @@ class GraphCache:
 
     def info(self) -> CacheInfo:
         return CacheInfo(self.hits, self.misses, self.maxsize, self._size)
+
+
+def _release(fp: Any, gm: torch.fx.GraphModule) -> None:
+    """Forget the generated source of a graph the cache lets go.
+
+    torch.fx keeps the source of every ``forward`` it generates, for tracebacks, as long as the
+    process lives (``torch.fx.graph_module._loader`` and ``linecache``): 30 kB for each of tiny
+    GPT-2's rewritten graphs, so a long run of changing programs would grow without bound. A graph
+    still held elsewhere (``tracer.graph``) keeps working; its tracebacks show no source lines.
+    """
+    from torch.fx.graph_module import _loader
+
+    for module in (getattr(fp, "graph", None), gm):
+        code = getattr(type(module).__dict__.get("forward"), "__code__", None)
+        if code is not None and code.co_filename in _loader.eval_cache:
+            del _loader.eval_cache[code.co_filename]
+            linecache.cache.pop(code.co_filename, None)
+
+
+TORCH_CACHE_PERIOD = 32  # graphs built between two trims of torch's process-wide caches
+_built = 0
+
+
+def _trim_torch_caches() -> None:
+    """Every ``TORCH_CACHE_PERIOD`` graphs built, empty torch's process-wide caches of fake-tensor work.
+
+    Checking and functionalizing a program runs ops on fake tensors of a new ShapeEnv, and torch
+    keeps, for the life of the process, a fake-tensor dispatch entry per op call and an
+    ``lru_cache`` entry per ShapeEnv method call (``get_implications``, ``constrain_symbol_range``:
+    unbounded), each holding its ShapeEnv: a long run of changing programs would keep every one
+    (0.15 MB a program for tiny GPT-2). No later program can hit these entries; only speed ever
+    depends on them, never a result.
+    """
+    global _built
+    _built += 1
+    if _built % TORCH_CACHE_PERIOD:
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental import symbolic_shapes
+
+    FakeTensorMode.cache_clear()
+    worker = getattr(symbolic_shapes, "_maybe_evaluate_static_worker", None)
+    for fn in [*vars(symbolic_shapes.ShapeEnv).values(), worker]:
+        clear = getattr(fn, "cache_clear", None)
+        if callable(clear):
+            clear()
 
 
 def _check_cache_settings(cache_size: Any, cache_dir: Any) -> None:

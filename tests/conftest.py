@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +13,22 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import fxpatch
 from fxpatch import LanguageModel
+
+# Exported graphs go to a temporary disk cache, never the user's ~/.cache: set before any test makes a model.
+# Processes a test spawns import this file too; they inherit the session's directory rather than make their own.
+# The process that made it removes it at exit (also when this file is imported outside pytest).
+SESSION_CACHE_DIR = os.environ.get("FXPATCH_TEST_SESSION_CACHE_DIR")
+if SESSION_CACHE_DIR is None:
+    SESSION_CACHE_DIR = tempfile.mkdtemp(prefix="fxpatch-test-cache-")
+    atexit.register(shutil.rmtree, SESSION_CACHE_DIR, ignore_errors=True)
+os.environ["FXPATCH_TEST_SESSION_CACHE_DIR"] = os.environ["FXPATCH_CACHE_DIR"] = SESSION_CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def session_cache_dir() -> str:
+    """The session's export cache directory (``$FXPATCH_CACHE_DIR``)."""
+    return SESSION_CACHE_DIR
+
 
 PROMPT_1 = "Madison square garden is located in the city of New"
 PROMPT_2 = "_ _ _ _ _ _ _ _ _ _"

@@ -80,6 +80,24 @@ def test_least_recently_used_graph_goes_first_at_maxsize():
     assert len(lm._checked) <= 2  # the checked programs are bounded too
 
 
+def test_an_evicted_graph_leaves_no_generated_source_behind():
+    """torch.fx keeps every generated forward's source for the life of the process; the cache drops an
+    evicted graph's (its rewritten graph's and its program's), and keeps the others'."""
+    from torch.fx.graph_module import _loader
+
+    def source_kept(module):
+        return type(module).forward.__code__.co_filename in _loader.eval_cache
+
+    lm = LanguageModel(fxpatch.TINY_GPT2, cache_size=1)
+    check(lm, PROMPT_1, 1, 0.5)
+    ((fp, gm),) = [g for graphs in lm._patched._graphs.values() for g in graphs]
+    assert source_kept(gm) and source_kept(fp.graph)
+    check(lm, PROMPT_1, 2, 0.5)
+    ((fp2, gm2),) = [g for graphs in lm._patched._graphs.values() for g in graphs]
+    assert not source_kept(gm) and not source_kept(fp.graph)
+    assert source_kept(gm2) and source_kept(fp2.graph)
+
+
 def test_cache_clear_forgets_graphs_checks_and_counts():
     lm = LanguageModel(fxpatch.TINY_GPT2)
     check(lm, PROMPT_1, 1, 0.5)
