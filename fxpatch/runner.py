@@ -19,7 +19,14 @@ from .control import skipped_module
 from .export import TRACING_LOCK
 from .inputs import left_pad
 from .passes import InlineProgram, StripSites
-from .passes.functionalize_program import Chains, TensorSpec, _Interpreter, check_program, functionalize_program
+from .passes.functionalize_program import (
+    Chains,
+    TensorSpec,
+    _Interpreter,
+    check_program,
+    feed_numbers,
+    functionalize_program,
+)
 from .passes.ops import is_site
 
 
@@ -50,8 +57,9 @@ def program_key(program: torch.fx.Graph) -> tuple:
 
     for i, node in enumerate(program.nodes):
         index[node] = i
-        # id() tells apart functions that share a name (lambdas, closures)
-        target = node.target if isinstance(node.target, str) else (
+        # id() tells apart functions that share a name (lambdas, closures); a placeholder's name counts
+        # the trace's inputs so far (other steps' too), its place in the program is what matters
+        target = "" if node.op == "placeholder" else node.target if isinstance(node.target, str) else (
             getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", ""), id(node.target))
         key.append((node.op, target, norm(node.args), norm(node.kwargs), node.meta.get("fxpatch_invoke"),
                     node.meta.get("fxpatch_time")))
@@ -102,6 +110,11 @@ def _shape_key(values: list) -> tuple:
                  _shape_key(v) if isinstance(v, (list, tuple)) else repr(v) for v in values)
 
 
+def _feed_key(values: list) -> tuple:
+    """``_shape_key`` of a program's inputs with numbers (positions, scalars: graph inputs) by type only."""
+    return tuple(type(v).__name__ if type(v) in (int, float) else _shape_key([v])[0] for v in values)
+
+
 def patched_graph(model, mode: str, program: torch.fx.Graph, model_inputs: list,
                   feeds: list) -> torch.fx.GraphModule:
     """The site graph of ``mode`` with ``program`` inlined, from the model's cache if seen before.
@@ -125,9 +138,11 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     if mutating is None:
         mutating = check_program(program, chains, modules, specs, feeds, sizes)
         model._checked[(key, shapes)] = mutating
-    # a program that writes in place is functionalized per feed shapes, for all sizes its guards allow
-    gkey = (key, _shape_key(feeds)) if mutating else key
-    gm = model._patched.find(gkey, lambda fp: fp.holds_for(sizes))  # counts a hit or a miss
+    # a program that writes in place is functionalized per feed shapes, for all sizes and index
+    # numbers its guards allow
+    gkey = (key, _feed_key(feeds)) if mutating else key
+    numbers = {**sizes, **feed_numbers(feeds)}
+    gm = model._patched.find(gkey, lambda fp: fp.holds_for(numbers))  # counts a hit or a miss
     if gm is not None:
         return gm
     fp = functionalize_program(program, chains, model._model, modules, specs, feeds, mutating, sizes)

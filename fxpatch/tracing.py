@@ -33,6 +33,7 @@ from . import active
 from .active import active_tracer
 from .calls import CallLoop, CallSelection, Pin, pick_call
 from .control import finish_program, is_stop
+from .data_inputs import lift_data
 from .errors import (
     BarrierError,
     FlowError,
@@ -382,6 +383,8 @@ class Tracer:
         self._check_recording(loc)
         if phase is None:
             phase = max([self.phase] + [_phase_of(v) for v in _proxies((args, kwargs))])
+        args, kwargs = lift_data(op, target, args, kwargs, lambda v: isinstance(v, Proxy),
+                                 lambda v: self._input(phase, object(), loc, value=v))
         node = self.program_of(phase).create_node(op, target, self._graph_arg(args, loc, phase),
                                                   self._graph_arg(kwargs, loc, phase))
         node.meta["fxpatch_loc"] = loc

@@ -22,30 +22,33 @@ from tests.conftest import PROMPT_1, PROMPT_2
 from tests.reference import run_alone
 
 PROMPTS = [PROMPT_1, "The Eiffel Tower is in Paris", "_ _ _", PROMPT_2]
-MLP = "transformer.h.0.mlp"
 
 
-def scaled(lm: LanguageModel, prompt: str, position: int, scale: float) -> torch.Tensor:
-    """Logits after scaling position ``position`` of layer 0's MLP output by ``scale`` (one program per
-    position and scale: both are part of the program)."""
+def mlp_path(layer: int) -> str:
+    return f"transformer.h.{layer}.mlp"
+
+
+def scaled(lm: LanguageModel, prompt: str, position: int, scale: float, layer: int = 0) -> torch.Tensor:
+    """Logits after scaling position ``position`` of layer ``layer``'s MLP output by ``scale``. The layer is
+    the program's structure; the position and the scale are data (graph inputs)."""
     with lm.trace(prompt):
-        mlp = lm.transformer.h[0].mlp
+        mlp = lm.transformer.h[layer].mlp
         mlp.output[:, position] = mlp.output[:, position] * scale
         logits = lm.lm_head.output.save()
     return logits[0]
 
 
-def reference(lm: LanguageModel, prompt: str, position: int, scale: float) -> torch.Tensor:
+def reference(lm: LanguageModel, prompt: str, position: int, scale: float, layer: int = 0) -> torch.Tensor:
     def edit(out):
         out = out.clone()
         out[:, position] = out[:, position] * scale
         return out
-    return run_alone(lm, prompt, outputs={MLP: edit}).logits
+    return run_alone(lm, prompt, outputs={mlp_path(layer): edit}).logits
 
 
-def check(lm: LanguageModel, prompt: str, position: int, scale: float) -> None:
-    torch.testing.assert_close(scaled(lm, prompt, position, scale), reference(lm, prompt, position, scale),
-                               rtol=1e-4, atol=1e-4)
+def check(lm: LanguageModel, prompt: str, position: int, scale: float, layer: int = 0) -> None:
+    torch.testing.assert_close(scaled(lm, prompt, position, scale, layer),
+                               reference(lm, prompt, position, scale, layer), rtol=1e-4, atol=1e-4)
 
 
 def test_same_program_on_other_prompts_is_a_hit():
@@ -58,16 +61,18 @@ def test_same_program_on_other_prompts_is_a_hit():
     for prompt in PROMPTS[1:]:  # other lengths, other tokens: the same graph
         check(lm, prompt, 1, 0.5)
     assert lm.cache_info() == CacheInfo(4, 1, DEFAULT_CACHE_SIZE, 1)
-    check(lm, PROMPTS[1], 1, 2.0)  # another scale is another program
-    assert lm.cache_info() == CacheInfo(4, 2, DEFAULT_CACHE_SIZE, 2)
+    check(lm, PROMPTS[1], 2, 2.0)  # another position and scale: data, the same graph
+    assert lm.cache_info() == CacheInfo(5, 1, DEFAULT_CACHE_SIZE, 1)
+    check(lm, PROMPTS[1], 1, 0.5, layer=1)  # another module is another program
+    assert lm.cache_info() == CacheInfo(5, 2, DEFAULT_CACHE_SIZE, 2)
     assert isinstance(lm.cache_info(), tuple) and lm.cache_info().currsize == 2
 
 
 def test_least_recently_used_graph_goes_first_at_maxsize():
     lm = LanguageModel(fxpatch.TINY_GPT2, cache_size=2)
-    a, b, c = (1, 0.5), (2, 0.5), (3, 0.5)
-    for pos, scale in (a, b, c):
-        check(lm, PROMPT_1, pos, scale)
+    a, b, c = (1, 0.5, 0), (2, 0.5, 1), (3, 0.5, 2)  # three layers: three programs
+    for cell in (a, b, c):
+        check(lm, PROMPT_1, *cell)
     assert lm.cache_info() == CacheInfo(0, 3, 2, 2)  # a went
     check(lm, PROMPTS[1], *b)  # b is now the most recently used
     assert lm.cache_info() == CacheInfo(1, 3, 2, 2)
@@ -92,7 +97,7 @@ def test_an_evicted_graph_leaves_no_generated_source_behind():
     check(lm, PROMPT_1, 1, 0.5)
     ((fp, gm),) = [g for graphs in lm._patched._graphs.values() for g in graphs]
     assert source_kept(gm) and source_kept(fp.graph)
-    check(lm, PROMPT_1, 2, 0.5)
+    check(lm, PROMPT_1, 1, 0.5, layer=1)
     ((fp2, gm2),) = [g for graphs in lm._patched._graphs.values() for g in graphs]
     assert not source_kept(gm) and not source_kept(fp.graph)
     assert source_kept(gm2) and source_kept(fp2.graph)
@@ -111,8 +116,8 @@ def test_cache_clear_forgets_graphs_checks_and_counts():
 
 def test_unbounded_and_zero_sizes():
     unbounded = LanguageModel(fxpatch.TINY_GPT2, cache_size=None)
-    for pos in range(1, 5):
-        check(unbounded, PROMPT_1, pos, 0.5)
+    for layer in range(4):
+        check(unbounded, PROMPT_1, 1, 0.5, layer)
     assert unbounded.cache_info() == CacheInfo(0, 4, None, 4)
     nothing = LanguageModel(fxpatch.TINY_GPT2, cache_size=0)
     check(nothing, PROMPT_1, 1, 0.5)
@@ -165,18 +170,23 @@ def rss_mb() -> float:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
 def test_memory_stays_flat_over_thousands_of_changing_programs():
-    """2,000 traces, each a new program (another position and scale), with room for 8 graphs: after
-    warm-up resident memory grows by less than 50 MB, and a sample of runs is checked against HF."""
+    """2,000 traces cycling through 16 programs (4 layers x 4 positions, the sign of a position and its
+    module being structure) with other scales, with room for 8 graphs: every trace is a miss, and after
+    warm-up resident memory grows by less than 50 MB; a sample of runs is checked against HF."""
     lm = LanguageModel(fxpatch.TINY_GPT2, cache_size=8)
     n, warm = 2000, 500
     seen = {}
     for i in range(n):
         prompt = PROMPTS[i % len(PROMPTS)]
-        position, scale = i % 3, 1.0 + i / n
-        if i % 250 == 0:
-            check(lm, prompt, position, scale)
+        # a cycle of 16 structures: positive and negative positions need graphs of their own
+        layer, position, scale = i % 4, (1, -1, 2, -2)[(i // 4) % 4], 1.0 + i / n
+        if (i // 4) % 4 > 1:
+            with lm.trace(prompt):  # another structure: a write of the whole position's hidden vector
+                lm.transformer.h[layer].mlp.output[:, position] *= scale
+        elif i % 250 == 0:
+            check(lm, prompt, position, scale, layer)
         else:
-            scaled(lm, prompt, position, scale)
+            scaled(lm, prompt, position, scale, layer)
         if i in (warm, n - 1):
             seen[i] = rss_mb()
     info = lm.cache_info()

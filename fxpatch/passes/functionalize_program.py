@@ -253,7 +253,53 @@ class _Interpreter:
                 events.append((new, node.meta.get("fxpatch_time", -1), frozenset(moved), tensor, location_of(node),
                                node.meta.get("fxpatch_time_source")))
             return None
+        if node.target is operator.getitem and _symbolic_basic_index(args):
+            return _basic_index(*args)
+        if node.target is operator.setitem and _symbolic_basic_index(args[:2]):
+            _basic_setitem(*args)
+            return None
         return self._emit(node.op, node.target, args, kwargs, node)
+
+
+def _symbolic_basic_index(args: tuple) -> bool:
+    """Whether ``args`` index a tensor with ints, slices, ``None`` and ``...`` only, some of them symbolic."""
+    if len(args) != 2 or not isinstance(args[0], torch.Tensor) or not isinstance(args[1], tuple):
+        return False
+    parts = [p for i in args[1] for p in ((i.start, i.stop, i.step) if isinstance(i, slice) else (i,))]
+    return (any(isinstance(p, torch.SymInt) for p in parts)
+            and all(p is None or p is Ellipsis or type(p) is int or isinstance(p, torch.SymInt) for p in parts))
+
+
+def _basic_setitem(x: torch.Tensor, index: tuple, value) -> None:
+    """``x[index] = value`` for basic indexing, as torch's ``__setitem__`` does it (its ``copy_to``):
+    a tensor is copied in, broadcast, after dropping leading size-1 dims it has beyond the view's; a
+    number fills the view."""
+    view = _basic_index(x, index)
+    if isinstance(value, torch.Tensor):
+        while value.dim() > view.dim() and value.shape[0] == 1:
+            value = value[0]
+        view.copy_(value)
+    else:
+        view.fill_(value)
+
+
+def _basic_index(x: torch.Tensor, index: tuple) -> torch.Tensor:
+    """``x[index]`` for basic indexing, as the ops Python's indexing dispatches to (``select``, ``slice``,
+    ``unsqueeze``). Python's ``__getitem__`` turns a symbolic int index into a constant; these ops
+    keep it symbolic, so the traced graph takes the position as an input."""
+    dim = 0
+    for k, i in enumerate(index):
+        if i is Ellipsis:
+            dim = x.dim() - sum(1 for j in index[k + 1:] if j is not None and j is not Ellipsis)
+        elif i is None:
+            x = x.unsqueeze(dim)
+            dim += 1
+        elif isinstance(i, slice):
+            x = torch.ops.aten.slice.Tensor(x, dim, i.start, i.stop, 1 if i.step is None else i.step)
+            dim += 1
+        else:
+            x = x.select(dim, i)
+    return x
 
 
 def _check_fits(value: torch.Tensor, rows: torch.Tensor, name: str, node: torch.fx.Node) -> None:
@@ -368,7 +414,16 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
     env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     flat = [_fake(mode, fake_roots[r], symbols if symbolic else None, sizes) for r in interp.roots]
-    flat += [_fake(mode, v) for v in feeds]
+    numbers = feed_numbers(feeds)
+    for i, v in enumerate(feeds):
+        sym = _feed_symbol(i, v)
+        if symbolic and sym in numbers:  # an index or a scalar: a graph input, not a constant
+            symbols[sym] = env.create_symbol(v, ConstantSource(str(sym)), dynamic_dim=DimDynamic.DYNAMIC,
+                                             positive=None)
+            flat.append(env.create_symintnode(symbols[sym], hint=v) if type(v) is int
+                        else env.create_symfloatnode(symbols[sym], hint=v))
+        else:
+            flat.append(_fake(mode, v))
     with _quiet_fake_log(), fx_traceback.preserve_node_meta(), mode:
         try:
             gm = make_fx(torch.func.functionalize(interp, remove="mutations"), tracing_mode="real")(*flat)
@@ -379,8 +434,8 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
                 raise
             _raise_at(interp.current, e)
     _drop_snapshot_copies(gm, len(interp.roots))
-    if not symbolic:  # valid for exactly these sizes
-        return gm, [sympy.Eq(sym, value) for sym, value in sizes.items()]
+    if not symbolic:  # valid for exactly these sizes and numbers
+        return gm, [sympy.Eq(sym, value) for sym, value in {**sizes, **numbers}.items()]
     inverse = {new: old for old, new in symbols.items()}
     return gm, [g.expr.xreplace(inverse) for g in env.guards]
 
@@ -402,6 +457,17 @@ def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int) -> None:
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
+
+
+def _feed_symbol(i: int, v) -> sympy.Symbol:
+    return sympy.Symbol(f"fxpatch_feed_{i}", integer=True) if type(v) is int else sympy.Symbol(f"fxpatch_feed_{i}")
+
+
+def feed_numbers(feeds: list) -> dict:
+    """The program inputs that are Python ints (index positions, slice bounds), by their symbol in a
+    ``FunctionalProgram``'s guards: a mutating program's graph takes them as symbolic ints, so one
+    graph serves every value its guards allow (``holds_for({**sizes, **feed_numbers(feeds)})``)."""
+    return {_feed_symbol(i, v): v for i, v in enumerate(feeds) if type(v) in (int, float)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""Numbers a researcher sweeps are data: traces that differ only in them reuse one rewritten graph.
+
+Token positions and slice bounds in a tensor index and scalars used as values are graph inputs
+(``fxpatch/data_inputs.py``); module choice, dims and op kinds are structure. Every run is checked
+against the plain HF model edited by hooks (``tests/reference.py``), so a graph reused for a program it
+does not fit would show as wrong logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxpatch.errors import ShapeError
+from tests.reference import run_alone
+from tests.test_differential import close, envoy
+
+PROMPTS = [[5, 17, 42, 8, 99, 3, 61, 7], [11, 4, 23, 70, 2, 38, 9, 15]]  # token ids, the same length
+
+
+def layer_path(lm, i: int) -> str:
+    return f"transformer.h.{i}" if hasattr(lm._model, "transformer") else f"model.layers.{i}"
+
+
+def hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def patched(lm, p: int, scale: float, layer: int = 1) -> torch.Tensor:
+    """Prompt 0's layer output at ``p`` (its own row's position) times ``scale`` written into prompt 1's."""
+    with lm.trace() as tracer:
+        with tracer.invoke(PROMPTS[0]):
+            h = hidden(envoy(lm, layer_path(lm, layer)).output)[:, p]
+        with tracer.invoke(PROMPTS[1]):
+            hidden(envoy(lm, layer_path(lm, layer)).output)[:, p] = h * scale
+            logits = lm.lm_head.output[:, -1].save()
+    return logits
+
+
+def reference(lm, p: int, scale: float, layer: int = 1) -> torch.Tensor:
+    path = layer_path(lm, layer)
+    donor = run_alone(lm, PROMPTS[0], capture=[path]).outputs[path]
+
+    def write(out):
+        h = hidden(out).clone()
+        h[:, p] = hidden(donor)[:, p] * scale
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+    return run_alone(lm, PROMPTS[1], outputs={path: write}).logits[-1:]
+
+
+def test_positions_and_scales_reuse_one_graph_per_sign(lm):
+    """A sweep over positions and scales builds one graph for non-negative positions and one for negative
+    ones (Python's indexing differs by sign), and each run equals the hook reference."""
+    lm.cache_clear()
+    for p, scale in [(0, 2.0), (3, -0.5), (5, 1e-3), (-1, 3.0), (-4, 0.25), (2, 1.0), (-2, 7.5)]:
+        close(patched(lm, p, scale), reference(lm, p, scale), f"position {p}, scale {scale}")
+    info = lm.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (5, 2, 2), info
+
+
+def test_a_read_with_slice_bounds_is_one_graph_for_all_bounds(lm):
+    path = layer_path(lm, 0)
+    want = hidden(run_alone(lm, PROMPTS[1], capture=[path]).outputs[path])
+    lm.cache_clear()
+    for a, b, scale in [(0, 2, 1.0), (1, 4, 2.0), (3, 8, -1.0)]:
+        with lm.trace(PROMPTS[1]):
+            got = (hidden(envoy(lm, path).output)[:, a:b] * scale).save()
+        close(got, want[:, a:b] * scale, f"[:, {a}:{b}] * {scale}")
+    assert lm.cache_info().misses == 1
+
+
+def test_module_dims_and_ops_are_structure(lm):
+    """Another layer, dim or op is another program, with its own graph."""
+    lm.cache_clear()
+    patched(lm, -1, 2.0, layer=0)
+    patched(lm, -1, 2.0, layer=1)
+    assert lm.cache_info().misses == 2
+    with lm.trace(PROMPTS[0]):
+        a = hidden(envoy(lm, layer_path(lm, 0)).output).sum(dim=-1).save()
+    with lm.trace(PROMPTS[0]):
+        b = hidden(envoy(lm, layer_path(lm, 0)).output).sum(dim=1).save()
+    assert a.shape != b.shape and lm.cache_info().misses == 4
+
+
+def test_an_integer_scalar_stays_a_python_int(gpt2):
+    """An int multiplier is structure (ints may size things), and keeps Python's int semantics: an int
+    tensor times 2 stays an int tensor."""
+    with gpt2.trace(PROMPTS[0]):
+        ids = (gpt2.transformer.wte.input * 2).save()
+    assert ids.dtype == torch.long
+    assert torch.equal(ids[0], 2 * torch.tensor(PROMPTS[0]))
+
+
+def test_a_position_out_of_range_is_refused_after_a_graph_was_reused(gpt2):
+    """Guards keep a reused graph to the positions it fits; one past the width is the user's ShapeError."""
+    patched(gpt2, 2, 1.0)
+    with pytest.raises(ShapeError, match=r"test_data_inputs.py:\d+: this operation fails"):
+        patched(gpt2, 40, 1.0)
+
+
+def test_compiled_positions_do_not_recompile(gpt2):
+    """Under compile=True the positions and scales are inputs of the compiled graph: no recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    frames = []
+
+    def run(p, scale):
+        with gpt2.trace(compile=True) as tracer:
+            with tracer.invoke(PROMPTS[0]):
+                h = gpt2.transformer.h[1].output[:, p]
+            with tracer.invoke(PROMPTS[1]):
+                gpt2.transformer.h[1].output[:, p] = h * scale
+                logits = gpt2.lm_head.output[:, -1].save()
+        frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        return logits
+
+    for p, scale in [(1, 2.0), (3, 0.5), (4, -1.0)]:
+        close(run(p, scale), reference(gpt2, p, scale), f"compiled, position {p}")
+    assert frames[0] >= 1 and frames[-1] == frames[0], frames
