@@ -24,7 +24,7 @@ import difflib
 import fnmatch
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -183,6 +183,11 @@ class _Sweep:
         if not self.several and tokenizer is not None:
             self.metric_name = f"logit of {tokenizer.decode([token])!r}"
         return _top_token_logit(token)
+
+    def subset(self, ks: list[int]) -> _Sweep:
+        """The same sweep over pairs ``ks`` only (a rank's share of a distributed sweep)."""
+        return replace(self, pairs=[self.pairs[k] for k in ks], positions=[self.positions[k] for k in ks],
+                       tokens=[self.tokens[k] for k in ks])
 
 
 def _top_token_logit(token: int) -> Metric:
@@ -423,7 +428,8 @@ def _write_patch(model, site: _Site, mask: torch.Tensor, value) -> None:
 
 def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[str],
                         positions: Sequence[int] | int | None = None, metric: Metric | None = None,
-                        batch_size: int | None = None, progress: bool = True) -> PatchingResult:
+                        batch_size: int | None = None, progress: bool = True,
+                        distributed: bool | torch.distributed.ProcessGroup = False) -> PatchingResult:
     """Patch each site's clean output into the corrupt run, one position at a time, and measure.
 
     ``scores[i, j]`` is ``metric`` of the corrupt prompt run with ``sites[i]``'s output
@@ -448,6 +454,11 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
     alone, keeping the clean values at the swept positions, then the cells in passes of
     ``batch_size`` rows that take those values as inputs. ``progress`` shows a ``tqdm``
     bar over the cells when tqdm is installed.
+
+    ``distributed=True`` (or a ``torch.distributed`` process group) shares the prompt
+    pairs among the ranks of a ``torchrun`` launch: each rank sweeps its share and every
+    rank returns the whole result, the same as one process would (see
+    ``fxpatch.distributed``; every rank must make the same call).
 
     What the maths lets it skip, and what it does not:
 
@@ -478,8 +489,28 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
         result.scores.shape   # (4, 3): 4 layers x 3 positions
     """
     loc = user_location()
-    _check_batch_size(batch_size, loc)
-    sweep = _prepare(model, clean, corrupt, sites, positions, metric, "activation patching")
+
+    def prepare() -> _Sweep:
+        _check_batch_size(batch_size, loc)
+        return _prepare(model, clean, corrupt, sites, positions, metric, "activation patching")
+
+    def run(sweep: _Sweep, show: bool) -> _Tally:
+        return _activation_sweep(model, sweep, batch_size, show, loc)
+
+    return _sweep(model, prepare, run, "activation patching", progress, distributed, loc)
+
+
+def _sweep(model, prepare: Callable[[], _Sweep], run: Callable[[_Sweep, bool], _Tally], method: str,
+           progress: bool, distributed, loc) -> PatchingResult:
+    """Prepare and run a sweep here, or share its prompt pairs among the ranks of a process group."""
+    if distributed is not False and distributed is not None:
+        from .distributed import sharded_sweep
+
+        return sharded_sweep(model, prepare, run, method, progress, distributed, loc)
+    return run(prepare(), progress).result(method)
+
+
+def _activation_sweep(model, sweep: _Sweep, batch_size: int | None, progress: bool, loc) -> _Tally:
     tally = _Tally(model, sweep, loc)
     cells, skipped = [], []
     for k, (c_ids, x_ids) in enumerate(sweep.pairs):
@@ -506,7 +537,7 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
     finally:
         if bar is not None:
             bar.close()
-    return tally.result("activation patching")
+    return tally
 
 
 class _Tally:
@@ -644,7 +675,8 @@ def _cells_pass(model, sweep: _Sweep, cells, clean_values: list[list[torch.Tenso
 
 def attribution_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[str],
                          positions: Sequence[int] | int | None = None, metric: Metric | None = None,
-                         batch_size: int | None = None, progress: bool = True) -> PatchingResult:
+                         batch_size: int | None = None, progress: bool = True,
+                         distributed: bool | torch.distributed.ProcessGroup = False) -> PatchingResult:
     """The linear estimate of ``activation_patching``'s effects: ``(clean - corrupt) . d metric / d activation``.
 
     For each site (output element 0) and position, ``scores[i, j]`` is the clean minus
@@ -661,7 +693,8 @@ def attribution_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[
     prompts together (left-padded, with position ids from the attention mask, as fxpatch
     batches) and one backward pass (``torch.autograd.grad`` of the summed corrupt
     metrics with respect to the captured activations) per pass of pairs. Hooks are
-    removed afterwards; no parameter's ``.grad`` is touched.
+    removed afterwards; no parameter's ``.grad`` is touched. ``distributed`` shares the
+    prompt pairs among ranks, as for ``activation_patching``.
 
     Example::
 
@@ -672,8 +705,18 @@ def attribution_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[
         estimate.plot("attribution.png")
     """
     loc = user_location()
-    _check_batch_size(batch_size, loc)
-    sweep = _prepare(model, clean, corrupt, sites, positions, metric, "attribution patching")
+
+    def prepare() -> _Sweep:
+        _check_batch_size(batch_size, loc)
+        return _prepare(model, clean, corrupt, sites, positions, metric, "attribution patching")
+
+    def run(sweep: _Sweep, show: bool) -> _Tally:
+        return _attribution_sweep(model, sweep, batch_size, show, loc)
+
+    return _sweep(model, prepare, run, "attribution patching", progress, distributed, loc)
+
+
+def _attribution_sweep(model, sweep: _Sweep, batch_size: int | None, progress: bool, loc) -> _Tally:
     tally = _Tally(model, sweep, loc)
     n_pairs = len(sweep.pairs)
     per_pass = batch_size or max(1, rows_per_pass(model, max(len(c) for c, _ in sweep.pairs)) // 2)
@@ -687,7 +730,7 @@ def attribution_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[
     finally:
         if bar is not None:
             bar.close()
-    return tally.result("attribution patching")
+    return tally
 
 
 def _attribution_pass(model, sweep: _Sweep, ks: list[int], tally: _Tally) -> None:
