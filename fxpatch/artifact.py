@@ -24,9 +24,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any
 
+import sympy
 import torch
+import torch.utils._sympy.functions as sympy_functions
 from torch.export import Dim
 
 from .errors import FxpatchError, InputError, user_location
@@ -40,11 +44,14 @@ from .runner import _feeds, chains_of, copy_graph_module, root_specs, strip_opti
 class PatchedModule(torch.nn.Module):
     """The model with one trace's interventions built in (made by ``tracer.patched_module()``).
 
-    ``forward(input_ids, attention_mask)`` takes a left-padded batch of ``rows`` rows, where rows
-    ``invoke_rows[0]`` come first, as in the trace, and returns ``(logits, *saved)``. Position ids are
-    computed from the mask. Attributes: ``model`` (the Hugging Face model, shared), ``graph`` (the
-    rewritten ``GraphModule``), ``invoke_rows``, ``rows``, ``saved_lines`` (where each saved value
-    was saved), ``dynamic_shapes`` (for ``torch.export.export``: the sequence dim dynamic, rows fixed).
+    ``forward(input_ids, attention_mask)`` takes a left-padded batch of ``rows`` rows (the first
+    ``invoke_rows[0]`` are invoke 0's, and so on, as in the trace) and returns ``(logits, *saved)``.
+    Position ids are computed from the mask. A program that writes in place may have been traced for
+    some padded widths only (an index computed from the width); other widths are refused with an
+    ``InputError``, and the trace's ``width`` always fits. Attributes: ``model`` (the Hugging Face
+    model, shared), ``rewritten`` (the rewritten ``GraphModule``), ``invoke_rows``, ``rows``,
+    ``width``, ``saved_lines`` (where each saved value was saved), ``dynamic_shapes`` (for
+    ``torch.export.export``: the sequence dim dynamic, rows fixed).
 
     Example::
 
@@ -54,10 +61,11 @@ class PatchedModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, graph: torch.fx.GraphModule, state: list[tuple[str, Any]],
                  feeds: list[torch.Tensor], invoke_rows: list[int], n_model_outputs: int,
-                 saved_index: list[int], saved_lines: list[str], position_ids: bool):
+                 saved_index: list[int], saved_lines: list[str], position_ids: bool,
+                 guards: tuple[list, sympy.Symbol] = ([], None), width: int | None = None):
         super().__init__()
         self.model = model
-        self.graph = graph
+        self.rewritten = graph
         self._state = []  # how to get each of the graph's state inputs: ("param"|"buffer", fqn) or a buffer name
         for kind, ref in state:
             if kind == "constant":  # a tensor the export lifted out of the model's code
@@ -77,6 +85,10 @@ class PatchedModule(torch.nn.Module):
         self._saved_index = list(saved_index)
         self.saved_lines = list(saved_lines)
         self._position_ids = position_ids
+        # conditions on the padded width (``tokens``) where a program writing in place was traced for
+        # some widths only; the trace's width always fits
+        self._guards, self._tokens = guards
+        self.width = width
         seq = Dim.AUTO
         self.dynamic_shapes = {"input_ids": {1: seq}, "attention_mask": {1: seq}}
 
@@ -100,7 +112,7 @@ class PatchedModule(torch.nn.Module):
         if self._position_ids:
             inputs.append((attention_mask.cumsum(-1) - 1).clamp(min=0))
         feeds = [getattr(self, name) for name in self._feeds]
-        out = self.graph(*self._state_values(), *inputs, *feeds)
+        out = self.rewritten(*self._state_values(), *inputs, *feeds)
         saved = out[self._n_model_outputs:]
         return (out[0], *(saved[i] for i in self._saved_index))
 
@@ -121,6 +133,17 @@ class PatchedModule(torch.nn.Module):
                 f"got {input_ids.shape[0]} rows", at=user_location(),
                 hint=f"Pass {self.rows} rows, in the trace's invoke order ({per_invoke}); for other counts make "
                 "another module from a trace with invokes of those sizes.")
+        width = input_ids.shape[1]
+        for guard in self._guards:
+            # a Python bool: a plain check eagerly, a guard (a range or a fixed width) under torch.export
+            # and torch.compile
+            if not _evaluate(guard, {self._tokens: width}):
+                raise InputError(
+                    f"this patched module's program writes in place and was traced for batches whose padded width "
+                    f"(tokens) satisfies {_describe(self._guards)}; got {int(width)} tokens",
+                    at=user_location(),
+                    hint=f"Left-pad the batch to {self.width} tokens (the trace's width, which always fits), or "
+                    "make the module from a trace of prompts of this width.")
 
 
 def patched_module(tracer) -> PatchedModule:
@@ -138,11 +161,14 @@ def patched_module(tracer) -> PatchedModule:
         if position_ids:
             model_inputs.append(tracer.batch.position_ids)
         feeds = _feeds(program, {})
-        graph = _graph_with_logits(model, sg, program, model_inputs, feeds)
-    saved = [p for p in tracer.saved if p.node.meta["fxpatch_phase"] == 0]
+        graph, guards = _graph_with_logits(model, sg, program, model_inputs, feeds)
+        guards = _width_guards(sg, guards, model_inputs)
+    # a proxy saved twice is one value; a module's tuple or ModelOutput was saved as its tensors, in order
+    saved = list({id(p): p for p in tracer.saved if p.node.meta["fxpatch_phase"] == 0}.values())
     return PatchedModule(
         model._model, graph, sg.state, feeds, [len(i.rows) for i in tracer.invokes if i.rows], len(sg.outputs),
-        [outputs.index(p.node) for p in saved], [str(p.node.meta.get("fxpatch_loc")) for p in saved], position_ids)
+        [outputs.index(p.node) for p in saved], [str(p.node.meta.get("fxpatch_loc")) for p in saved], position_ids,
+        guards, tracer.batch.input_ids.shape[1])
 
 
 def _check_tracer(tracer, loc) -> None:
@@ -164,8 +190,10 @@ def _check_tracer(tracer, loc) -> None:
                            hint="Make the module from a trace without tracer.stop().")
 
 
-def _graph_with_logits(model, sg, program: torch.fx.Graph, model_inputs: list, feeds: list) -> torch.fx.GraphModule:
-    """The site graph with ``program`` inlined and the model's outputs kept, with no fxpatch op left.
+def _graph_with_logits(model, sg, program: torch.fx.Graph, model_inputs: list,
+                       feeds: list) -> tuple[torch.fx.GraphModule, list]:
+    """The site graph with ``program`` inlined and the model's outputs kept, with no fxpatch op left, and
+    the conditions on the export's size symbols where it holds (``FunctionalProgram.guards``).
 
     A trace's own graph drops the logits (``runner.WITHOUT_MODEL_OUTPUTS``); this one is made apart from
     the model's cache of rewritten graphs, once per module.
@@ -182,7 +210,73 @@ def _graph_with_logits(model, sg, program: torch.fx.Graph, model_inputs: list, f
     left = [n.format_node() for n in gm.graph.nodes if _is_fxpatch_op(n)]
     if left:  # a process without fxpatch could not load an export of it
         raise RuntimeError(f"fxpatch ops left in a patched module's graph: {left}")
-    return gm
+    return gm, fp.guards
+
+
+TOKENS = sympy.Symbol("tokens", integer=True, positive=True)
+
+
+def _width_guards(sg, guards: list, model_inputs: list) -> tuple[list, sympy.Symbol]:
+    """``guards`` with the row-count symbols replaced by the trace's rows (a module's row count is fixed)
+    and every width symbol by ``TOKENS``; conditions that always hold are dropped."""
+    nodes = {n.name: n for n in sg.graph_module.graph.nodes}
+    replace = {}
+    for name, value in zip(sg.inputs, model_inputs):
+        val = nodes[name].meta.get("val")
+        for dim, (size, real) in enumerate(zip(getattr(val, "shape", ()), value.shape)):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                replace[size.node.expr] = sympy.Integer(real) if dim == 0 else TOKENS
+    out = []
+    for g in guards:
+        g = g.xreplace(replace)
+        if g is sympy.true:
+            continue
+        width = int(model_inputs[0].shape[1])
+        try:
+            if g.free_symbols - {TOKENS} or not _evaluate(g, {TOKENS: width}):
+                raise NotImplementedError(g)
+        except NotImplementedError:  # a condition fxpatch cannot evaluate: the trace's width only
+            g = sympy.Eq(TOKENS, width)
+        out.append(g)
+    return out, TOKENS
+
+
+def _evaluate(expr, env: dict) -> Any:
+    """A sympy size expression evaluated with Python operators, on ints or on ``SymInt``s."""
+    if expr.is_Integer or expr is sympy.true or expr is sympy.false:
+        return int(expr) if expr.is_Integer else bool(expr)
+    if expr.is_Symbol:
+        return env[expr]
+    args = [_evaluate(a, env) for a in expr.args]
+    op = _OPS.get(type(expr))
+    if op is None:
+        raise NotImplementedError(f"size expression {expr}")
+    return op(*args)
+
+
+def _fold(fn):
+    return lambda *args: functools.reduce(fn, args)
+
+
+_OPS = {
+    sympy.Add: _fold(operator.add), sympy.Mul: _fold(operator.mul), sympy.Pow: operator.pow,
+    sympy_functions.FloorDiv: operator.floordiv, sympy_functions.Mod: operator.mod,
+    sympy_functions.PythonMod: operator.mod, sympy_functions.PowByNatural: operator.pow,
+    sympy_functions.Max: _fold(max), sympy_functions.Min: _fold(min),
+    sympy.Eq: operator.eq, sympy.Ne: operator.ne, sympy.Lt: operator.lt, sympy.Le: operator.le,
+    sympy.Gt: operator.gt, sympy.Ge: operator.ge,
+    sympy.And: lambda *a: all(bool(x) for x in a), sympy.Or: lambda *a: any(bool(x) for x in a),
+    sympy.Not: lambda a: not a,
+}
+
+
+def _describe(guards: list) -> str:
+    def one(g):
+        try:
+            return sympy.pycode(g).strip("()")
+        except Exception:  # noqa: BLE001 - a function the printer does not know: sympy's own form
+            return str(g)
+    return " and ".join(one(g) for g in guards)
 
 
 def _is_fxpatch_op(node: torch.fx.Node) -> bool:

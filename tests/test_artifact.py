@@ -165,7 +165,7 @@ program = torch.export.load(args['program']).module()
 outputs = []
 with torch.no_grad():
     for ids, mask in torch.load(args['inputs']):
-        outputs.append([t.detach() for t in program(ids, mask)])
+        outputs.append([t.detach().cpu() for t in program(ids, mask)])
 torch.save(outputs, args['outputs'])
 assert not any(m.split('.')[0] == 'fxpatch' for m in sys.modules), 'fxpatch was imported'
 print('fxpatch' in sys.modules)
@@ -184,7 +184,7 @@ def test_exported_program_runs_without_fxpatch(lm, steered, tmp_path):
     assert "fxpatch" not in namespaces
     path = tmp_path / "steered.pt2"
     torch.export.save(ep, path)
-    torch.save([tuple(t.cpu() for t in batch), tuple(t.cpu() for t in other)], tmp_path / "inputs.pt")
+    torch.save([batch, other], tmp_path / "inputs.pt")  # on the model's device, where the program runs
     args = {"program": str(path), "inputs": str(tmp_path / "inputs.pt"), "outputs": str(tmp_path / "out.pt")}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", LOADER, json.dumps(args)], cwd=tmp_path, env=env,
@@ -229,3 +229,37 @@ def test_patched_module_needs_a_finished_trace(gpt2):
         gpt2.transformer.h[0].output.save()
     with pytest.raises(FxpatchError, match="made from model.trace"):
         tracer.patched_module()
+
+
+def test_program_traced_for_some_widths_refuses_others(gpt2):
+    """A program writing in place at a position computed from the width (``x.shape[1] // 2``) is traced
+    for the widths with that half: the module and its exported program serve those and refuse others."""
+    with gpt2.trace("The Eiffel Tower is in Paris") as tracer:  # 9 tokens: position 4
+        x = gpt2.transformer.h[0].output
+        x[:, x.shape[1] // 2] = 0
+        gpt2.transformer.h[1].output.save()
+    module = tracer.patched_module()
+
+    def zero_half(x):
+        x = x.clone()
+        x[:, x.shape[1] // 2] = 0
+        return x
+
+    ep = torch.export.export(module, (tracer.batch.input_ids, tracer.batch.attention_mask),
+                             dynamic_shapes=module.dynamic_shapes).module()
+    for prompt in ("The Colosseum is in Rome", "the weather today is"):  # 8 and 9 tokens
+        ids, mask = left_padded(gpt2, [prompt])
+        with torch.no_grad():
+            logits, h = module(ids, mask)
+            exported = ep(ids, mask)
+        ref = run_alone(gpt2, prompt, outputs={"transformer.h.0": zero_half}, capture=["transformer.h.1"])
+        close(logits[0], ref.logits)
+        close(h, ref.outputs["transformer.h.1"])
+        close(exported[1], h)
+    ids, mask = left_padded(gpt2, ["The cat sat on the mat today"])  # 10 tokens: position 5
+    with pytest.raises(InputError, match="got 10 tokens") as e:
+        module(ids, mask)
+    assert str(e.value).startswith(f"{__file__}:")
+    assert str(e.value).splitlines()[-1].startswith("Left-pad the batch to 9 tokens")
+    with pytest.raises(Exception, match="Guard failed"):
+        ep(ids, mask)
