@@ -304,6 +304,23 @@ class Tracer:
 
         stop(self)
 
+    def patched_module(self) -> torch.nn.Module:
+        """After the block: the model with this trace's interventions built in, as a ``torch.nn.Module``
+        whose ``forward(input_ids, attention_mask)`` takes a left-padded batch with the trace's rows per
+        invoke and returns ``(logits, *saved values)``; it works with ``torch.compile`` and
+        ``torch.export`` (see ``fxpatch/artifact.py``).
+
+        Example::
+
+            with model.trace("I think that") as tracer:
+                model.transformer.h[1].output[:, -1] += steer
+            steered = tracer.patched_module()
+            logits, = steered(input_ids, attention_mask)   # one row, any prompt
+        """
+        from .artifact import patched_module
+
+        return patched_module(self)
+
     # -- recording ---------------------------------------------------------------------
     def program_of(self, phase: int) -> torch.fx.Graph:
         """The program of one phase (step of a run): 0 for a trace or a generation's prompt pass."""
