@@ -231,9 +231,9 @@ def test_patched_module_needs_a_finished_trace(gpt2):
         tracer.patched_module()
 
 
-def test_program_traced_for_some_widths_refuses_others(gpt2):
-    """A program writing in place at a position computed from the width (``x.shape[1] // 2``) is traced
-    for the widths with that half: the module and its exported program serve those and refuse others."""
+def test_a_position_computed_from_the_width_follows_the_width(gpt2):
+    """A program writing in place at a position computed from the width (``x.shape[1] // 2``) is traced with
+    the width and the position symbolic: the module and its exported program write at each width's half."""
     with gpt2.trace("The Eiffel Tower is in Paris") as tracer:  # 9 tokens: position 4
         x = gpt2.transformer.h[0].output
         x[:, x.shape[1] // 2] = 0
@@ -247,7 +247,8 @@ def test_program_traced_for_some_widths_refuses_others(gpt2):
 
     ep = torch.export.export(module, (tracer.batch.input_ids, tracer.batch.attention_mask),
                              dynamic_shapes=module.dynamic_shapes).module()
-    for prompt in ("The Colosseum is in Rome", "the weather today is"):  # 8 and 9 tokens
+    # 8, 9 and 10 tokens: positions 4, 4 and 5
+    for prompt in ("The Colosseum is in Rome", "the weather today is", "The cat sat on the mat today"):
         ids, mask = left_padded(gpt2, [prompt])
         with torch.no_grad():
             logits, h = module(ids, mask)
@@ -256,10 +257,3 @@ def test_program_traced_for_some_widths_refuses_others(gpt2):
         close(logits[0], ref.logits)
         close(h, ref.outputs["transformer.h.1"])
         close(exported[1], h)
-    ids, mask = left_padded(gpt2, ["The cat sat on the mat today"])  # 10 tokens: position 5
-    with pytest.raises(InputError, match="got 10 tokens") as e:
-        module(ids, mask)
-    assert str(e.value).startswith(f"{__file__}:")
-    assert str(e.value).splitlines()[-1].startswith("Left-pad the batch to 9 tokens")
-    with pytest.raises(Exception, match="Guard failed"):
-        ep(ids, mask)
