@@ -42,6 +42,7 @@ from .errors import (
     ProxyScopeError,
     user_location,
 )
+from .gradients import check_before_run, refuse_module_access
 from .inputs import NO_INPUTS, to_rows
 from .module_values import build_container
 from .passes.diagnostics import Location
@@ -212,6 +213,8 @@ class Tracer:
         self.iter = CallSelection(self)
         self.skips: dict[tuple[int, str], list[tuple[int, Location]]] = {}  # (phase, module) -> skipping invokes
         self.stops: list[tuple[int, tuple | None, Location]] = []  # tracer.stop(): (point reached, its read, line)
+        self.backwards: list = []  # `loss.backward()` blocks, in order (fxpatch/gradients.py)
+        self.backward_open = None  # the `with loss.backward():` block being recorded
 
     # -- context -----------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -380,6 +383,8 @@ class Tracer:
         if self.finished:
             return self._after_trace(op, target, args, kwargs, loc)
         self._check_recording(loc)
+        if self.backward_open is not None and target in (read_site, write_site):
+            refuse_module_access(self, "the model's output" if site is not None else "a module value")
         if phase is None:
             phase = max([self.phase] + [_phase_of(v) for v in _proxies((args, kwargs))])
         node = self.program_of(phase).create_node(op, target, self._graph_arg(args, loc, phase),
@@ -436,6 +441,7 @@ class Tracer:
         """A module's ``output`` or ``inputs`` for the current invoke, as proxies, of the call ``tracer.iter``
         picks (an alias path of a shared module reads the module)."""
         invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
+        refuse_module_access(self, f"module {path or 'model'}.{kind}")
         per_call = self.module_sites(path, kind, kind)
         sites = per_call[pick_call(self, path, kind, per_call)]
         leaves = [self._read_leaf(name, invoke) if is_site else name
@@ -455,6 +461,7 @@ class Tracer:
     def write_site(self, ref: tuple[str, int, int | None], value: Any) -> None:
         """Record that the rows ``ref`` names of a site now hold ``value``."""
         invoke = self._require_invoke("a module assignment")
+        refuse_module_access(self, "a module assignment")
         name, start, stop = ref
         if (start, stop) != (invoke.start, invoke.stop):
             raise FxpatchError("a module value read in one invoke was assigned in another", at=user_location(),
@@ -483,6 +490,7 @@ class Tracer:
                 if not proxy.saved:
                     proxy.save()
         finish_program(self)
+        check_before_run(self)
         self._run()
 
     def _run(self) -> None:
