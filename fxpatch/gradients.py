@@ -57,31 +57,73 @@ def set_grad(value: torch.Tensor, new: Any) -> None:
     return None
 
 
-@torch.fx.node.has_side_effect  # kept in the patched graph although nothing uses its result
-def require_grad(value: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
-    """``x.requires_grad_()`` on a module value read in the trace: from this point of the forward pass,
-    autograd records the model's use of the tensor the value is read from (its batch tensor; a frozen
-    model's activations do not require grad otherwise). Returns ``value``.
-    """
-    if not requires_grad:
-        return value.requires_grad_(False)
-    target = value._base if value._base is not None else value
-    if torch.is_grad_enabled() and not target.requires_grad:
-        target.requires_grad_(True)
+def requires_grad_mark(value: torch.Tensor) -> torch.Tensor:
+    """Program marker of ``x.requires_grad_()`` on a module value; the rewrite puts ``require_grad`` on the
+    value's batch tensor in the model's graph (``mark_requires_grad``). Here an identity."""
     return value
+
+
+@torch.fx.node.has_side_effect  # kept in the patched graph although nothing uses its result
+def require_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """From this point of the forward pass autograd records the model's use of ``tensor`` (a frozen model's
+    activations do not require grad otherwise), as ``tensor.requires_grad_()`` does in eager torch."""
+    if torch.is_grad_enabled() and not tensor.requires_grad:
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def mark_requires_grad(gm: torch.fx.GraphModule, program: torch.fx.Graph, root_of: dict[str, str]) -> None:
+    """Put ``require_grad`` right after the model node computing each site the program calls
+    ``.requires_grad_()`` on (``root_of``: site -> that node's name), so every later use is recorded."""
+    sites = [n.args[0].args[0] for n in program.nodes if n.target is requires_grad_mark]
+    if not sites:
+        return
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site in dict.fromkeys(sites):
+        root = nodes.get(root_of[site])
+        if root is None:  # the model never computes it in this graph (it ends before)
+            continue
+        with gm.graph.inserting_after(root):
+            node = gm.graph.call_function(require_grad, (root,))
+        node.meta.update(fxpatch_role="requires_grad", fxpatch_site=site)
+    gm.recompile()
+
+
+def differentiable_copy(base: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """``aten.copy(base, src)`` (functionalization's form of ``base.copy_(src)``: ``src`` broadcast into a
+    tensor of ``base``'s shape, dtype and layout), written with ops autograd differentiates."""
+    out = torch.empty_like(base)
+    out.copy_(src, non_blocking)
+    return out
+
+
+def make_differentiable(gm: torch.fx.GraphModule) -> None:
+    """Replace the ops functionalization emits that autograd has no derivative for (``aten.copy``), so a
+    patched graph can be run backward, eagerly and through ``torch.compile``."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.copy.default:
+            node.target = differentiable_copy
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def record_requires_grad(proxy, requires_grad: bool = True):
     """``proxy.requires_grad_()`` inside a trace (returns ``proxy``, as torch returns the tensor)."""
     loc = user_location(2)
     node = proxy.node
+    if not requires_grad:
+        raise GradientError(
+            ".requires_grad_(False) on a module value: the model's activations are not leaves, and torch allows "
+            "this only on leaves", at=loc, hint="Use .detach() for a value without gradients.")
     if node.target is not read_site:
         raise GradientError(
             ".requires_grad_() on a value computed in the trace: fxpatch applies it to module values read in "
             "the forward pass, whose batch tensor the model goes on to use", at=loc,
             hint="Call it on the module value (h = model.transformer.h[1].output; h.requires_grad_()); values "
             "computed from it require grad when it does.")
-    proxy.tracer.record("call_function", require_grad, (proxy, requires_grad), {})
+    proxy.tracer.record("call_function", requires_grad_mark, (proxy,), {})
     return proxy
 
 

@@ -17,7 +17,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .control import skipped_module
 from .export import TRACING_LOCK
-from .gradients import run_backwards
+from .gradients import make_differentiable, mark_requires_grad, run_backwards
 from .inputs import left_pad
 from .passes import InlineProgram, StripSites
 from .passes.functionalize_program import Chains, TensorSpec, _Interpreter, check_program, functionalize_program
@@ -135,6 +135,8 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     gm = copy_graph_module(sg.graph_module)
     for p in (InlineProgram(fp), StripSites(**strip_options(sg, mode, program))):
         gm = p(gm).graph_module
+    mark_requires_grad(gm, program, chains.root)
+    make_differentiable(gm)
     model._patched.add(gkey, fp, gm)
     return gm
 

@@ -279,6 +279,52 @@ def test_grad_mode_follows_torch(lm):
     assert str(err.value).startswith(f"{__file__}:")
 
 
+def test_patched_graph_is_differentiable(lm):
+    """A trace with a cross-prompt patch and in-place writes, then ``backward()`` on its saved logits: the
+    parameters' grads are torch's for the same edits made by forward hooks (the patched value keeps its
+    gradient path into the clean prompt's run)."""
+    p = paths(lm)
+    with fresh_param_grads(lm):
+        with lm.trace() as tracer:
+            with tracer.invoke(LONG):
+                clean = envoy(lm, p.layer(0)).output[:, -1].clone()
+            with tracer.invoke(SHORT):
+                envoy(lm, p.layer(0)).output[:, -1] = clean * 2
+                h = envoy(lm, p.layer(1)).output
+                h[:, -1] *= 1.5
+                logits = lm.lm_head.output.save()
+        logsumexp_last(logits).backward()
+        got = param_grads(lm)
+    model = lm._model
+    kept = {}
+
+    def keep(module, args, out):
+        kept["clean"] = _main(out)[:, -1].clone()
+
+    def patch(module, args, out):
+        _main(out)[:, -1] = kept["clean"] * 2
+
+    def shift(module, args, out):
+        _main(out)[:, -1] *= 1.5
+
+    with torch.enable_grad():
+        handle = model.get_submodule(p.layer(0)).register_forward_hook(keep)
+        model(input_ids=torch.tensor([token_ids(lm, LONG)], device=lm.device))
+        handle.remove()
+        handles = [model.get_submodule(p.layer(0)).register_forward_hook(patch),
+                   model.get_submodule(p.layer(1)).register_forward_hook(shift)]
+        try:
+            ref_logits = model(input_ids=torch.tensor([token_ids(lm, SHORT)], device=lm.device)).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        with fresh_param_grads(lm):
+            logsumexp_last(ref_logits).backward()
+            expected = param_grads(lm)
+    close(unpad(logits, 0, ref_logits.shape[1]), ref_logits[0].detach(), "logits")
+    check_params(got, expected)
+
+
 def test_retain_graph_and_a_second_backward(gpt2):
     """Two backward blocks on one forward: with retain_graph=True on the first, as torch needs, the
     second sees its own loss's gradient; without it torch's own error comes back."""
