@@ -317,7 +317,8 @@ class _BackwardRun:
         handles = []
         try:
             for key, (tensor, _) in self.taps.items():
-                handles.append(tensor.register_hook(self._hook(key, tensor)))
+                if tensor.requires_grad:  # one that does not gets no gradient: reported below
+                    handles.append(tensor.register_hook(self._hook(key, tensor)))
             self._advance()
             with torch.autograd.set_multithreading_enabled(False):  # hooks run in this thread, in order
                 torch.autograd.backward(loss, gradient, retain_graph=block.retain_graph,
@@ -325,9 +326,13 @@ class _BackwardRun:
             self._advance()
             if self.next < len(self.nodes):
                 node = self.nodes[self.next]
+                tensor = self.taps[self.keys[node][0]][0]
+                why = ("the value does not require grad (the model's parameters are frozen and "
+                       ".requires_grad_() was not called on it or before it)" if not tensor.requires_grad
+                       else "the loss does not depend on it")
                 raise GradientError(
                     f"the gradient of {node.args[0].meta['fxpatch_carry'].args[0]} never arrived: the backward "
-                    "pass did not reach it (the loss does not depend on it)", at=node.meta["fxpatch_loc"],
+                    f"pass did not reach it ({why})", at=node.meta["fxpatch_loc"],
                     also=[("the backward pass starts at", block.loc)],
                     hint="Use .grad of module values the loss is computed from.")
         finally:

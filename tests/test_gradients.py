@@ -209,6 +209,14 @@ def test_requires_grad_on_a_frozen_model(lm):
                 h1 = envoy(lm, p.layer(1)).output
                 with lm.lm_head.output.sum().backward():
                     h1.grad.save()
+        with pytest.raises(GradientError, match="never arrived.*does not require grad"):
+            with lm.trace(LONG):
+                h0 = envoy(lm, p.layer(0)).output
+                h1 = envoy(lm, p.layer(1)).output
+                h1.requires_grad_()
+                with lm.lm_head.output.sum().backward():
+                    h1.grad.save()
+                    h0.grad.save()
     finally:
         for q in params:
             q.requires_grad_(True)
@@ -409,6 +417,10 @@ def test_grad_errors(gpt2):
                 with gpt2.lm_head.output.sum().backward():
                     last.grad.save()  # line: computed
         check_location(err, "computed")
+        with pytest.raises(GradientError, match="generation runs without gradients") as err:
+            with gpt2.generate(SHORT, max_new_tokens=2):
+                gpt2.lm_head.output.sum().backward()  # line: generate
+        check_location(err, "generate")
         assert all(q.grad is None for q in gpt2._model.parameters())  # nothing ran
         with pytest.raises(GradientError, match="never arrived") as err:  # known only when the backward ends
             with gpt2.trace(LONG):
