@@ -440,8 +440,8 @@ class Tracer:
     def read(self, path: str, kind: str) -> Any:
         """A module's ``output`` or ``inputs`` for the current invoke, as proxies, of the call ``tracer.iter``
         picks (an alias path of a shared module reads the module)."""
-        invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
         refuse_module_access(self, f"module {path or 'model'}.{kind}")
+        invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
         per_call = self.module_sites(path, kind, kind)
         sites = per_call[pick_call(self, path, kind, per_call)]
         leaves = [self._read_leaf(name, invoke) if is_site else name
@@ -460,8 +460,8 @@ class Tracer:
 
     def write_site(self, ref: tuple[str, int, int | None], value: Any) -> None:
         """Record that the rows ``ref`` names of a site now hold ``value``."""
-        invoke = self._require_invoke("a module assignment")
         refuse_module_access(self, "a module assignment")
+        invoke = self._require_invoke("a module assignment")
         name, start, stop = ref
         if (start, stop) != (invoke.start, invoke.stop):
             raise FxpatchError("a module value read in one invoke was assigned in another", at=user_location(),

@@ -123,6 +123,7 @@ def test_grad_of_layer_outputs_per_invoke(lm):
         with lm.trace() as tracer:
             with tracer.invoke(LONG):
                 a0 = envoy(lm, p.layer(0)).output
+                attn = envoy(lm, p.attn(1)).output[0]      # an element of a tuple output
                 a1 = envoy(lm, p.layer(1)).output
                 loss_a = lm.lm_head.output[:, -1, 7].sum()
             with tracer.invoke(SHORT):
@@ -131,12 +132,14 @@ def test_grad_of_layer_outputs_per_invoke(lm):
                 loss_b = lm.lm_head.output[:, -1].logsumexp(-1).sum()
             with (loss_a + loss_b).backward():
                 ga1, gb1 = a1.grad.save(), b1.grad.save()   # layer 1 before layer 0
+                g_attn = attn.grad.save()
                 ga0 = a0.grad.save()
                 gb0 = b0.grad.save()
         got_params = param_grads(lm)
-    ref_a = torch_reference(lm, LONG, last_logit(7), outputs=[p.layer(0), p.layer(1)])
+    ref_a = torch_reference(lm, LONG, last_logit(7), outputs=[p.layer(0), p.attn(1), p.layer(1)])
     ref_b = torch_reference(lm, SHORT, logsumexp_last, outputs=[p.layer(0), p.layer(1)])
     for name, got, ref, path in (("a1", ga1, ref_a, p.layer(1)), ("a0", ga0, ref_a, p.layer(0)),
+                                 ("attn", g_attn, ref_a, p.attn(1)),
                                  ("b1", gb1, ref_b, p.layer(1)), ("b0", gb0, ref_b, p.layer(0))):
         assert got.shape[0] == 1 and got.shape[1] == 10, name
         close(unpad(got, 0, ref["n"]), ref["grads"][path][0], name)
