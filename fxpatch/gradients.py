@@ -66,7 +66,12 @@ def requires_grad_mark(value: torch.Tensor) -> torch.Tensor:
 @torch.fx.node.has_side_effect  # kept in the patched graph although nothing uses its result
 def require_grad(tensor: torch.Tensor) -> torch.Tensor:
     """From this point of the forward pass autograd records the model's use of ``tensor`` (a frozen model's
-    activations do not require grad otherwise), as ``tensor.requires_grad_()`` does in eager torch."""
+    activations do not require grad otherwise), as ``tensor.requires_grad_()`` does in eager torch.
+
+    Example::
+
+        require_grad(torch.zeros(2)).requires_grad   # True (under grad mode)
+    """
     if torch.is_grad_enabled() and not tensor.requires_grad:
         tensor.requires_grad_(True)
     return tensor
@@ -91,7 +96,12 @@ def mark_requires_grad(gm: torch.fx.GraphModule, program: torch.fx.Graph, root_o
 
 def differentiable_copy(base: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
     """``aten.copy(base, src)`` (functionalization's form of ``base.copy_(src)``: ``src`` broadcast into a
-    tensor of ``base``'s shape, dtype and layout), written with ops autograd differentiates."""
+    tensor of ``base``'s shape, dtype and layout), written with ops autograd differentiates.
+
+    Example::
+
+        differentiable_copy(torch.zeros(2, 3), torch.ones(3))   # ones of shape (2, 3), grad flows to src
+    """
     out = torch.empty_like(base)
     out.copy_(src, non_blocking)
     return out
@@ -99,7 +109,12 @@ def differentiable_copy(base: torch.Tensor, src: torch.Tensor, non_blocking: boo
 
 def make_differentiable(gm: torch.fx.GraphModule) -> None:
     """Replace the ops functionalization emits that autograd has no derivative for (``aten.copy``), so a
-    patched graph can be run backward, eagerly and through ``torch.compile``."""
+    patched graph can be run backward, eagerly and through ``torch.compile``.
+
+    Example::
+
+        make_differentiable(gm)   # gm: a rewritten GraphModule; its aten.copy nodes now differentiate
+    """
     changed = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.copy.default:
@@ -270,7 +285,12 @@ def check_before_run(tracer) -> None:
 # -- running -----------------------------------------------------------------------------------------
 
 def run_backwards(tracer, values: dict) -> None:
-    """Run each backward block of ``tracer`` in order, after its forward pass; values go into ``values``."""
+    """Run each backward block of ``tracer`` in order, after its forward pass; values go into ``values``.
+
+    Example::
+
+        run_backwards(tracer, values)   # values: program node -> value, the forward pass's outputs in it
+    """
     for block in tracer.backwards:
         _BackwardRun(block, values).run()
 
