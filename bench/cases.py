@@ -52,7 +52,7 @@ def forward_pair(hf, model, rows, batch):
                       position_ids=batch.position_ids).logits
 
     def patched():
-        with model.trace() as tracer:
+        with torch.no_grad(), model.trace() as tracer:  # as the baseline: inference, no autograd graph
             patch_last_token(model, tracer, rows)
             with tracer.invoke():
                 out = model.lm_head.output[:, -1].save()

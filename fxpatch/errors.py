@@ -21,7 +21,7 @@ import torch
 from .passes.diagnostics import FlowError, FxpatchError, Location, ShapeError
 
 __all__ = [
-    "BarrierError", "ControlFlowError", "FlowError", "FxpatchError", "InputError", "Location",
+    "BarrierError", "ControlFlowError", "FlowError", "FxpatchError", "GradientError", "InputError", "Location",
     "MissingDependencyError", "ModuleNotRunError", "ModulePathError", "ProxyScopeError", "ShapeError", "user_location",
 ]
 
@@ -57,6 +57,10 @@ class ProxyScopeError(FxpatchError, RuntimeError):
 
 class InputError(FxpatchError, ValueError):
     """Prompts or inputs that cannot be run."""
+
+
+class GradientError(FxpatchError, RuntimeError):
+    """A ``.grad`` or ``with loss.backward():`` that cannot run as written (order, grad mode, what is read)."""
 
 
 class MissingDependencyError(FxpatchError, ImportError):

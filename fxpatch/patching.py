@@ -426,6 +426,7 @@ def _write_patch(model, site: _Site, mask: torch.Tensor, value) -> None:
         envoy.output = torch.where(mask, value, envoy.output)
 
 
+@torch.no_grad()  # traces follow torch's grad mode; the sweep needs no gradients
 def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[str],
                         positions: Sequence[int] | int | None = None, metric: Metric | None = None,
                         batch_size: int | None = None, progress: bool = True,
@@ -687,7 +688,7 @@ def attribution_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[
     final norm's output) and an estimate elsewhere. Arguments are
     ``activation_patching``'s; ``batch_size`` is the number of prompt pairs per pass.
 
-    It does not use fxpatch's traces, which run under ``torch.no_grad``: it runs the
+    It does not use fxpatch's traces: it runs the
     wrapped Hugging Face model (``model._model``) with plain ``torch.autograd``, forward
     hooks capturing each site's output, one forward pass of the clean and corrupt
     prompts together (left-padded, with position ids from the attention mask, as fxpatch

@@ -94,6 +94,39 @@ class Proxy:
         self._record("call_method", name, (self, *args), kwargs)
         return self
 
+    # -- gradients (fxpatch/gradients.py) ------------------------------------------------
+    @property
+    def grad(self) -> Proxy:
+        """Inside ``with loss.backward():``, the gradient reaching this module value (its invoke's rows);
+        assigning it replaces the gradient that flows on. Read in the reverse of the forward order."""
+        from .gradients import read_grad
+
+        return read_grad(self)
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        from .gradients import write_grad
+
+        write_grad(self, value)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Proxy:
+        """On a module value: autograd records the model's use of it from here on (a frozen model's
+        activations then get gradients); returns the value, as torch does."""
+        from .gradients import record_requires_grad
+
+        return record_requires_grad(self, requires_grad)
+
+    def backward(self, gradient: Any = None, retain_graph: bool | None = None, create_graph: bool = False,
+                 inputs: Any = None):
+        """``with loss.backward():`` records a backward pass of this value, run after the forward pass;
+        its block may read and assign ``.grad`` of module values (torch's arguments, NNsight's syntax)."""
+        if self.tracer.finished:
+            return self.tracer.check_live(self, user_location()).backward(gradient, retain_graph, create_graph,
+                                                                          inputs)
+        from .gradients import BackwardBlock
+
+        return BackwardBlock(self, gradient, retain_graph, create_graph, inputs, user_location())
+
     def __getitem__(self, index) -> Proxy:
         return self._record("call_function", operator.getitem, (self, index))
 

@@ -17,6 +17,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .control import skipped_module
 from .export import TRACING_LOCK
+from .gradients import make_differentiable, mark_requires_grad, run_backwards
 from .inputs import left_pad
 from .passes import InlineProgram, StripSites
 from .passes.functionalize_program import (
@@ -149,6 +150,8 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     gm = copy_graph_module(sg.graph_module)
     for p in (InlineProgram(fp), StripSites(**strip_options(sg, mode, program))):
         gm = p(gm).graph_module
+    mark_requires_grad(gm, program, chains.root)
+    make_differentiable(gm)
     model._patched.add(gkey, fp, gm)
     return gm
 
@@ -247,12 +250,13 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None):
 
 def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.fx.Node],
                 model_inputs: list[torch.Tensor], values: dict,
-                compile: bool | str = False) -> tuple[list[Any], torch.fx.GraphModule]:
+                compile: bool | str = False, grad: bool = False) -> tuple[list[Any], torch.fx.GraphModule]:
     """Run one phase: the site graph of ``mode`` with ``program`` inlined (compiled if ``compile``).
 
     ``values`` maps program nodes of earlier phases to their values; the
     values of ``outputs`` are added to it. Returns the model's own outputs
     (none for a mode in ``WITHOUT_MODEL_OUTPUTS``) and the graph that ran.
+    ``grad``: run with autograd recording (the outputs keep their ``grad_fn``).
     """
     if program.find_nodes(op="output"):
         raise RuntimeError("a program runs once")
@@ -262,7 +266,7 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
     flat = sg.state_values(model._model) + list(model_inputs) + feeds
     run = compiled(gm, compile if isinstance(compile, str) else None) if compile else gm
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         out = run(*flat)
     n = 0 if mode in WITHOUT_MODEL_OUTPUTS else len(sg.outputs)
     values.update(zip(outputs, out[n:]))
@@ -301,8 +305,10 @@ def _run_trace(tracer) -> None:
     if "position_ids" in model.site_graph("forward").input_names:
         inputs.append(batch.position_ids)
     values: dict = {}
+    # grad mode follows torch's, as NNsight's forward does: saved values keep their grad_fn
     _, gm = run_program(model, "forward", tracer.program_of(0), phase_outputs(tracer, 0), inputs, values,
-                        compile=tracer.compile)
+                        compile=tracer.compile, grad=torch.is_grad_enabled())
     tracer.graph = gm
     tracer.inserted = inserted_nodes(gm)
+    run_backwards(tracer, values)
     bind_values(tracer, values)

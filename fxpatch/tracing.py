@@ -43,6 +43,7 @@ from .errors import (
     ProxyScopeError,
     user_location,
 )
+from .gradients import check_before_run, refuse_module_access
 from .inputs import NO_INPUTS, to_rows
 from .module_values import build_container
 from .passes.diagnostics import Location
@@ -213,6 +214,8 @@ class Tracer:
         self.iter = CallSelection(self)
         self.skips: dict[tuple[int, str], list[tuple[int, Location]]] = {}  # (phase, module) -> skipping invokes
         self.stops: list[tuple[int, tuple | None, Location]] = []  # tracer.stop(): (point reached, its read, line)
+        self.backwards: list = []  # `loss.backward()` blocks, in order (fxpatch/gradients.py)
+        self.backward_open = None  # the `with loss.backward():` block being recorded
 
     # -- context -----------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -398,6 +401,8 @@ class Tracer:
         if self.finished:
             return self._after_trace(op, target, args, kwargs, loc)
         self._check_recording(loc)
+        if self.backward_open is not None and target in (read_site, write_site):
+            refuse_module_access(self, "the model's output" if site is not None else "a module value")
         if phase is None:
             phase = max([self.phase] + [_phase_of(v) for v in _proxies((args, kwargs))])
         args, kwargs = lift_data(op, target, args, kwargs, lambda v: isinstance(v, Proxy),
@@ -455,6 +460,7 @@ class Tracer:
     def read(self, path: str, kind: str) -> Any:
         """A module's ``output`` or ``inputs`` for the current invoke, as proxies, of the call ``tracer.iter``
         picks (an alias path of a shared module reads the module)."""
+        refuse_module_access(self, f"module {path or 'model'}.{kind}")
         invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
         per_call = self.module_sites(path, kind, kind)
         sites = per_call[pick_call(self, path, kind, per_call)]
@@ -474,6 +480,7 @@ class Tracer:
 
     def write_site(self, ref: tuple[str, int, int | None], value: Any) -> None:
         """Record that the rows ``ref`` names of a site now hold ``value``."""
+        refuse_module_access(self, "a module assignment")
         invoke = self._require_invoke("a module assignment")
         name, start, stop = ref
         if (start, stop) != (invoke.start, invoke.stop):
@@ -503,6 +510,7 @@ class Tracer:
                 if not proxy.saved:
                     proxy.save()
         finish_program(self)
+        check_before_run(self)
         self._run()
 
     def _run(self) -> None:
