@@ -32,7 +32,7 @@ from .inputs import NO_INPUTS, left_pad
 from .passes.diagnostics import Location
 from .passes.ops import capture
 from .proxy import Proxy
-from .runner import bind_values, inserted_nodes, phase_outputs, run_detached, run_program
+from .runner import bind_values, phase_outputs, run_detached, run_program
 from .tracing import Invoker, Tracer
 
 RESULT_PHASE = 1 << 30  # after every step: ops on the generated tokens
@@ -367,7 +367,7 @@ def generate(tracer: GenerateTracer) -> None:
                               _step_inputs(model, mode, *step_inputs, keys, kv_values), values,
                               compile=tracer.compile)
         if step == 0:
-            tracer.graph, tracer.inserted = gm, inserted_nodes(gm)
+            tracer.graph = gm
         tracer.graphs[step] = gm
         logits = out[0]
         n = (len(out) - 1) // 2

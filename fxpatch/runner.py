@@ -309,6 +309,5 @@ def _run_trace(tracer) -> None:
     _, gm = run_program(model, "forward", tracer.program_of(0), phase_outputs(tracer, 0), inputs, values,
                         compile=tracer.compile, grad=torch.is_grad_enabled())
     tracer.graph = gm
-    tracer.inserted = inserted_nodes(gm)
     run_backwards(tracer, values)
     bind_values(tracer, values)

@@ -49,7 +49,7 @@ from .module_values import build_container
 from .passes.diagnostics import Location
 from .passes.ops import read_site, write_site
 from .proxy import _UNSET, Proxy
-from .runner import chains_of, run_trace
+from .runner import chains_of, inserted_nodes, run_trace
 from .saving import bind_saved, keep_appended, mount_save, outside_containers, unmount_save
 from .structure import unflatten
 
@@ -209,7 +209,6 @@ class Tracer:
         self._shortcut_invoke = Invoker(self, inputs, self.loc) if self.shortcut else None
         self._constants: dict[tuple[int, int], tuple[Any, torch.fx.Node]] = {}
         self.batch = None
-        self.inserted = None
         self.pin = Pin(0)  # outside tracer.iter every read is a module's first call
         self.iter = CallSelection(self)
         self.skips: dict[tuple[int, str], list[tuple[int, Location]]] = {}  # (phase, module) -> skipping invokes
@@ -218,6 +217,17 @@ class Tracer:
         self.backward_open = None  # the `with loss.backward():` block being recorded
 
     # -- context -----------------------------------------------------------------
+    @property
+    def inserted(self) -> list[dict[str, Any]] | None:
+        """The nodes the rewrite inserted into the graph that ran (``tracer.graph``), with the user line each
+        came from; made when first read, so a trace that never looks pays nothing for it."""
+        if self.graph is None:
+            return None
+        rows = self.graph.__dict__.get("_fxpatch_inserted")
+        if rows is None:
+            rows = self.graph.__dict__["_fxpatch_inserted"] = inserted_nodes(self.graph)
+        return rows
+
     def __enter__(self) -> Tracer:
         # A trace of another model may nest (it runs at its own exit); one of the same model may not.
         if any(t.model is self.model for t in active.active_tracers()) or self.finished:
