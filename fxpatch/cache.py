@@ -5,7 +5,8 @@ output for that invoke's rows; after the block ``cache["model.transformer.h.0"].
 path, the root module being ``model``) or ``cache.transformer.h[0].output`` (navigating the module
 tree, renamed modules included) is the value. A value is what the model went on with: after the
 interventions of the whole program, at whatever point of the invoke the cache was declared (fxpatch
-records the cache's reads when the invoke's code ends). In ``model.generate`` a module has one entry
+records the cache's reads when the invoke's code ends; after ``tracer.stop()`` only the modules the model
+finished before the point it stops at). In ``model.generate`` a module has one entry
 per step that ran (and per call, for a module the forward calls several times): ``len(cache[path])``
 is their number and ``.output`` their list; a single entry is the value itself.
 
@@ -84,11 +85,17 @@ class Cache:
         tracer = self.tracer
         sg = tracer.model.site_graph(tracer.mode)
         paths = self.paths if self.paths is not None else [p for p in sg.calls if p not in sg.aliases]
+        # tracer.stop(): the model computes nothing after the point reached, so modules beyond it have no values
+        limit = min((point for point, _, _ in tracer.stops), default=None)
         order = []
         for path in paths:
             kinds = sg.calls.get(sg.aliases.get(path, path), {})
             first = [sites for kind in self.kinds for sites in kinds.get(kind, ())[:1]]
             positions = [tracer._position(n) for s in first for n, on in zip(s.leaves, s.is_site) if on]
+            every = [tracer._position(n) for kind in self.kinds for s in kinds.get(kind, ())
+                     for n, on in zip(s.leaves, s.is_site) if on]
+            if limit is not None and any(p > limit for p in every):
+                continue
             if first:
                 order.append((min(positions, default=-1), path))
         for _, path in sorted(order, key=lambda o: o[0]):

@@ -85,7 +85,8 @@ class Invoker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None and "caches" in self.__dict__:  # tracer.cache(): read when the invoke's code ends
+        if "caches" in self.__dict__ and (exc_type is None or is_stop(exc, self.tracer)):
+            # tracer.cache(): read when the invoke's code ends
             from .cache import record_caches
 
             record_caches(self)

@@ -103,6 +103,20 @@ def test_cache_of_every_module(lm):
     assert_state_unchanged(lm, before)
 
 
+def test_cache_with_stop_holds_the_modules_run_before_it(lm):
+    p = paths(lm)
+    with lm.trace(PROMPT_1) as tracer:
+        cache = tracer.cache()
+        _ = module(lm, p.layer(0)).output
+        tracer.stop()
+    ref = run_alone(lm, PROMPT_1, capture=all_paths(lm))
+    order = list(ref.outputs)
+    ran = order[:order.index(p.layer(0)) + 1]   # what NNsight 0.8.1 records: the modules finished by then
+    assert cache.keys() == ["model." + path for path in ran]
+    for path in ran:
+        assert_same(cache["model." + path].output, ref.outputs[path], where=path)
+
+
 def test_cache_of_chosen_modules_with_inputs(lm):
     p = paths(lm)
     chosen = [module(lm, p.layer(0)), "model." + p.mlp(1), p.embed]   # an envoy, a full path, a short path
