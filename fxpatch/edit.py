@@ -11,7 +11,8 @@ edited model starts with the edit's program, as an invoke of all the batch's row
 the trace's own invokes (NNsight runs edits first), so a trace reads the edited values and its own
 writes come after the edit's. The rewritten graph of edit plus trace is cached like any other, so
 traces of one program reuse it. In ``generate`` the edit applies to the prompt pass (step 0), as an
-edit's interventions without ``tracer.iter`` do in NNsight. An edit block has no prompt, its values
+edit's interventions without ``tracer.iter`` do in NNsight; with ``tracer.stop()`` in a trace, the edit's
+interventions after the stop point do not happen. An edit block has no prompt, its values
 cannot be ``.save()``d (NNsight drops them), and ``tracer.stop()``, ``module.skip()`` and
 ``tracer.cache()`` are refused in it.
 
@@ -174,4 +175,17 @@ def _replay(tracer: Tracer, program: torch.fx.Graph) -> None:
         for key in ("fxpatch_loc", "fxpatch_site"):
             if key in node.meta:
                 new.meta[key] = node.meta[key]
+        new.meta["fxpatch_edit"] = True
         env[node] = new
+
+
+def drop_edits_after_stop(tracer: Tracer) -> None:
+    """With ``tracer.stop()``, the edits' ops that would wait for a point of the forward pass after the stop
+    never run (in NNsight the edit waits for a value the model never computes), so they are removed."""
+    if not tracer.stops or 0 not in tracer.programs:
+        return
+    point = min(p for p, _, _ in tracer.stops)
+    program = tracer.programs[0]
+    for node in reversed(list(program.nodes)):  # users first: an op's users come after it and are no earlier
+        if node.meta.get("fxpatch_edit") and node.meta.get("fxpatch_time", -1) > point and not node.users:
+            program.erase_node(node)

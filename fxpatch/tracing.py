@@ -511,6 +511,9 @@ class Tracer:
             for proxy in _proxies(container):
                 if not proxy.saved:
                     proxy.save()
+        from .edit import drop_edits_after_stop
+
+        drop_edits_after_stop(self)  # model.edit()'s ops past a tracer.stop() never run
         finish_program(self)
         self._run()
 

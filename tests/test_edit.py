@@ -138,6 +138,18 @@ def test_an_edit_applies_to_the_prompt_pass_of_a_generation(lm):
     assert tokens[0].tolist() == expected
 
 
+def test_an_edit_past_a_trace_stop_does_not_happen(lm):
+    p = paths(lm)
+    with lm.edit() as (_, edited):
+        module(edited, p.layer(0)).output[:, -1] = 0                  # before the stop: applies
+        module(edited, p.layer(p.n_layers - 1)).output[:, -1] = 0     # after it: the model never gets there
+    with edited.trace(PROMPT_1) as tracer:
+        h = module(edited, p.layer(0)).output.save()
+        tracer.stop()
+    ref = run_alone(lm, PROMPT_1, outputs={p.layer(0): set_last(0.0)}, capture=[p.layer(0)])
+    torch.testing.assert_close(h, ref.outputs[p.layer(0)], atol=ATOL, rtol=0)
+
+
 def test_the_rewritten_graph_of_an_edited_program_is_reused(gpt2):
     with gpt2.edit() as (_, edited):
         edited.transformer.h[0].output[:, -1] = 0
