@@ -62,7 +62,7 @@ class Session:
         self.model = model
         self.loc: Location = user_location(2)
         self.kept: list[Proxy] = []  # values kept for the session only
-        self.saved_ids: set[int] = set()  # values fxpatch.save(...) kept past the session
+        self.saved_ids: dict[int, Any] = {}  # values fxpatch.save(...) kept past the session (held, so ids stay theirs)
         self._frame = None
         self._token = None
 
@@ -102,7 +102,7 @@ class Session:
 
     def note_saved(self, value: Any) -> None:
         """``fxpatch.save(value)`` in the session: ``value`` stays after it."""
-        self.saved_ids.add(id(value))
+        self.saved_ids[id(value)] = value
 
     def _unbind_unsaved(self) -> None:
         frame = self._frame
