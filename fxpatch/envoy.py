@@ -103,7 +103,8 @@ class Envoy:
     # -- values inside a trace ------------------------------------------------------------
     def _tracer(self, what: str):
         tracer = active_tracer()
-        if tracer is None or tracer.model is not self._lm:
+        # an edited copy (model.edit()) shares the wrapped module: either's envoys read its traces
+        if tracer is None or tracer.model._model is not self._lm._model:
             raise FxpatchError(f"{self._path or 'model'}.{what} was used outside a trace of this model",
                                at=user_location(), hint="Use it inside `with model.trace(...)` (or generate).")
         return tracer

@@ -336,6 +336,46 @@ class TransformersModel(Envoy):
         self._forget_stale_exports()
         return GenerateTracer(self, inputs, max_new_tokens, **generation_kwargs)
 
+    def edit(self, *, inplace: bool = False):
+        """Record interventions that apply to every later trace (NNsight's ``model.edit()``; see
+        ``fxpatch/edit.py``). ``with model.edit() as (tracer, edited):`` stores them on ``edited``, a new
+        model sharing this one's module and weights (this one is unchanged); with ``inplace=True``
+        (``with model.edit(inplace=True) as tracer:``) on this model.
+
+        Example::
+
+            with model.edit() as (tracer, edited):
+                edited.transformer.h[0].output[:, -1] = 0
+            with edited.trace("Hello"):
+                h = edited.transformer.h[0].output.save()   # h[:, -1] == 0
+        """
+        from .edit import EditTracer
+
+        self._forget_stale_exports()
+        return EditTracer(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Drop every edit stored on this model (``model.edit(inplace=True)``, or those an edited copy
+        holds); later traces run the model as it is."""
+        object.__setattr__(self, "_edits", [])
+
+    def session(self):
+        """A block of several traces that pass values to each other without ``.save()``; only saved
+        values are kept after it (NNsight's ``model.session()``; see ``fxpatch/session.py``).
+
+        Example::
+
+            with model.session():
+                with model.trace("The Eiffel Tower is in"):
+                    h = model.transformer.h[0].output
+                with model.trace("_ _ _ _ _ _"):
+                    model.transformer.h[0].output[:, -1] = h[:, -1]
+                    logits = model.lm_head.output.save()
+        """
+        from .session import Session
+
+        return Session(self)
+
     @property
     def generator(self):
         """``model.generator.output``: an invoke's generated token ids, inside ``generate``."""

@@ -47,6 +47,13 @@ def save(value: Any) -> Any:
 
 def _save_object(value: Any, what: str) -> Any:
     tracer = active_tracer()
+    from .session import active_session
+
+    session = active_session()
+    if session is not None:  # kept past the session, whatever it is
+        session.note_saved(value)
+        if tracer is None:
+            return value
     if tracer is None:
         raise FxpatchError(f"{what} was called outside a trace", at=user_location(),
                            hint="Call it inside `with model.trace(...)` or `with model.generate(...)`.")

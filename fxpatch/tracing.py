@@ -51,6 +51,7 @@ from .passes.ops import read_site, write_site
 from .proxy import _UNSET, Proxy
 from .runner import chains_of, inserted_nodes, run_trace
 from .saving import bind_saved, keep_appended, mount_save, outside_containers, unmount_save
+from .session import active_session
 from .structure import unflatten
 
 
@@ -86,6 +87,11 @@ class Invoker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if "caches" in self.__dict__ and (exc_type is None or is_stop(exc, self.tracer)):
+            # tracer.cache(): read when the invoke's code ends
+            from .cache import record_caches
+
+            record_caches(self)
         self.tracer.current_invoke = None
         return False
 
@@ -236,12 +242,15 @@ class Tracer:
         active.push(self)
         self._outside = outside_containers(sys._getframe(1))  # filled in after the run when used (NNsight's idiom)
         mount_save(self)  # x.save() on any object while recording
-        if self._shortcut_invoke is not None:
-            try:
+        try:
+            from .edit import replay_edits
+
+            replay_edits(self)  # model.edit()'s stored interventions come first
+            if self._shortcut_invoke is not None:
                 self._shortcut_invoke.__enter__()
-            except BaseException:
-                self._close()
-                raise
+        except BaseException:
+            self._close()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -254,6 +263,9 @@ class Tracer:
             return False
         frame = sys._getframe(1)  # the frame running the `with` statement
         kept = keep_appended(self, self._outside)
+        session = active_session()
+        if session is not None:  # in a session every value the block's variables hold flows on
+            session.keep(self, frame)
         try:
             self._execute()
         finally:
@@ -284,6 +296,21 @@ class Tracer:
         b = Barrier(self, n, user_location())
         self.barriers.append(b)
         return b
+
+    def cache(self, modules: Any = None, device: Any = "cpu", dtype: torch.dtype | None = None,
+              detach: bool = True, include_output: bool = True, include_inputs: bool = False,
+              non_blocking: bool = False):
+        """Record many modules' values for this invoke's rows (NNsight's ``tracer.cache()``; ``fxpatch/cache.py``).
+
+        Example::
+
+            with model.trace("Hello") as tracer:
+                cache = tracer.cache(modules=[model.transformer.h[0]], include_inputs=True)
+            cache["model.transformer.h.0"].output, cache.transformer.h[0].input
+        """
+        from .cache import make_cache
+
+        return make_cache(self, modules, device, dtype, detach, include_output, include_inputs, non_blocking)
 
     @property
     def result(self) -> Any:
@@ -357,10 +384,12 @@ class Tracer:
         if proxy.value is not _UNSET:
             return proxy.value
         if proxy.tracer.finished:
+            session = proxy.tracer.__dict__.get("session_loc")  # set by model.session() when it ends
             raise ProxyScopeError(
-                "a traced value was used after its trace ended, but it was not saved", at=loc,
-                also=[("it was recorded at", proxy.node.meta["fxpatch_loc"])],
-                hint="Call .save() on it inside the trace to keep its value.")
+                f"a traced value was used after its {'session' if session else 'trace'} ended, but it was not "
+                "saved", at=loc, also=[("it was recorded at", proxy.node.meta["fxpatch_loc"])]
+                + ([("the session started at", session)] if session else []),
+                hint=f"Call .save() on it inside the {'session' if session else 'trace'} to keep its value.")
         raise ProxyScopeError(
             "a value of one trace was used inside another trace", at=loc,
             also=[("it was recorded at", proxy.node.meta["fxpatch_loc"])],
@@ -519,6 +548,9 @@ class Tracer:
             for proxy in _proxies(container):
                 if not proxy.saved:
                     proxy.save()
+        from .edit import drop_edits_after_stop
+
+        drop_edits_after_stop(self)  # model.edit()'s ops past a tracer.stop() never run
         finish_program(self)
         check_before_run(self)
         self._run()
