@@ -2,7 +2,9 @@
 
 The prompt pass (step 0) runs the *prefill* graph; each later step runs the
 *decode* graph on one new token per row and the KV cache, which crosses the
-graph boundary as tensors. Each step's program is inlined into its graph by
+graph boundary as tensors (``DynamicKV``; with ``cache_implementation="static"``,
+``StaticKV``: a cache preallocated to the maximum length, so every decode step
+has the same input shapes). Each step's program is inlined into its graph by
 the same passes as a trace's (steps with the same program share one rewritten
 graph). Token selection and stopping are transformers' own logits processors
 and stopping criteria, built from the model's ``generation_config``.
