@@ -2,7 +2,9 @@
 
 The prompt pass (step 0) runs the *prefill* graph; each later step runs the
 *decode* graph on one new token per row and the KV cache, which crosses the
-graph boundary as tensors. Each step's program is inlined into its graph by
+graph boundary as tensors (``DynamicKV``; with ``cache_implementation="static"``,
+``StaticKV``: a cache preallocated to the maximum length, so every decode step
+has the same input shapes). Each step's program is inlined into its graph by
 the same passes as a trace's (steps with the same program share one rewritten
 graph). Token selection and stopping are transformers' own logits processors
 and stopping criteria, built from the model's ``generation_config``.
@@ -68,6 +70,97 @@ class DynamicKV:
         return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 
+class StaticKV:
+    """KV cache handling for transformers' ``StaticCache`` (``cache_implementation="static"``): keys and
+    values are preallocated to the maximum length, shape (batch, kv_heads, max_cache_len, head_dim), and
+    cross the graph boundary at that fixed shape with the write position, a 0-dim long tensor.
+
+    Inside a graph the cache's layers write functionally (``index_copy``, not transformers'
+    in-place ``index_copy_``), so the exported graph mutates none of its inputs: a decode step
+    takes the cache and returns the written one, of the same shapes. Attention masks, query
+    offsets and mask sizes are transformers' own ``StaticLayer``'s, so the values equal those
+    of ``generate`` with a static cache.
+
+    Example::
+
+        kv = StaticKV(hf_model.config)
+        cache = kv.wrap(keys, values, torch.tensor(5))   # a StaticCache whose next write is at position 5
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    def empty(self, length):
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.config, max_cache_len=length)
+        for layer in cache.layers:
+            layer.__class__ = _functional_static_layer()
+        return cache
+
+    def wrap(self, keys: list[torch.Tensor], values: list[torch.Tensor], position: torch.Tensor,
+             functional: bool = True):
+        """A ``StaticCache`` over ``keys`` and ``values`` (not copied) whose next write is at ``position``;
+        ``functional=False`` gives transformers' own layers (for a cache handed back to the user)."""
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.config, max_cache_len=keys[0].shape[2])
+        for layer, k, v in zip(cache.layers, keys, values):
+            if functional:
+                layer.__class__ = _functional_static_layer()
+            layer.keys, layer.values, layer.device = k, v, k.device
+            layer.batch_size, layer.num_heads = k.shape[:2]
+            layer.k_head_dim, layer.v_head_dim = k.shape[-1], v.shape[-1]
+            # transformers' layers add to their own length in place; functional ones replace it
+            layer.cumulative_length = position if functional else position.clone()
+            layer.is_initialized = True
+        return cache
+
+    unwrap = staticmethod(DynamicKV.unwrap)
+
+    @staticmethod
+    def unsupported_layers(config) -> list[str]:
+        """The names of the static cache layer types of ``config`` that ``StaticKV`` does not handle
+        (sliding-window, indexed, linear-attention layers), each once."""
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        types = [type(layer) for layer in StaticCache(config=config, max_cache_len=1).layers]
+        return list(dict.fromkeys(t.__name__ for t in types if t is not StaticLayer))
+
+
+_FUNCTIONAL_LAYER = None
+
+
+def _functional_static_layer():
+    """transformers' ``StaticLayer`` with an out-of-place ``update`` (made once, on first use: transformers
+    is imported lazily)."""
+    global _FUNCTIONAL_LAYER
+    if _FUNCTIONAL_LAYER is None:
+        from transformers.cache_utils import StaticLayer
+
+        class FunctionalStaticLayer(StaticLayer):
+            """Writes the new keys and values at ``cumulative_length`` into new tensors of the same shape,
+            as transformers' ``StaticLayer.update`` writes them in place."""
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:  # the prompt pass: a zero cache of the maximum length
+                    batch, heads = key_states.shape[:2]
+                    self.keys = key_states.new_zeros((batch, heads, self.max_cache_len, key_states.shape[-1]))
+                    self.values = value_states.new_zeros((batch, heads, self.max_cache_len, value_states.shape[-1]))
+                    self.cumulative_length = torch.zeros((), dtype=torch.long, device=key_states.device)
+                    self.device, self.is_initialized = key_states.device, True
+                n = key_states.shape[-2]
+                index = torch.arange(n, device=key_states.device) + self.cumulative_length
+                self.keys = self.keys.index_copy(2, index, key_states)
+                self.values = self.values.index_copy(2, index, value_states)
+                self.cumulative_length = self.cumulative_length + n
+                return self.keys, self.values
+
+        _FUNCTIONAL_LAYER = FunctionalStaticLayer
+    return _FUNCTIONAL_LAYER
+
+
 class Prefill(torch.nn.Module):
     """The prompt pass: logits of the last position, and the filled cache."""
 
@@ -97,8 +190,71 @@ class Decode(Prefill):
         return self._run(input_ids, attention_mask, position_ids, self.kv.wrap(list(keys), list(values)))
 
 
+class StaticPrefill(Prefill):
+    """The prompt pass into a static cache: ``attention_mask`` is the prompt's mask padded with zeros to the
+    maximum length, which sizes the cache (as transformers pads it to the static cache's length)."""
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        kwargs = {"logits_to_keep": 1} if self.logits_to_keep else {}
+        return self._run(input_ids, attention_mask, position_ids, self.kv.empty(attention_mask.shape[1]), **kwargs)
+
+
+class StaticDecode(Prefill):
+    """One decode step on a static cache: every input has the same shape at every step (the mask is
+    the maximum length's, ``write_position`` a 0-dim tensor), so a compiled graph never recompiles."""
+
+    def forward(self, input_ids, attention_mask, position_ids=None, write_position=None, keys=(), values=()):
+        return self._run(input_ids, attention_mask, position_ids,
+                         self.kv.wrap(list(keys), list(values), write_position))
+
+
+STATIC_MODES = {"prefill_static": "prefill", "decode_static": "decode"}  # run mode -> the step it runs
+
+
 def export_entry(model, mode: str):
     """The wrapper module, example inputs and dynamic shapes that export ``mode``."""
+    if mode in STATIC_MODES:
+        return _static_export_entry(model, STATIC_MODES[mode])
+    return _dynamic_export_entry(model, mode)
+
+
+def _static_export_entry(model, mode: str):
+    hf = model._model
+    kv = StaticKV(hf.config)
+    takes_positions = "position_ids" in inspect.signature(hf.forward).parameters
+    keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
+    vocab = int(getattr(hf.config, "vocab_size", 2) or 2)
+    batch, width, length = 2, 8, 13  # sizes that equal no model size, so export keeps them apart
+    ids = torch.arange(batch * width, device=model.device).reshape(batch, width) % vocab
+    mask = torch.zeros((batch, length), dtype=torch.long, device=model.device)
+    mask[:, :width] = 1
+    mask[0, :2] = 0
+    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    if mode == "prefill":
+        example = {"input_ids": ids, "attention_mask": mask}
+        if takes_positions:
+            example["position_ids"] = positions
+        return StaticPrefill(hf, kv, takes_positions, keep), example, None
+    with torch.no_grad():
+        out = StaticPrefill(hf, kv, takes_positions, keep)(ids, mask, positions if takes_positions else None)
+    n = (len(out) - 1) // 2
+    keys, values = list(out[1:1 + n]), list(out[1 + n:])
+    auto = Dim.AUTO
+    step_mask = mask.clone()
+    step_mask[:, width] = 1
+    example = {"input_ids": ids[:, -1:], "attention_mask": step_mask}
+    dynamic = {"input_ids": {0: auto}, "attention_mask": {0: auto, 1: auto}}
+    if takes_positions:
+        example["position_ids"] = positions[:, -1:] + 1
+        dynamic["position_ids"] = {0: auto}
+    example["write_position"] = torch.tensor(width, device=model.device)
+    dynamic["write_position"] = None
+    example.update(keys=keys, values=values)
+    dynamic.update(keys=[{0: auto, 2: auto}] * n, values=[{0: auto, 2: auto}] * n)
+    return StaticDecode(hf, kv, takes_positions, keep), example, dynamic
+
+
+def _dynamic_export_entry(model, mode: str):
     hf = model._model
     kv = DynamicKV(hf.config)
     takes_positions = "position_ids" in inspect.signature(hf.forward).parameters
@@ -231,6 +387,13 @@ class GenerateTracer(Tracer):
         except (ValueError, TypeError) as e:
             raise _rejected(e, loc) from e
         check_generation_settings(config, user_set, loc)
+        if config.cache_implementation == "static":
+            unsupported = StaticKV.unsupported_layers(hf.config.get_text_config(decoder=True))
+            if unsupported:
+                raise InputError(f"cache_implementation='static' gives {type(hf).__name__} a StaticCache with "
+                                 f"{', '.join(unsupported)} layers, which fxpatch's static cache does not implement "
+                                 "(it writes full-attention StaticLayers)", at=loc,
+                                 hint="Drop cache_implementation (the dynamic cache works with every layer type).")
         if unused:
             try:  # transformers' own message for a typo
                 hf._validate_model_kwargs(dict(unused))
@@ -255,8 +418,14 @@ class GenerateTracer(Tracer):
         return RepeatedInvoker(self, invoker.inputs, invoker.loc)
 
     @property
-    def mode(self) -> str:  # the graph of the step being recorded
-        return "prefill" if self.phase == 0 else "decode"
+    def mode(self) -> str:  # the graph of the step being recorded: recorded times are positions in it
+        return run_mode(self.phase, self.static)
+
+    @property
+    def static(self) -> bool:
+        """Whether this generation's KV cache is transformers' ``StaticCache``."""
+        config = getattr(self, "generation_config", None)
+        return config is not None and config.cache_implementation == "static"
 
     def all(self) -> StepLoop:
         """Every step: ``for step in tracer.all(): ...``."""
@@ -286,11 +455,25 @@ class GenerateTracer(Tracer):
             generate(self)
 
 
-def _step_inputs(model, mode: str, ids, mask, positions, keys=(), values=()) -> list[torch.Tensor]:
+def _step_inputs(model, mode: str, ids, mask, positions, write=None, keys=(), values=()) -> list[torch.Tensor]:
     inputs = [ids, mask]
-    if "position_ids" in model.site_graph(mode).input_names:
+    names = model.site_graph(mode).input_names
+    if "position_ids" in names:
         inputs.append(positions)
+    if "write_position" in names:
+        inputs.append(write)
     return inputs + list(keys) + list(values)
+
+
+def run_mode(step: int, static: bool) -> str:
+    """The site graph that runs generation step ``step``."""
+    return ("prefill" if step == 0 else "decode") + ("_static" if static else "")
+
+
+def static_cache_length(config, width: int) -> int:
+    """The length a static cache is preallocated to, as transformers' generate sizes it: the prompt
+    width plus ``max_new_tokens - 1`` (the last token is never fed back), or ``max_cache_len`` if larger."""
+    return max(width + config.max_new_tokens - 1, config.max_cache_len or 0)
 
 
 def _rejected(e: Exception, loc: Location) -> InputError:
@@ -330,6 +513,9 @@ def output_rows(result, start: int, stop: int | None):
         cache.layers = [copy.copy(layer) for layer in cache.layers]
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys[start:stop], layer.values[start:stop]
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):  # a StaticLayer's own count
+                layer.cumulative_length = layer.cumulative_length.clone()
+                layer.batch_size = layer.keys.shape[0]
     per_step = {name: None if steps is None else tuple(s[start:stop] for s in steps)
                 for name, steps in (("scores", result.scores), ("logits", result.logits))}
     return type(result)(sequences=result.sequences[start:stop], cache=cache, **per_step)
@@ -357,15 +543,20 @@ def generate(tracer: GenerateTracer) -> None:
     positions = batch.position_ids
     unfinished = torch.ones(len(rows), dtype=torch.long, device=ids.device)
     values: dict = {}
-    step_inputs = [ids, mask, positions]
+    static = tracer.static
+    width = ids.shape[1]
+    if static:  # every step's mask has the cache's length: ones where a token is written so far
+        static_mask = mask.new_zeros((mask.shape[0], static_cache_length(config, width)))
+        static_mask[:, :width] = mask
+    step_inputs = [ids, static_mask if static else mask, positions, None]
     keys: list = []
     kv_values: list = []
     for step in range(tracer.max_new_tokens):
-        mode = "prefill" if step == 0 else "decode"
+        mode = run_mode(step, static)
         program = tracer.program_of(step)
         out, gm = run_program(model, mode, program, phase_outputs(tracer, step),
                               _step_inputs(model, mode, *step_inputs, keys, kv_values), values,
-                              compile=tracer.compile)
+                              compile=tracer.compile, dynamic=mode != "decode_static")
         if step == 0:
             tracer.graph = gm
         tracer.graphs[step] = gm
@@ -390,9 +581,14 @@ def generate(tracer: GenerateTracer) -> None:
             streamer.put(next_tokens.cpu())
         new_positions = mask.sum(-1, keepdim=True)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        step_inputs = [next_tokens[:, None], mask, new_positions]
-        if unfinished.max() == 0:
+        if unfinished.max() == 0 or step + 1 == tracer.max_new_tokens:
             break
+        write = None
+        if static:  # the next token goes to cache position width + step; a new mask, as values saved may hold the old
+            static_mask = static_mask.clone()
+            static_mask[:, width + step] = 1
+            write = torch.tensor(width + step, device=ids.device)
+        step_inputs = [next_tokens[:, None], static_mask if static else mask, new_positions, write]
     if streamer is not None:
         streamer.end()
     result_program = tracer.programs.get(RESULT_PHASE)
@@ -401,7 +597,11 @@ def generate(tracer: GenerateTracer) -> None:
         if as_dict:
             from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-            cache = DynamicKV(model._model.config).wrap(list(keys), list(kv_values))
+            if static:
+                written = torch.tensor(width + step, device=ids.device)  # prompt, then one token per decode step
+                cache = StaticKV(model._model.config).wrap(list(keys), list(kv_values), written, functional=False)
+            else:
+                cache = DynamicKV(model._model.config).wrap(list(keys), list(kv_values))
             result = GenerateDecoderOnlyOutput(sequences=ids, scores=all_scores, logits=all_logits, cache=cache)
         values[tracer._result.node] = result
         run_detached(result_program, phase_outputs(tracer, RESULT_PHASE), values)

@@ -36,8 +36,8 @@ USED_FIELDS = frozenset({
     "pad_token_id", "eos_token_id",
     # outputs
     "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
-    # the cache: on and dynamic (other values are refused below)
-    "use_cache", "cache_implementation",
+    # the cache: on, dynamic or static (other values are refused below)
+    "use_cache", "cache_implementation", "max_cache_len",
 })
 
 # Fields that change nothing for a decoder-only model given prompts, in transformers' generate too.
@@ -87,8 +87,8 @@ REFUSED_FIELDS: dict[str, tuple[tuple, str, str]] = {
     "prefill_chunk_size": ((None,), "prefilling the prompt in chunks",
                            "Drop it: fxpatch runs the whole prompt in one pass."),
     "continuous_batching_config": ((None,), "continuous batching", "Drop it: fxpatch batches the invokes itself."),
-    "cache_config": ((None,), "settings of a non-default cache", "Drop it: fxpatch uses a dynamic KV cache."),
-    "max_cache_len": ((None,), "the size of a static cache", "Drop it: fxpatch uses a dynamic KV cache."),
+    "cache_config": ((None,), "settings of a quantized or offloaded cache",
+                     "Drop it: fxpatch uses transformers' dynamic or static KV cache."),
 }
 
 # Values of used fields that the loop does not implement.
@@ -96,8 +96,9 @@ _USED_BUT_NOT = {
     "use_cache": ((None, True), "decoding without the KV cache",
                   "Drop use_cache=False: fxpatch decodes one token per step with the KV cache (the tokens are the "
                   "same; a decode step's module values have length 1)."),
-    "cache_implementation": ((None, "dynamic"), "a non-default cache",
-                             "Drop cache_implementation (or pass 'dynamic'): fxpatch uses a dynamic KV cache."),
+    "cache_implementation": ((None, "dynamic", "static"), "a cache other than the dynamic and the static one",
+                             "Pass cache_implementation='dynamic' (the default) or 'static' (preallocated to the "
+                             "maximum length: fixed shapes under compile=True), or drop it."),
 }
 
 # Arguments of transformers' generate() that are not GenerationConfig fields.
@@ -169,11 +170,16 @@ def check_generation_settings(config, user_set: set[str], loc: Location) -> None
     return_dict_in_generate, output_scores, output_logits  used: result is a GenerateDecoderOnlyOutput
     use_cache                                              used when True; False refused (the loop always
                                                            decodes with the KV cache)
-    cache_implementation                                   used when unset or "dynamic"; others refused
+    cache_implementation                                   used when unset, "dynamic" or "static" (a
+                                                           ``StaticCache`` of the maximum length); others refused
+    max_cache_len                                          used with "static": the cache's length when longer
+                                                           than prompt + max_new_tokens - 1, as in transformers;
+                                                           refused with a dynamic cache (which would ignore it)
     bos_token_id, decoder_start_token_id                   no effect: prompts are given, the model is
                                                            decoder-only (as in transformers)
-    compile_config, disable_compile                        no effect: transformers compiles only with a static
-                                                           cache, which is refused; fxpatch never compiles
+    compile_config, disable_compile                        no effect: fxpatch compiles when asked with
+                                                           ``compile=`` (transformers' automatic compilation of
+                                                           static-cache decoding does not apply)
     num_beams (1), num_beam_groups (1),                    refused: beam search
     diversity_penalty (0), early_stopping (False),
     length_penalty (1), constraints, force_words_ids
@@ -190,7 +196,7 @@ def check_generation_settings(config, user_set: set[str], loc: Location) -> None
     guidance_scale (1)                                     refused: classifier-free guidance runs the model again
     output_attentions, output_hidden_states                refused: save module outputs in the block instead
     prefill_chunk_size, continuous_batching_config         refused: fxpatch runs the prompt in one batched pass
-    cache_config, max_cache_len                            refused: non-default caches
+    cache_config                                           refused: quantized and offloaded caches
     (a field fxpatch does not know, from a newer           refused when set
     transformers)
     logits_processor, stopping_criteria,                   generate() arguments, used: merged into transformers'
@@ -223,6 +229,17 @@ def check_generation_settings(config, user_set: set[str], loc: Location) -> None
         source = "" if name in user_set else " (from the model's generation_config)"
         raise InputError(f"model.generate(...) got {name}={value!r}{source}: {what}, which fxpatch's decoding loop "
                          "does not implement", at=loc, hint=hint)
+    n = config.max_cache_len
+    if n is not None:
+        source = "" if "max_cache_len" in user_set else " (from the model's generation_config)"
+        if config.cache_implementation != "static":
+            raise InputError(f"model.generate(...) got max_cache_len={n!r}{source}, which sizes a static cache, but "
+                             f"the cache is dynamic (cache_implementation={config.cache_implementation!r})", at=loc,
+                             hint="Pass cache_implementation='static' with it, or drop max_cache_len.")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"max_cache_len must be a whole number >= 1, got {n!r}{source}", at=loc,
+                             hint="Pass max_cache_len=N with N >= 1, or drop it (the cache then has the prompt's "
+                             "width plus max_new_tokens - 1 positions).")
     k = config.num_return_sequences
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise InputError(f"num_return_sequences must be a whole number >= 1, got {k!r}", at=loc,

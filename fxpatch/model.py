@@ -233,7 +233,7 @@ class TransformersModel(Envoy):
             object.__setattr__(self, "_fingerprint", fingerprint)
 
     def _export(self, mode: str) -> SiteGraph:
-        if mode in ("prefill", "decode"):
+        if mode in ("prefill", "decode", "prefill_static", "decode_static"):
             from .generation import export_entry
 
             entry, example, dynamic = export_entry(self, mode)

@@ -236,22 +236,25 @@ def _feeds(program: torch.fx.Graph, values: dict) -> list[Any]:
     return feeds
 
 
-def compiled(gm: torch.fx.GraphModule, mode: str | None = None):
+def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = True):
     """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph and mode.
 
-    ``mode`` is torch.compile's (``"reduce-overhead"`` uses CUDA graphs on a GPU).
+    ``mode`` is torch.compile's (``"reduce-overhead"`` uses CUDA graphs on a GPU). ``dynamic=False``
+    compiles for the inputs' fixed sizes (a static-cache decode step), once per set of sizes.
     """
     cache = gm.__dict__.setdefault("_fxpatch_compiled", {})
-    fn = cache.get(mode)
+    fn = cache.get((mode, dynamic))
     if fn is None:
-        fn = cache[mode] = torch.compile(gm, dynamic=True, mode=mode)
+        fn = cache[(mode, dynamic)] = torch.compile(gm, dynamic=dynamic, mode=mode)
     return fn
 
 
 def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.fx.Node],
                 model_inputs: list[torch.Tensor], values: dict,
-                compile: bool | str = False, grad: bool = False) -> tuple[list[Any], torch.fx.GraphModule]:
-    """Run one phase: the site graph of ``mode`` with ``program`` inlined (compiled if ``compile``).
+                compile: bool | str = False, grad: bool = False,
+                dynamic: bool = True) -> tuple[list[Any], torch.fx.GraphModule]:
+    """Run one phase: the site graph of ``mode`` with ``program`` inlined (compiled if ``compile``, for
+    fixed sizes if not ``dynamic``).
 
     ``values`` maps program nodes of earlier phases to their values; the
     values of ``outputs`` are added to it. Returns the model's own outputs
@@ -265,7 +268,7 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     feeds = _feeds(program, values)
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
     flat = sg.state_values(model._model) + list(model_inputs) + feeds
-    run = compiled(gm, compile if isinstance(compile, str) else None) if compile else gm
+    run = compiled(gm, compile if isinstance(compile, str) else None, dynamic) if compile else gm
     with torch.set_grad_enabled(grad):
         out = run(*flat)
     n = 0 if mode in WITHOUT_MODEL_OUTPUTS else len(sg.outputs)

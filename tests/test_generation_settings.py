@@ -305,7 +305,7 @@ REFUSED_EXAMPLES = {
     "assistant_lookbehind": 3, "target_lookbehind": 3, "assistant_ensemble_weight": 0.5, "speculation_type": "dflash",
     "token_healing": True, "guidance_scale": 2.0, "output_attentions": True, "output_hidden_states": True,
     "prefill_chunk_size": 4, "continuous_batching_config": {"max_batch_tokens": 8}, "cache_config": {"nbits": 4},
-    "max_cache_len": 64, "use_cache": False, "cache_implementation": "static",
+    "use_cache": False, "cache_implementation": "offloaded",
 }
 
 
