@@ -31,6 +31,7 @@ import torch
 from torch.export import Dim
 
 from .passes.ops import is_site, site
+from .source import add_op_sites
 from .structure import Spec, flatten, unflatten
 
 
@@ -81,13 +82,17 @@ class SiteGraph:
     input_names: list[str] = field(default_factory=list)
     calls: dict[str, dict[str, list[ModuleSites]]] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    # module path -> its forward's operations (``module.source``, fxpatch/source.py); the readable ones are in
+    # ``calls`` as ``<path>.source.<op>``
+    sources: dict[str, Any] = field(default_factory=dict)
 
     def _site_index(self) -> dict[str, tuple[str, str, int]]:
         if not hasattr(self, "_sites"):
             # built from the first paths only, so a site's owner is the module's name, never an alias
             calls = self.calls or {m: {k: [ms] for k, ms in kinds.items()} for m, kinds in self.modules.items()}
+            # an operation of ``.source`` that is a submodule's call lists that module's sites: not its own
             self._sites = {n: (m, k, i) for m, kinds in calls.items() if m not in self.aliases
-                           for k, per_call in kinds.items() for i, ms in enumerate(per_call)
+                           for k, per_call in kinds.items() for i, ms in enumerate(per_call) if ms.module == m
                            for n, is_site in zip(ms.leaves, ms.is_site) if is_site}
         return self._sites
 
@@ -273,7 +278,10 @@ def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
     calls = {path: {kind: [per_call[i] for i in range(len(per_call))] for kind, per_call in kinds.items()}
              for path, kinds in record.items()}
     modules = {path: {kind: per_call[0] for kind, per_call in kinds.items()} for path, kinds in calls.items()}
-    aliases = module_paths(model)[1]
+    firsts, aliases = module_paths(model)
+    sources, op_calls = add_op_sites(ep.graph_module, model, prefix, calls, firsts)
     for table in (calls, modules):
         table.update({alias: table[path] for alias, path in aliases.items() if path in table})
-    return SiteGraph(ep.graph_module, state, inputs, outputs, modules, seconds, list(example), calls, aliases)
+    calls.update(op_calls)  # after the aliases: an operation is read through its module's first path
+    return SiteGraph(ep.graph_module, state, inputs, outputs, modules, seconds, list(example), calls, aliases,
+                     sources)
