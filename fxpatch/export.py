@@ -31,7 +31,7 @@ import torch
 from torch.export import Dim
 
 from .passes.ops import is_site, site
-from .source import add_op_sites
+from .source import add_op_sites, unpacked_sites
 from .structure import Spec, flatten, unflatten
 
 
@@ -257,7 +257,9 @@ def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
     record: dict[str, dict[str, dict[int, ModuleSites]]] = {}  # path -> kind -> call -> sites
     dynamic = dynamic_shapes or {k: _all_dynamic(v) for k, v in example.items()}
     start = time.perf_counter()
-    with torch.no_grad(), _transformers_export_patches(model), _site_hooks(model, record):
+    unpacked: dict = {}  # tuples that forwards unpack (``.source``; fxpatch/source.py)
+    with torch.no_grad(), _transformers_export_patches(model), _site_hooks(model, record), \
+            unpacked_sites(module_paths(model)[0], unpacked):
         ep = torch.export.export(entry, (), dict(example), dynamic_shapes=dynamic, strict=False)
     seconds = time.perf_counter() - start
 
@@ -279,7 +281,7 @@ def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
              for path, kinds in record.items()}
     modules = {path: {kind: per_call[0] for kind, per_call in kinds.items()} for path, kinds in calls.items()}
     firsts, aliases = module_paths(model)
-    sources, op_calls = add_op_sites(ep.graph_module, model, prefix, calls, firsts)
+    sources, op_calls = add_op_sites(ep.graph_module, model, prefix, calls, firsts, unpacked)
     for table in (calls, modules):
         table.update({alias: table[path] for alias, path in aliases.items() if path in table})
     calls.update(op_calls)  # after the aliases: an operation is read through its module's first path

@@ -18,17 +18,20 @@ exported graph already records, for each torch-level op, the module it ran in
    sites); a call of a torch function or tensor method is the graph op of the
    same name on that line (``view`` -> ``aten.view``; the k-th such call on a
    line is the k-th such op); any other call that is the whole value of its
-   statement (a Python helper: ``attention_interface(...)``) is the last op of
-   the statement; an assignment is the value it assigns (the call on its right,
-   or the last op of the statement);
+   statement (a Python helper: ``y = helper(x)``) is the last op of the
+   statement; an assignment is the value it assigns (the call on its right, or
+   the last op of the statement); a call whose tuple its statement unpacks into
+   names (``attn_output, attn_weights = attention_interface(...)``) is the tuple
+   of those names' values, which ``unpacked_sites`` passes through sites while
+   the export traces (with ``TRACE_UNPACKED`` set);
 3. puts a ``fxpatch::site`` after each op that holds such a value, named
    ``<module>.source.<op>.output`` (``#k`` for its later executions), and lists
    each name's sites in ``SiteGraph.calls`` under ``<module>.source.<op>``, so a
    read, a write and ``tracer.iter`` treat an operation as they treat a module.
 
 A name whose value the graph does not show (a branch that did not run, a
-value that is not a tensor, a tuple a Python helper returns, an op whose graph
-ops cannot be told apart from its neighbours') is listed but cannot be read;
+value that is not a tensor, an op whose graph ops cannot be told apart from its
+neighbours') is listed but cannot be read;
 ``ModuleSource.status`` says why.
 
 Example::
@@ -36,15 +39,17 @@ Example::
     print(model.transformer.h[0].mlp.source)
     with model.trace("Hello"):
         act = model.transformer.h[0].mlp.source.self_act_0.output.save()
-        model.transformer.h[0].attn.source.attention_interface_1.output[:] = 0  # not addressable: error
+        model.transformer.h[0].attn.source.shape_q_0.output  # not a tensor: SourceOpError
 """
 
 from __future__ import annotations
 
 import ast
 import bisect
+import contextlib
 import inspect
 import re
+import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
@@ -52,8 +57,8 @@ from typing import Any
 
 import torch
 
-from .passes.ops import SITE_OP, is_site
-from .structure import LEAF
+from .passes.ops import SITE_OP, is_site, site
+from .structure import LEAF, Spec
 
 # --- naming (NNsight 0.8.1's ``Instrument``, without rewriting anything) ---------------------------------------
 
@@ -74,6 +79,7 @@ class SourceOp:
     simple_target: bool = False  # an assignment to a name or ``self.x`` (not unpacking, not x[i] = ...)
     whole_value: bool = False  # a call that is the entire value of its statement (nothing applied to its result)
     unpacked: bool = False  # a call whose result its statement unpacks (``a, b = f(x)``)
+    targets: list[str] | None = None  # the names it unpacks into, when they all are plain names
 
 
 @dataclass
@@ -283,9 +289,119 @@ def _parse(code: types.CodeType) -> ForwardSource | str:
                 stmt_node, ast.AnnAssign) else [])
             unpacked = any(isinstance(t, (ast.Tuple, ast.List)) for t in targets)
             op.unpacked = value is op.node and unpacked
+            if op.unpacked and len(targets) == 1 and all(isinstance(t, ast.Name) for t in targets[0].elts):
+                op.targets = [t.id for t in targets[0].elts]
             op.whole_value = value is op.node and not unpacked and isinstance(
                 stmt_node, (ast.Assign, ast.AnnAssign, ast.Return, ast.Expr))
     return ForwardSource(code.co_filename, start, text, namer.ops, spans, line_stmt)
+
+
+# --- a tuple a call returns and its statement unpacks: sites on the names it binds, while the export traces ---
+
+
+TRACE_UNPACKED = False
+"""Set ``fxpatch.source.TRACE_UNPACKED = True`` before a model's first trace to address the tuples its forwards
+unpack (``attn_output, attn_weights = attention_interface(...)``); its exports then take about 1.5 times as
+long (Python line tracing runs while those modules are exported)."""
+
+
+@contextlib.contextmanager
+def unpacked_sites(modules: dict[str, torch.nn.Module], record: dict):
+    """While the export traces, after a statement ``a, b = f(...)`` of a module's ``forward`` has run (``f``
+    not a submodule), pass each tensor it bound through a site named ``<module>.source.<op>.output[i]``
+    (``output#k[i]`` for its later executions), so that the tuple NNsight gives as the call's ``.output``
+    can be read and written. ``record[(module path, op)]`` lists each execution's ``ModuleSites``.
+
+    A ``sys.settrace`` hook, on only while such a module runs, finds when the statement is done and rebinds
+    the names (a trace function may set a frame's locals); with another trace function active (a debugger, a
+    coverage tool) nothing is done and such operations stay unaddressable.
+    """
+    if not TRACE_UNPACKED or sys.gettrace() is not None:
+        yield
+        return
+    first = {id(m): p for p, m in modules.items()}
+    watched: dict[types.CodeType, list[tuple[int, int, SourceOp]]] = {}
+    for module in modules.values():
+        fs = forward_source(module)
+        code = getattr(forward_function(module), "__code__", None)
+        if not isinstance(fs, ForwardSource) or code is None or code in watched:
+            continue
+        entries = [(*fs.statements[op.stmt], op) for op in fs.ops
+                   if op.targets and op.stmt is not None and not isinstance(_callee(op, module), torch.nn.Module)]
+        if entries:
+            watched[code] = entries
+    if not watched:
+        yield
+        return
+    pending: dict[int, tuple[int, int, SourceOp]] = {}  # frame -> the watched statement it is running
+    counts: dict[tuple[str, str], int] = {}
+
+    def bind(frame, op: SourceOp) -> None:
+        from .export import ModuleSites, Opaque, _is_constant, site_name
+
+        path = first.get(id(frame.f_locals.get("self")))
+        if path is None:
+            return
+        e = counts.get((path, op.name), 0)
+        counts[(path, op.name)] = e + 1
+        key = f"{path}.source.{op.name}" if path else f"source.{op.name}"
+        leaves, flags = [], []
+        for i, target in enumerate(op.targets):
+            value = frame.f_locals.get(target)
+            if isinstance(value, torch.Tensor):
+                name = site_name(key, "output", f"[{i}]", e)
+                frame.f_locals[target] = site(value, name)
+                leaves.append(name)
+                flags.append(True)
+            else:
+                leaves.append(value if _is_constant(value) else Opaque(type(value).__name__))
+                flags.append(False)
+        spec = Spec("tuple", tuple(range(len(op.targets))), tuple(LEAF for _ in op.targets), tuple)
+        record.setdefault((path, op.name), []).append(ModuleSites(key, "output", spec, leaves, flags))
+
+    def local(frame, event, arg):
+        running = pending.get(id(frame))
+        line = frame.f_lineno
+        if running is not None and (event == "return" or not running[0] <= line <= running[1]):
+            del pending[id(frame)]
+            bind(frame, running[2])
+        if event == "line":
+            for entry in watched[frame.f_code]:
+                if line == entry[0]:
+                    pending[id(frame)] = entry
+        return local
+
+    def find(frame, event, arg):
+        # the export makes millions of Python calls: once the watched forward's frame is found, the global
+        # trace function is a builtin that turns every other frame down (getattr(frame, "call", None) is
+        # None) and only this frame, through its own f_trace, sees its lines, as pdb's set_trace does
+        if event == "call" and frame.f_code in watched:
+            sys.settrace(getattr)
+            return local
+        return None
+
+    depth = [0]
+
+    def start(module, args):
+        depth[0] += 1
+        sys.settrace(find)
+
+    def stop(module, args, output):
+        depth[0] -= 1
+        if depth[0] == 0:
+            sys.settrace(None)
+
+    handles = []
+    try:
+        for module in modules.values():
+            if getattr(forward_function(module), "__code__", None) in watched:
+                handles.append(module.register_forward_pre_hook(start))
+                handles.append(module.register_forward_hook(stop))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        sys.settrace(None)
 
 
 # --- finding the names' values in the exported graph ------------------------------------------------------------
@@ -328,11 +444,13 @@ def _is_tensor_node(node: torch.fx.Node) -> bool:
 
 
 def add_op_sites(gm: torch.fx.GraphModule, model: torch.nn.Module, prefix: str, calls: dict,
-                 modules: dict[str, torch.nn.Module]) -> tuple[dict[str, ModuleSource], dict[str, dict[str, list]]]:
+                 modules: dict[str, torch.nn.Module], unpacked: dict | None = None,
+                 ) -> tuple[dict[str, ModuleSource], dict[str, dict[str, list]]]:
     """Put a site after each op of a module's own ``forward`` that holds a named operation's value.
 
     ``calls`` is the export's ``path -> kind -> [ModuleSites]`` of the modules (first paths), ``modules`` the
-    first paths' modules. Returns ``(sources, op_calls)``: each module's ``ModuleSource`` and, for each
+    first paths' modules, ``unpacked`` what ``unpacked_sites`` recorded.
+    Returns ``(sources, op_calls)``: each module's ``ModuleSource`` and, for each
     readable operation, ``{"output": [...], "inputs": [...]}`` by execution (``inputs`` only for a call
     of a submodule), keyed ``<module>.source.<name>``.
     """
@@ -418,6 +536,8 @@ def add_op_sites(gm: torch.fx.GraphModule, model: torch.nn.Module, prefix: str, 
         events.setdefault(where, []).append((call, stmt, what))
 
     op_calls: dict[str, dict[str, list]] = {}
+    for (path, name), per_execution in (unpacked or {}).items():
+        op_calls[f"{path}.source.{name}" if path else f"source.{name}"] = {"output": per_execution}
     op_site: dict[torch.fx.Node, str] = {}  # op node -> the site name put after it
     inserts: list[tuple[torch.fx.Node, str]] = []
     for path, module in modules.items():
@@ -455,6 +575,7 @@ def add_op_sites(gm: torch.fx.GraphModule, model: torch.nn.Module, prefix: str, 
                 runs[stmt] = split
         for stmt, ops in by_stmt.items():
             executions = runs.get(stmt)
+            ops = [op for op in ops if (path, op.name) not in (unpacked or {})]
             if not executions:
                 for op in ops:
                     src.status[op.name] = "its statement did not run (or ran no tensor op) in the exported " \
@@ -575,8 +696,10 @@ def _resolve(ops: list[SourceOp], run: list[tuple], module: torch.nn.Module, fir
         elif len(unmatched) == 1 and op.whole_value and last_own is not None and last_own not in claimed:
             out[op.name] = ("own", last_own)  # a Python helper: its result is the statement's last op
         elif op.unpacked:
-            out[op.name] = "it returns a tuple that its line unpacks, and the graph does not show which of its " \
-                           "ops make up that tuple"
+            out[op.name] = "it returns a tuple that its line unpacks " + (
+                "into something other than plain names" if op.targets is None else
+                "(set fxpatch.source.TRACE_UNPACKED = True before the model's first trace to address it; "
+                "a debugger or coverage tool tracing the export also prevents it)")
         else:
             out[op.name] = "a Python function call whose result fxpatch cannot single out in the graph"
     for op in ops:

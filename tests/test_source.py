@@ -66,11 +66,11 @@ def ops(lm) -> dict[str, str]:
         return {"mlp": "transformer.h.0.mlp", "act_op": "self_act_0", "act": "transformer.h.0.mlp.act",
                 "attn": "transformer.h.0.attn", "attn_out_op": "attn_output_reshape_0",
                 "out_proj": "transformer.h.0.attn.c_proj", "query_op": "query_states_1",
-                "tuple_op": "attention_interface_1", "unread_op": "split_1"}
+                "tuple_op": "attention_interface_1", "unread_op": "shape_kv_1"}
     return {"mlp": "model.layers.0.mlp", "act_op": "self_act_fn_0", "act": "model.layers.0.mlp.act_fn",
             "attn": "model.layers.0.self_attn", "attn_out_op": "attn_output_reshape_0",
             "out_proj": "model.layers.0.self_attn.o_proj", "query_op": "transpose_0",
-            "tuple_op": "attention_interface_1", "unread_op": "apply_rotary_pos_emb_0"}
+            "tuple_op": "attention_interface_1", "unread_op": "hidden_shape_0"}
 
 
 def query_states(lm, run) -> torch.Tensor:
@@ -169,8 +169,40 @@ def test_zeroing_an_op_inside_attention_matches_zeroing_what_it_is_made_of(lm):
         def zero_query(q):
             return torch.zeros_like(q)
     ref = run_alone(lm, PROMPT_1, outputs={query_module(lm): zero_query})
-    close(logits[0], ref.logits, "logits with zero queries")
-    assert not torch.allclose(logits[0], run_alone(lm, PROMPT_1).logits, atol=1e-3)
+    close(unpad(logits, 0, len(ref.ids)), ref.logits, "logits with zero queries")
+    assert not torch.allclose(unpad(logits, 0, len(ref.ids)), run_alone(lm, PROMPT_1).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_unpacked_tuples_with_trace_unpacked(arch, tokenizer, monkeypatch):
+    """``attn_output, attn_weights = attention_interface(...)``: the tuple, read and written, once
+    ``TRACE_UNPACKED`` is set before the model's first trace (a fresh model: the shared ones are exported)."""
+    import sys
+
+    import fxpatch
+    from fxpatch import LanguageModel
+    from tests.conftest import tiny_llama
+
+    monkeypatch.setattr(fxpatch.source, "TRACE_UNPACKED", True)
+    lm = LanguageModel(fxpatch.TINY_GPT2) if arch == "gpt2" else \
+        LanguageModel(tiny_llama(len(tokenizer)), tokenizer=tokenizer)
+    o = ops(lm)
+    attn = envoy(lm, o["attn"]).source
+    with lm.trace() as tracer:
+        with tracer.invoke(PROMPT_1):
+            pair = getattr(attn, o["tuple_op"]).output.save()
+        with tracer.invoke(SHORT):
+            getattr(attn, o["tuple_op"]).output[0][:, -1] = 0  # (batch, tokens, heads, head_dim)
+            no_last = lm.lm_head.output.save()
+    assert sys.gettrace() is None
+    heads, weights = pair  # the attention function's (output, weights): sdpa gives no weights
+    assert isinstance(pair, tuple) and weights is None and heads.dim() == 4
+    ref = run_alone(lm, PROMPT_1, capture=[o["out_proj"]])
+    close(heads.flatten(2), ref.inputs[o["out_proj"]][0][0], "attention heads")
+    n = len(token_ids(lm, SHORT))
+    close(unpad(no_last, 0, n), run_alone(lm, SHORT, inputs={o["out_proj"]: first_input(set_last(0.0))}).logits,
+          "attention output zeroed at the last token")
+    assert not torch.allclose(unpad(no_last, 0, n), run_alone(lm, SHORT).logits, atol=1e-3)
 
 
 def test_an_operation_in_a_loop_has_one_value_per_execution(llama):
@@ -216,10 +248,11 @@ def test_errors_name_the_operation_and_what_can_be_read(lm):
             attn.nope_0.output.save()
     msg = str(e.value)
     assert msg.startswith(f"{__file__}:") and f"{o['attn']}.source has no operation 'nope_0'" in msg
-    assert f"{o['attn_out_op']}, " in msg and o["tuple_op"] not in msg.split("reads and writes")[1]
-    with pytest.raises(SourceOpError, match=r"attention_interface_1 cannot be read or written: it returns a tuple"):
+    assert f"{o['attn_out_op']}, " in msg and o["unread_op"] not in msg.split("reads and writes")[1]
+    with pytest.raises(SourceOpError, match=r"attention_interface_1 cannot be read or written: it returns a "
+                       r"tuple that its line unpacks \(set fxpatch.source.TRACE_UNPACKED = True"):
         with lm.trace(PROMPT_1):
-            getattr(attn, o["tuple_op"]).output[:] = 0
+            getattr(attn, o["tuple_op"]).output[0][:] = 0
     with pytest.raises(SourceOpError, match=rf"{o['unread_op']} cannot be read or written"):
         with lm.trace(PROMPT_1):
             getattr(attn, o["unread_op"]).output.save()
@@ -233,3 +266,40 @@ def test_errors_name_the_operation_and_what_can_be_read(lm):
         _ = getattr(attn, o["attn_out_op"]).output
     assert_state_unchanged(lm, before)
 
+
+
+def test_operations_in_generate_steps(lm):
+    """Prefill and decode graphs have the operations too: per-step reads and a write at every step."""
+    import fxpatch
+    from tests.test_generation import HELLO, N, assert_tokens, expected_batch, hf_generate
+
+    o = ops(lm)
+    attn = envoy(lm, o["attn"]).source
+    with lm.generate(max_new_tokens=N) as tracer:
+        with tracer.invoke(PROMPT_1):
+            seen = fxpatch.save([])
+            for _ in tracer.all():
+                seen.append(getattr(attn, o["attn_out_op"]).output[:, -1])
+        with tracer.invoke(HELLO):
+            for _ in tracer.all():
+                getattr(attn, o["attn_out_op"]).output[:, -1] = 0
+        result = tracer.result.save()
+
+    out_proj = lm._model.get_submodule(o["out_proj"])
+    ref: list[torch.Tensor] = []
+    hook = out_proj.register_forward_pre_hook(lambda m, args: ref.append(args[0][:, -1].detach().clone()))
+    try:
+        plain = hf_generate(lm, PROMPT_1, N)
+    finally:
+        hook.remove()
+    assert len(seen) == len(ref) == N
+    for step, (got, expected) in enumerate(zip(seen, ref)):
+        close(got, expected, f"step {step}")
+
+    def zero_last_input(output, step):  # out_proj(0) at the last position is its bias
+        output = output.clone()
+        output[:, -1] = 0 if out_proj.bias is None else out_proj.bias
+        return output
+    edited = hf_generate(lm, HELLO, N, edits=[(out_proj, zero_last_input)])
+    assert edited != hf_generate(lm, HELLO, N)
+    assert_tokens(lm, result, expected_batch(lm, [PROMPT_1, HELLO], [plain, edited]))
