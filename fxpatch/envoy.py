@@ -131,6 +131,21 @@ class Envoy:
         tracer = self._tracer("input")
         return _first_input(visible_inputs(tracer, self._path, tracer.read(self._path, "inputs")))
 
+    @property
+    def source(self) -> Any:
+        """The operations of the module's ``forward``, named as NNsight's ``.source`` names them
+        (``fxpatch/source_envoy.py``; a child module called ``source`` is reached as ``envoy["source"]``).
+
+        Example::
+
+            print(model.transformer.h[0].mlp.source)
+            with model.trace("Hello"):
+                act = model.transformer.h[0].mlp.source.self_act_0.output.save()
+        """
+        from .source_envoy import Source
+
+        return Source(self)
+
     def skip(self, value: Any) -> None:
         """The module does not run in this invoke: ``value`` is its output (NNsight's ``skip``).
 

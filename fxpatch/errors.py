@@ -22,7 +22,8 @@ from .passes.diagnostics import FlowError, FxpatchError, Location, ShapeError
 
 __all__ = [
     "BarrierError", "ControlFlowError", "FlowError", "FxpatchError", "GradientError", "InputError", "Location",
-    "MissingDependencyError", "ModuleNotRunError", "ModulePathError", "ProxyScopeError", "ShapeError", "user_location",
+    "MissingDependencyError", "ModuleNotRunError", "ModulePathError", "ProxyScopeError", "ShapeError", "SourceOpError",
+    "user_location",
 ]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -37,6 +38,10 @@ def _is_internal(filename: str) -> bool:
 
 class ModulePathError(FxpatchError, AttributeError):
     """A module path that does not exist in the model."""
+
+
+class SourceOpError(FxpatchError, AttributeError):
+    """An operation of ``module.source`` that does not exist, or that fxpatch cannot read or write."""
 
 
 class ModuleNotRunError(FxpatchError):

@@ -35,6 +35,7 @@ import torch
 from torch.export import Dim
 
 from .passes.ops import is_site, site
+from .source import add_op_sites, module_sources, unpacked_sites
 from .structure import Spec, flatten, unflatten
 
 _log = logging.getLogger(__name__)
@@ -90,13 +91,17 @@ class SiteGraph:
     calls: dict[str, dict[str, list[ModuleSites]]] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     loaded_from: str | None = None  # the disk cache entry it was read from (then export_seconds is the read's)
+    # module path -> its forward's operations (``module.source``, fxpatch/source.py); the readable ones are in
+    # ``calls`` as ``<path>.source.<op>``
+    sources: dict[str, Any] = field(default_factory=dict)
 
     def _site_index(self) -> dict[str, tuple[str, str, int]]:
         if not hasattr(self, "_sites"):
             # built from the first paths only, so a site's owner is the module's name, never an alias
             calls = self.calls or {m: {k: [ms] for k, ms in kinds.items()} for m, kinds in self.modules.items()}
+            # an operation of ``.source`` that is a submodule's call lists that module's sites: not its own
             self._sites = {n: (m, k, i) for m, kinds in calls.items() if m not in self.aliases
-                           for k, per_call in kinds.items() for i, ms in enumerate(per_call)
+                           for k, per_call in kinds.items() for i, ms in enumerate(per_call) if ms.module == m
                            for n, is_site in zip(ms.leaves, ms.is_site) if is_site}
         return self._sites
 
@@ -270,13 +275,17 @@ def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[s
             start = time.perf_counter()
             parts = export_cache.load(directory, key)
             if parts is not None:
+                sources = module_sources(model, parts["sources"])
                 return _site_graph(model, parts["graph_module"], parts["state"], parts["inputs"], parts["outputs"],
-                                   parts["calls"], time.perf_counter() - start, list(example), parts["path"])
-        sg, calls = _export_sites(model, entry, example, dynamic_shapes, prefix)
+                                   parts["calls"], parts["op_calls"], sources, time.perf_counter() - start,
+                                   list(example), parts["path"])
+        sg, calls, op_calls = _export_sites(model, entry, example, dynamic_shapes, prefix)
         if key is not None:
             try:
                 export_cache.save(directory, key, {"graph_module": sg.graph_module, "state": sg.state,
                                                    "inputs": sg.inputs, "outputs": sg.outputs, "calls": calls,
+                                                   "op_calls": op_calls,
+                                                   "sources": {p: [m.why, m.status] for p, m in sg.sources.items()},
                                                    "export_seconds": sg.export_seconds})
             except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder: the next process exports
                 _log.warning("fxpatch: could not write the export cache in %s: %s: %s", directory,
@@ -289,11 +298,13 @@ def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[s
 TRACING_LOCK = threading.RLock()
 
 
-def _export_sites(model, entry, example, dynamic_shapes, prefix) -> tuple[SiteGraph, dict]:
+def _export_sites(model, entry, example, dynamic_shapes, prefix) -> tuple[SiteGraph, dict, dict]:
     record: dict[str, dict[str, dict[int, ModuleSites]]] = {}  # path -> kind -> call -> sites
     dynamic = dynamic_shapes or {k: _all_dynamic(v) for k, v in example.items()}
     start = time.perf_counter()
-    with torch.no_grad(), _transformers_export_patches(model), _site_hooks(model, record):
+    unpacked: dict = {}  # tuples that forwards unpack (``.source``; fxpatch/source.py)
+    with torch.no_grad(), _transformers_export_patches(model), _site_hooks(model, record), \
+            unpacked_sites(module_paths(model)[0], unpacked):
         ep = torch.export.export(entry, (), dict(example), dynamic_shapes=dynamic, strict=False)
     seconds = time.perf_counter() - start
 
@@ -313,17 +324,21 @@ def _export_sites(model, entry, example, dynamic_shapes, prefix) -> tuple[SiteGr
     # by call number: a call made inside another call of the same module returns (is recorded) first
     calls = {path: {kind: [per_call[i] for i in range(len(per_call))] for kind, per_call in kinds.items()}
              for path, kinds in record.items()}
-    return _site_graph(model, ep.graph_module, state, inputs, outputs, calls, seconds, list(example)), calls
+    sources, op_calls = add_op_sites(ep.graph_module, model, prefix, calls, module_paths(model)[0], unpacked)
+    sg = _site_graph(model, ep.graph_module, state, inputs, outputs, calls, op_calls, sources, seconds, list(example))
+    return sg, calls, op_calls
 
 
-def _site_graph(model, graph_module, state, inputs, outputs, calls, seconds, input_names,
+def _site_graph(model, graph_module, state, inputs, outputs, calls, op_calls, sources, seconds, input_names,
                 loaded_from=None) -> SiteGraph:
     """The ``SiteGraph`` of an exported (or loaded) graph: every module path, aliases included, gets its
-    first path's site records."""
+    first path's site records; a forward's operations (``op_calls``, ``sources``: ``.source``) are read
+    through their module's first path."""
     calls = {path: dict(kinds) for path, kinds in calls.items()}
     modules = {path: {kind: per_call[0] for kind, per_call in kinds.items()} for path, kinds in calls.items()}
     aliases = module_paths(model)[1]
     for table in (calls, modules):
         table.update({alias: table[path] for alias, path in aliases.items() if path in table})
+    calls.update(op_calls)
     return SiteGraph(graph_module, state, inputs, outputs, modules, seconds, input_names, calls, aliases,
-                     loaded_from)
+                     loaded_from, sources)

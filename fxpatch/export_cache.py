@@ -64,7 +64,7 @@ from .structure import Spec
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the entry layout changes
+FORMAT = 2  # bump when the entry layout changes
 ENV_VAR = "FXPATCH_CACHE_DIR"
 MAX_ENTRIES = 200  # entries kept in a directory (0.3 MB for tiny GPT-2's, 1 MB for a 32-layer model's)
 
@@ -611,7 +611,8 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def save(directory: Path, key: str, parts: dict[str, Any]) -> Path | None:
     """Write an entry for ``key``: ``parts`` are ``graph_module``, ``state`` (``(kind, fqn or tensor)``),
-    ``inputs``, ``outputs``, ``calls`` (first paths only) and ``export_seconds``. Returns its path, or
+    ``inputs``, ``outputs``, ``calls`` (first paths only), ``op_calls`` and ``sources`` (``.source``: each
+    module's operations' sites, and ``path -> [why, status]``) and ``export_seconds``. Returns its path, or
     None when the graph holds something the format does not write (then nothing is written)."""
     try:
         constants, state = [], []
@@ -626,6 +627,7 @@ def save(directory: Path, key: str, parts: dict[str, Any]) -> Path | None:
         entry = {
             "format": FORMAT, "key": key, "graph": encode_graph(parts["graph_module"]), "state": state,
             "inputs": parts["inputs"], "outputs": parts["outputs"], "calls": encode_calls(parts["calls"]),
+            "op_calls": encode_calls(parts["op_calls"]), "sources": parts["sources"],
             "export_seconds": parts["export_seconds"],
             "constants": [[list(t.shape), str(t.dtype).removeprefix("torch."), str(t.device)] for t in constants],
         }
@@ -735,7 +737,10 @@ def load(directory: Path, key: str) -> dict[str, Any] | None:
             with _suppress():
                 os.utime(path)  # used now: pruning keeps the most recently used entries
             return {"graph_module": gm, "state": state, "inputs": inputs, "outputs": outputs,
-                    "calls": decode_calls(entry["calls"]), "export_seconds": float(entry["export_seconds"]),
+                    "calls": decode_calls(entry["calls"]), "op_calls": decode_calls(entry["op_calls"]),
+                    "sources": {str(p): (str(why), {str(k): str(v) for k, v in status.items()})
+                                for p, (why, status) in entry["sources"].items()},
+                    "export_seconds": float(entry["export_seconds"]),
                     "path": str(path)}
     except Exception as e:  # noqa: BLE001 - whatever is wrong with it, the entry is rebuilt
         log.warning("fxpatch: cache entry %s is unreadable (%s: %s); exporting again", path, type(e).__name__, e)
