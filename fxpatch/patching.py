@@ -411,16 +411,6 @@ def _last_logits(model):
     return logits[:, -1]
 
 
-def _write_patch(model, site: _Site, mask: torch.Tensor, value) -> None:
-    """``site``'s output (element 0) becomes ``value`` where ``mask`` holds, itself elsewhere."""
-    envoy = _envoy(model, site.path)
-    if site.container:
-        out = envoy.output
-        out[0] = torch.where(mask, value, out[0])
-    else:
-        envoy.output = torch.where(mask, value, envoy.output)
-
-
 def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[str],
                         positions: Sequence[int] | int | None = None, metric: Metric | None = None,
                         batch_size: int | None = None, progress: bool = True) -> PatchingResult:
@@ -481,22 +471,21 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
     _check_batch_size(batch_size, loc)
     sweep = _prepare(model, clean, corrupt, sites, positions, metric, "activation patching")
     tally = _Tally(model, sweep, loc)
-    cells, skipped = [], []
+    cells: list[list[tuple[int, int, int]]] = [[] for _ in sweep.sites]  # per site
+    skipped = []
     for k, (c_ids, x_ids) in enumerate(sweep.pairs):
         for j, p in enumerate(sweep.positions[k]):
             shared_prefix = c_ids[:p + 1] == x_ids[:p + 1]
             for i in range(len(sweep.sites)):
-                (skipped if shared_prefix else cells).append((k, i, j))
+                (skipped if shared_prefix else cells[i]).append((k, i, j))
     rows = batch_size or rows_per_pass(model, max(len(c) for c, _ in sweep.pairs))
     bar = _progress_bar(tally.scores.numel(), "activation patching", progress)
     try:
-        if len(cells) <= rows:
-            _one_pass(model, sweep, cells, tally)
-        else:
-            clean_values = _clean_passes(model, sweep, max(1, rows // 2), tally)
-            for start in range(0, len(cells), rows):
-                chunk = cells[start:start + rows]
-                _cells_pass(model, sweep, chunk, clean_values, tally)
+        runs = _unpatched_passes(model, sweep, max(1, rows // 2), tally)
+        for i in _forward_order(sweep):
+            for start in range(0, len(cells[i]), rows):
+                chunk = cells[i][start:start + rows]
+                _site_pass(model, sweep, i, chunk, runs, tally)
                 if bar is not None:
                     bar.update(len(chunk))
         for k, i, j in skipped:
@@ -566,78 +555,113 @@ def _read_sites(model, sweep: _Sweep, save: bool) -> list:
     return reads
 
 
-def _masks(model, sweep: _Sweep, cells, width: int) -> list[torch.Tensor]:
-    """Per site, a bool ``(rows, width, 1, ...)`` mask that is true at each row's cell, for that site's rows."""
-    masks = [torch.zeros((len(cells), width) + (1,) * (s.ndim - 2), dtype=torch.bool) for s in sweep.sites]
-    for r, (k, i, j) in enumerate(cells):
-        masks[i][r, width - len(sweep.pairs[k][0]) + sweep.positions[k][j]] = True  # rows are left-padded
-    return [m.to(model.device) for m in masks]
+@dataclass
+class _Unpatched:
+    """What the patched passes take from the unpatched runs of every pair.
 
-
-def _one_pass(model, sweep: _Sweep, cells, tally: _Tally) -> None:
-    """Everything in one trace: clean and corrupt prompts, and a row per cell patched from the clean rows."""
-    ks = list(range(len(sweep.pairs)))
-    masks = _masks(model, sweep, cells, max(len(c) for c, _ in sweep.pairs))
-    pair_of_row = torch.tensor([k for k, _, _ in cells], dtype=torch.long, device=model.device)
-    saved: dict[str, Any] = {}
-    with model.trace() as tracer:
-        with tracer.invoke([sweep.pairs[k][0] for k in ks]):
-            reads = _read_sites(model, sweep, save=False)
-            saved["clean"] = _last_logits(model).save()
-        with tracer.invoke([sweep.pairs[k][1] for k in ks]):
-            saved["corrupt"] = _last_logits(model).save()
-        if cells:
-            with tracer.invoke([sweep.pairs[k][1] for k, _, _ in cells]):
-                for i in _forward_order(sweep):
-                    _write_patch(model, sweep.sites[i], masks[i], reads[i][pair_of_row])
-                saved["cells"] = _last_logits(model).save()
-    tally.unpatched(ks, saved["clean"], saved["corrupt"])
-    if cells:
-        tally.patched(cells, saved["cells"])
-
-
-def _clean_passes(model, sweep: _Sweep, pairs_per_pass: int, tally: _Tally) -> list[list[torch.Tensor]]:
-    """Run each pair's clean and corrupt prompts once; return the clean values at the swept positions.
-
-    ``values[k][i]`` is site ``i``'s clean output (element 0) of pair ``k`` at its
-    positions: ``(positions, ...)``.
+    ``clean[k][i]``: site ``i``'s clean output (element 0) of pair ``k`` at its swept
+    positions, ``(positions, ...)``; ``corrupt[k][i]``: the corrupt output at every
+    token, ``(tokens, ...)``; ``head``: the output layer's ``(weight, bias)`` when the
+    logits are exactly that layer applied to its input (else ``None``: full logits are read).
     """
-    values: list[list[torch.Tensor]] = [[] for _ in sweep.pairs]
+
+    clean: list[list[torch.Tensor]]
+    corrupt: list[list[torch.Tensor]]
+    head: tuple[torch.Tensor, torch.Tensor | None] | None
+    head_path: str | None
+    head_order: int
+
+
+def _head(model) -> tuple[str | None, torch.nn.Module | None]:
+    """The output layer's path and module when it is a plain ``nn.Linear`` (the usual LM head)."""
+    hf = model._model
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None, None
+    path = next((name for name, m in hf.named_modules() if m is head), None)
+    graph = model.site_graph("forward")
+    if not path or path not in graph.modules or not _runs_with_tensor(graph, path):
+        return None, None
+    return path, head
+
+
+def _unpatched_passes(model, sweep: _Sweep, pairs_per_pass: int, tally: _Tally) -> _Unpatched:
+    """Run each pair's clean and corrupt prompts once: their metrics, and the values the patched passes need.
+
+    The runs also read the output layer's input at the last position: where the layer
+    applied to it gives the model's logits (checked on these runs), the patched passes
+    read that input instead of the logits, so the layer runs on one position per row.
+    """
+    head_path, head = _head(model)
+    clean: list[list[torch.Tensor]] = [[] for _ in sweep.pairs]
+    corrupt: list[list[torch.Tensor]] = [[] for _ in sweep.pairs]
+    head_exact = head is not None
     for start in range(0, len(sweep.pairs), pairs_per_pass):
         ks = list(range(start, min(start + pairs_per_pass, len(sweep.pairs))))
         width = max(len(sweep.pairs[k][0]) for k in ks)
         saved: dict[str, Any] = {}
         with model.trace() as tracer:
-            with tracer.invoke([sweep.pairs[k][0] for k in ks]):
-                saved["sites"] = _read_sites(model, sweep, save=True)
-                saved["clean"] = _last_logits(model).save()
-            with tracer.invoke([sweep.pairs[k][1] for k in ks]):
-                saved["corrupt"] = _last_logits(model).save()
-        tally.unpatched(ks, saved["clean"], saved["corrupt"])
+            for side in (0, 1):
+                with tracer.invoke([sweep.pairs[k][side] for k in ks]):
+                    saved[side, "sites"] = _read_sites(model, sweep, save=True)
+                    if head is not None:
+                        saved[side, "head"] = _envoy(model, head_path).input[:, -1].save()
+                    saved[side, "logits"] = _last_logits(model).save()
+        tally.unpatched(ks, saved[0, "logits"], saved[1, "logits"])
+        for side in (0, 1) if head is not None else ():
+            logits = saved[side, "logits"]
+            again = torch.nn.functional.linear(saved[side, "head"], head.weight, head.bias)
+            scale = float(logits.abs().max()) or 1.0
+            head_exact = head_exact and torch.allclose(again, logits, rtol=1e-4, atol=1e-5 * scale)
         for r, k in enumerate(ks):
-            at = [width - len(sweep.pairs[k][0]) + p for p in sweep.positions[k]]
-            values[k] = [site_value[r, at].clone() for site_value in saved["sites"]]
-    return values
+            n = len(sweep.pairs[k][0])
+            at = [width - n + p for p in sweep.positions[k]]
+            clean[k] = [v[r, at].clone() for v in saved[0, "sites"]]
+            corrupt[k] = [v[r, width - n:].clone() for v in saved[1, "sites"]]
+    graph = model.site_graph("forward")
+    order = _site_facts(graph)[graph.modules[head_path]["output"].leaves[0]][1] if head_exact else -1
+    return _Unpatched(clean, corrupt, (head.weight, head.bias) if head_exact else None, head_path, order)
 
 
-def _cells_pass(model, sweep: _Sweep, cells, clean_values: list[list[torch.Tensor]], tally: _Tally) -> None:
-    """One pass of patched corrupt rows whose clean values come in as inputs (a row of values per cell)."""
-    masks = _masks(model, sweep, cells, max(len(sweep.pairs[k][0]) for k, _, _ in cells))
-    patches = []
-    for i in range(len(sweep.sites)):
-        like = clean_values[cells[0][0]][i]
-        patch = like.new_zeros((len(cells), 1) + tuple(like.shape[1:]))  # broadcast over positions by the mask
-        for r, (k, site, j) in enumerate(cells):
-            if site == i:
-                patch[r, 0] = clean_values[k][i][j]
-        patches.append(patch)
+def _site_pass(model, sweep: _Sweep, i: int, cells, runs: _Unpatched, tally: _Tally) -> None:
+    """One pass of corrupt rows patched at site ``i``, a row per cell in ``cells``.
+
+    The site's output is given whole: the corrupt run's value with the clean value at
+    the row's position. A site whose output is a tensor is skipped (``envoy.skip``) with
+    that value, so its module's computation, and whatever fed only it (for a
+    residual-stream site: every layer below), is not in the graph that runs. A site
+    whose output is a tuple gets element 0 written instead, and runs.
+    """
+    site = sweep.sites[i]
+    width = max(len(sweep.pairs[k][0]) for k, _, _ in cells)
+    like = runs.corrupt[cells[0][0]][i]
+    value = like.new_zeros((len(cells), width) + tuple(like.shape[1:]))  # left padding stays zero: it is masked
+    for r, (k, _, j) in enumerate(cells):
+        n = len(sweep.pairs[k][0])
+        value[r, width - n:] = runs.corrupt[k][i]
+        value[r, width - n + sweep.positions[k][j]] = runs.clean[k][i][j]
+    # the head shortcut needs the head's input to come after the patch (not a patch of the head itself)
+    shortcut = runs.head is not None and site.path != runs.head_path and site.order < runs.head_order
     saved: dict[str, Any] = {}
     with model.trace() as tracer:
         with tracer.invoke([sweep.pairs[k][1] for k, _, _ in cells]):
-            for i in _forward_order(sweep):
-                _write_patch(model, sweep.sites[i], masks[i], patches[i])
-            saved["cells"] = _last_logits(model).save()
-    tally.patched(cells, saved["cells"])
+            envoy = _envoy(model, site.path)
+            if site.container:
+                out = envoy.output
+                out[0] = value
+            else:
+                # a skipped module's computation leaves the graph, and with it whatever only fed it
+                envoy.skip(value)
+            if shortcut:
+                saved["head"] = _envoy(model, runs.head_path).input[:, -1].save()
+            else:
+                saved["logits"] = _last_logits(model).save()
+    if shortcut:
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(saved["head"], *runs.head)
+    else:
+        logits = saved["logits"]
+    tally.patched(cells, logits)
 
 
 # -- attribution patching --------------------------------------------------------------------------
