@@ -427,36 +427,47 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
     prompt pair to ``[n]``; the default is the logit of the clean run's top next token.
     ``result.clean`` / ``result.corrupt`` are the metric of the unpatched runs.
 
-    How it runs. Every patched run is a row of a batched fxpatch trace: one invoke holds
-    the clean prompts (read at every site), one the unpatched corrupt prompts and one a
-    corrupt row per cell, where each site's output becomes
-    ``torch.where(mask, clean, output)`` with a per-row mask that is true at that row's
-    cell only (the same values as the ``[:, p]`` write, with the positions as data).
-    A sweep with more cells than ``batch_size`` (default: as many rows as fit
-    ``ACTIVATION_BUDGET_BYTES`` for the model's hidden size, vocabulary and the prompts'
-    length, at most ``MAX_ROWS_PER_PASS``) first runs the clean and corrupt prompts
-    alone, keeping the clean values at the swept positions, then the cells in passes of
-    ``batch_size`` rows that take those values as inputs. ``progress`` shows a ``tqdm``
-    bar over the cells when tqdm is installed.
+    How it runs. Every patched run is a row of a batched fxpatch trace. First the clean
+    and corrupt prompts run (up to ``batch_size // 2`` pairs per pass), keeping every
+    site's clean values at the swept positions and its corrupt output at every token.
+    Then each site gets passes of its cells, a corrupt row per cell (at most
+    ``batch_size`` rows; default: as many as fit ``ACTIVATION_BUDGET_BYTES`` for the
+    model's hidden size, vocabulary and the prompts' length, at most
+    ``MAX_ROWS_PER_PASS``), in which the site's output is given whole: the corrupt
+    run's value with the clean value at that row's position. ``progress`` shows a
+    ``tqdm`` bar over the cells when tqdm is installed.
 
     What the maths lets it skip, and what it does not:
 
     * The clean and corrupt prompts run once per pair, not once per cell or per pass.
+    * A patched run agrees with the corrupt run everywhere before the patched site, so
+      a pass that patches one site need not compute anything before it: the site's
+      output is the corrupt output with one position replaced, passed in as data. A
+      site whose output is a tensor is skipped with that value (``envoy.skip``), so its
+      module's computation, and whatever fed only it, leaves the graph that runs: a
+      pass patching layer ``l`` of the residual stream computes layers ``l + 1`` and up
+      (over a full sweep of ``L`` layers, about half the layer computations of one full
+      run per cell). A site whose output is a tuple (an attention module) gets element
+      0 written instead and its module runs.
+    * The metric reads the last position's logits only. Where the model's logits are
+      its output layer (an ``nn.Linear``) applied to that layer's input, which the
+      unpatched runs check, the patched passes read the layer's input at the last
+      position and apply the layer to it, and the graph drops the layer over the other
+      positions (for GPT-2-small with 10 tokens, a third of a full run's work).
     * A patch at position ``p`` changes nothing at positions before ``p`` (causal
       attention), and the clean and corrupt runs agree at every site up to the last
       position where their tokens agree. So a cell at a position inside the prompts'
       common prefix writes the value that is already there: it is not run, and its score
       is the corrupt metric.
-    * Positions are data (masks and values passed in), not part of the program, and
-      every pass patches all sites with the same row count, so all full passes share
-      one rewritten graph: fxpatch caches graphs by the program's structure (its sites
-      and row counts, not the prompts, positions or values), also across calls. Only
-      the last, shorter pass and the clean/corrupt passes get graphs of their own.
-    * Not exploited: a patch at layer ``l`` leaves every layer below ``l`` and every
-      position before ``p`` as in the corrupt run, but each patched row still runs the
-      whole model from the embeddings over all positions: an fxpatch graph has no entry
-      point mid-model and no cache of the corrupt run's keys and values, so that work
-      is recomputed.
+    * Positions are data (the patched values passed in), not part of the program, so
+      passes of the same site and row count share one rewritten graph: fxpatch caches
+      graphs by the program's structure (its sites and row counts, not the prompts,
+      positions or values), also across calls. A sweep needs a graph per site (and per
+      distinct row count), plus the clean/corrupt pass's.
+    * Not exploited: positions before ``p`` are still recomputed in the layers above the
+      patch (they equal the corrupt run's there, but attention needs their keys and
+      values, and an fxpatch trace has no entry point taking a cache of them), and the
+      last layers still run over every position although only the last one is read.
 
     Example::
 
