@@ -85,7 +85,7 @@ def tl_bridge(hf, tok):
     return TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=tok)
 
 
-def left_padded(rows: list[list[int]], pad: int = PAD):
+def left_padded(rows: list[list[int]], pad: int = 0):
     """The batch HF by hand runs: left-padded ids, attention mask and position ids."""
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

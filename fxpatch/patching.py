@@ -452,8 +452,9 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
     * The metric reads the last position's logits only. Where the model's logits are
       its output layer (an ``nn.Linear``) applied to that layer's input, which the
       unpatched runs check, the patched passes read the layer's input at the last
-      position and apply the layer to it, and the graph drops the layer over the other
-      positions (for GPT-2-small with 10 tokens, a third of a full run's work).
+      position and apply the layer to it (once over up to ``batch_size`` rows of many
+      passes), and the graph drops the layer over the other positions (for GPT-2-small
+      with 10 tokens, a third of a full run's work).
     * A patch at position ``p`` changes nothing at positions before ``p`` (causal
       attention), and the clean and corrupt runs agree at every site up to the last
       position where their tokens agree. So a cell at a position inside the prompts'
@@ -493,12 +494,14 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
     bar = _progress_bar(tally.scores.numel(), "activation patching", progress)
     try:
         runs = _unpatched_passes(model, sweep, max(1, rows // 2), tally)
+        heads: list[tuple[list, torch.Tensor]] = []  # (cells, the output layer's input at the last position)
         for i in _forward_order(sweep):
             for start in range(0, len(cells[i]), rows):
                 chunk = cells[i][start:start + rows]
-                _site_pass(model, sweep, i, chunk, runs, tally)
+                _site_pass(model, sweep, i, chunk, runs, tally, heads)
                 if bar is not None:
                     bar.update(len(chunk))
+        _apply_head(heads, runs, rows, tally)
         for k, i, j in skipped:
             tally.scores[k, i, j] = tally.corrupt[k]
         if bar is not None:
@@ -634,7 +637,20 @@ def _unpatched_passes(model, sweep: _Sweep, pairs_per_pass: int, tally: _Tally) 
     return _Unpatched(clean, corrupt, (head.weight, head.bias) if head_exact else None, head_path, order)
 
 
-def _site_pass(model, sweep: _Sweep, i: int, cells, runs: _Unpatched, tally: _Tally) -> None:
+def _apply_head(heads: list, runs: _Unpatched, rows: int, tally: _Tally) -> None:
+    """Score the cells whose passes read the output layer's input: the layer applied to up to ``rows``
+    rows at a time, over several passes' rows, so that its weight (vocabulary x hidden) is read once."""
+    while heads:
+        group = [heads.pop(0)]
+        while heads and sum(len(c) for c, _ in group) + len(heads[0][0]) <= rows:
+            group.append(heads.pop(0))
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(torch.cat([h for _, h in group]), *runs.head)
+        for (cells, _), part in zip(group, logits.split([len(c) for c, _ in group])):
+            tally.patched(cells, part)
+
+
+def _site_pass(model, sweep: _Sweep, i: int, cells, runs: _Unpatched, tally: _Tally, heads: list) -> None:
     """One pass of corrupt rows patched at site ``i``, a row per cell in ``cells``.
 
     The site's output is given whole: the corrupt run's value with the clean value at
@@ -668,11 +684,9 @@ def _site_pass(model, sweep: _Sweep, i: int, cells, runs: _Unpatched, tally: _Ta
             else:
                 saved["logits"] = _last_logits(model).save()
     if shortcut:
-        with torch.no_grad():
-            logits = torch.nn.functional.linear(saved["head"], *runs.head)
+        heads.append((cells, saved["head"]))  # scored when the sweep applies the output layer
     else:
-        logits = saved["logits"]
-    tally.patched(cells, logits)
+        tally.patched(cells, saved["logits"])
 
 
 # -- attribution patching --------------------------------------------------------------------------
