@@ -12,7 +12,6 @@ contender's result is compared with HF by hand's (the ``check`` column).
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from collections.abc import Callable
 
@@ -74,7 +73,6 @@ def nnsight_model(hf, tok):
 def tl_bridge(hf, tok):
     """TransformerLens 4's bridge over a copy of ``hf`` (it switches the model's attention to eager), or the
     reason it cannot run."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # get_act_patch_resid_pre draws a bar per call otherwise
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
