@@ -87,20 +87,27 @@ def timed_pair(fn: Callable[[], object], baseline: Callable[[], object], repeats
 
 
 def timed_all(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):
-    """Median seconds of each of ``fns`` run round-robin (``warmup`` rounds first), and each one's last result."""
+    """Median seconds of each of ``fns`` run round-robin (``warmup`` rounds first), each one's last result, and
+    the error of each one that raised (it is not run again)."""
     results: dict[str, object] = {}
-    for _ in range(warmup):
-        for name, f in fns.items():
-            results[name] = f()
+    errors: dict[str, str] = {}
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for round_ in range(warmup + repeats):
         for name, f in fns.items():
+            if name in errors:
+                continue
             _sync()
             start = time.perf_counter()
-            results[name] = f()
+            try:
+                results[name] = f()
+            except Exception as e:  # noqa: BLE001 - a contender that fails is a row that says how
+                errors[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+                continue
             _sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, results
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(t) for name, t in times.items() if t and name not in errors}
+    return seconds, results, errors
 
 
 def timed_once(fn: Callable[[], object]) -> float:

@@ -116,8 +116,8 @@ def measure(case_name: str, workload: str, contenders: dict[str, Callable[[], to
     """Time every runnable contender (interleaved), check its result against HF by hand's, make the rows."""
     runnable = {k: v for k, v in contenders.items() if callable(v)}
     repeats = repeats or args.repeats
-    seconds, results = timed_all(runnable, repeats, warmup)
-    checks = compare(results, rtol)
+    seconds, results, errors = timed_all(runnable, repeats, warmup)
+    checks = compare({k: v for k, v in results.items() if k not in errors}, rtol)
     base = seconds.get(HF)
     rows = []
     for name, fn in contenders.items():
@@ -130,7 +130,7 @@ def measure(case_name: str, workload: str, contenders: dict[str, Callable[[], to
                 status = "n/a"
         m = Measurement(case_name, workload, HF, seconds.get(name), base, repeats if callable(fn) else 0,
                         target=target, contender=name, status=status, check=checks.get(name, ""),
-                        note="" if callable(fn) else fn)
+                        note=errors.get(name, "") if callable(fn) else fn)
         rows.append(m)
         progress(m)
     return rows
@@ -143,8 +143,12 @@ def progress(m: Measurement) -> None:
 
 
 def first_call(case_name: str, workload: str, name: str, fn: Callable[[], object]) -> Measurement:
-    m = Measurement(case_name, workload, None, timed_once(fn), None, 1, contender=f"{name}, first call",
-                    note="export + rewrite" + (" + compile" if "compiled" in name else ""))
+    note = "export + rewrite" + (" + compile" if "compiled" in name else "")
+    try:
+        seconds = timed_once(fn)
+    except Exception as e:  # noqa: BLE001 - reported in the row; measure() reports it again for the timed runs
+        seconds, note = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+    m = Measurement(case_name, workload, None, seconds, None, 1, contender=f"{name}, first call", note=note)
     progress(m)
     return m
 
