@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"cases to run (default: {' '.join(suite.SUITE)}; also: "
                         f"{' '.join(sorted(set(CASES) - set(suite.SUITE)))})")
     parser.add_argument("--quick", action="store_true",
-                        help="fewest repeats, the sweep not compiled (under 3 minutes on 2 idle cores)")
+                        help="one timed run per contender after one warm-up, the sweep not compiled")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5; 1 quick)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the older cases; the suite runs on the CPU)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for the compiled cases (reduce-overhead: CUDA graphs)")
