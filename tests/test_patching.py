@@ -172,6 +172,29 @@ def test_sites_at_and_after_the_final_norm_match_one_hf_run_per_cell(lm):
     torch.testing.assert_close(result.scores, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_logits_that_are_not_the_output_layer_of_its_input_are_read_whole(gpt2):
+    """A model that scales its logits after the output layer (as soft-capping models do): the unpatched runs
+    find that the layer applied to its input is not the logits, so the patched passes read the logits."""
+    from transformers import GPT2LMHeadModel
+
+    from fxpatch import LanguageModel
+
+    class Scaled(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 30 * torch.tanh(out.logits / 30)
+            return out
+
+    scaled = Scaled(gpt2._model.config).eval()
+    scaled.load_state_dict(gpt2._model.state_dict())
+    lm = LanguageModel(scaled, tokenizer=gpt2.tokenizer)
+    sites = ["transformer.h.1", "transformer.h.3"]
+    result = activation_patching(lm, CLEAN, PROMPT_2, sites, positions=[2, -1], metric=logit_diff, progress=False)
+    ref, _, ref_corrupt = reference_grid(lm, CLEAN, PROMPT_2, sites, [2, 9])
+    assert (ref - ref_corrupt).abs().max() > 1e-3
+    torch.testing.assert_close(result.scores, ref, rtol=1e-4, atol=1e-4)
+
+
 # -- attribution patching ---------------------------------------------------------------------------
 def reference_attribution(lm, clean: str, corrupt: str, sites: list[str], metric=logit_diff) -> torch.Tensor:
     """``(clean - corrupt) . d metric / d activation`` with plain autograd, each prompt run alone."""
