@@ -416,16 +416,6 @@ def _last_logits(model):
     return logits[:, -1]
 
 
-def _write_patch(model, site: _Site, mask: torch.Tensor, value) -> None:
-    """``site``'s output (element 0) becomes ``value`` where ``mask`` holds, itself elsewhere."""
-    envoy = _envoy(model, site.path)
-    if site.container:
-        out = envoy.output
-        out[0] = torch.where(mask, value, out[0])
-    else:
-        envoy.output = torch.where(mask, value, envoy.output)
-
-
 @torch.no_grad()  # traces follow torch's grad mode; the sweep needs no gradients
 def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[str],
                         positions: Sequence[int] | int | None = None, metric: Metric | None = None,
@@ -444,17 +434,15 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
     prompt pair to ``[n]``; the default is the logit of the clean run's top next token.
     ``result.clean`` / ``result.corrupt`` are the metric of the unpatched runs.
 
-    How it runs. Every patched run is a row of a batched fxpatch trace: one invoke holds
-    the clean prompts (read at every site), one the unpatched corrupt prompts and one a
-    corrupt row per cell, where each site's output becomes
-    ``torch.where(mask, clean, output)`` with a per-row mask that is true at that row's
-    cell only (the same values as the ``[:, p]`` write, with the positions as data).
-    A sweep with more cells than ``batch_size`` (default: as many rows as fit
-    ``ACTIVATION_BUDGET_BYTES`` for the model's hidden size, vocabulary and the prompts'
-    length, at most ``MAX_ROWS_PER_PASS``) first runs the clean and corrupt prompts
-    alone, keeping the clean values at the swept positions, then the cells in passes of
-    ``batch_size`` rows that take those values as inputs. ``progress`` shows a ``tqdm``
-    bar over the cells when tqdm is installed.
+    How it runs. Every patched run is a row of a batched fxpatch trace. First the clean
+    and corrupt prompts run (up to ``batch_size // 2`` pairs per pass), keeping every
+    site's clean values at the swept positions and its corrupt output at every token.
+    Then each site gets passes of its cells, a corrupt row per cell (at most
+    ``batch_size`` rows; default: as many as fit ``ACTIVATION_BUDGET_BYTES`` for the
+    model's hidden size, vocabulary and the prompts' length, at most
+    ``MAX_ROWS_PER_PASS``), in which the site's output is given whole: the corrupt
+    run's value with the clean value at that row's position. ``progress`` shows a
+    ``tqdm`` bar over the cells when tqdm is installed.
 
     ``distributed=True`` (or a ``torch.distributed`` process group) shares the prompt
     pairs among the ranks of a ``torchrun`` launch: each rank sweeps its share and every
@@ -464,21 +452,35 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
     What the maths lets it skip, and what it does not:
 
     * The clean and corrupt prompts run once per pair, not once per cell or per pass.
+    * A patched run agrees with the corrupt run everywhere before the patched site, so
+      a pass that patches one site need not compute anything before it: the site's
+      output is the corrupt output with one position replaced, passed in as data. A
+      site whose output is a tensor is skipped with that value (``envoy.skip``), so its
+      module's computation, and whatever fed only it, leaves the graph that runs: a
+      pass patching layer ``l`` of the residual stream computes layers ``l + 1`` and up
+      (over a full sweep of ``L`` layers, about half the layer computations of one full
+      run per cell). A site whose output is a tuple (an attention module) gets element
+      0 written instead and its module runs.
+    * The metric reads the last position's logits only. Where the model's logits are
+      its output layer (an ``nn.Linear``) applied to that layer's input, which the
+      unpatched runs check, the patched passes read the layer's input at the last
+      position and apply the layer to it (once over up to ``batch_size`` rows of many
+      passes), and the graph drops the layer over the other positions (for GPT-2-small
+      with 10 tokens, a third of a full run's work).
     * A patch at position ``p`` changes nothing at positions before ``p`` (causal
       attention), and the clean and corrupt runs agree at every site up to the last
       position where their tokens agree. So a cell at a position inside the prompts'
       common prefix writes the value that is already there: it is not run, and its score
       is the corrupt metric.
-    * Positions are data (masks and values passed in), not part of the program, and
-      every pass patches all sites with the same row count, so all full passes share
-      one rewritten graph: fxpatch caches graphs by the program's structure (its sites
-      and row counts, not the prompts, positions or values), also across calls. Only
-      the last, shorter pass and the clean/corrupt passes get graphs of their own.
-    * Not exploited: a patch at layer ``l`` leaves every layer below ``l`` and every
-      position before ``p`` as in the corrupt run, but each patched row still runs the
-      whole model from the embeddings over all positions: an fxpatch graph has no entry
-      point mid-model and no cache of the corrupt run's keys and values, so that work
-      is recomputed.
+    * Positions are data (the patched values passed in), not part of the program, so
+      passes of the same site and row count share one rewritten graph: fxpatch caches
+      graphs by the program's structure (its sites and row counts, not the prompts,
+      positions or values), also across calls. A sweep needs a graph per site (and per
+      distinct row count), plus the clean/corrupt pass's.
+    * Not exploited: positions before ``p`` are still recomputed in the layers above the
+      patch (they equal the corrupt run's there, but attention needs their keys and
+      values, and an fxpatch trace has no entry point taking a cache of them), and the
+      last layers still run over every position although only the last one is read.
 
     Example::
 
@@ -513,24 +515,25 @@ def _sweep(model, prepare: Callable[[], _Sweep], run: Callable[[_Sweep, bool], _
 
 def _activation_sweep(model, sweep: _Sweep, batch_size: int | None, progress: bool, loc) -> _Tally:
     tally = _Tally(model, sweep, loc)
-    cells, skipped = [], []
+    cells: list[list[tuple[int, int, int]]] = [[] for _ in sweep.sites]  # per site
+    skipped = []
     for k, (c_ids, x_ids) in enumerate(sweep.pairs):
         for j, p in enumerate(sweep.positions[k]):
             shared_prefix = c_ids[:p + 1] == x_ids[:p + 1]
             for i in range(len(sweep.sites)):
-                (skipped if shared_prefix else cells).append((k, i, j))
+                (skipped if shared_prefix else cells[i]).append((k, i, j))
     rows = batch_size or rows_per_pass(model, max(len(c) for c, _ in sweep.pairs))
     bar = _progress_bar(tally.scores.numel(), "activation patching", progress)
     try:
-        if len(cells) <= rows:
-            _one_pass(model, sweep, cells, tally)
-        else:
-            clean_values = _clean_passes(model, sweep, max(1, rows // 2), tally)
-            for start in range(0, len(cells), rows):
-                chunk = cells[start:start + rows]
-                _cells_pass(model, sweep, chunk, clean_values, tally)
+        runs = _unpatched_passes(model, sweep, max(1, rows // 2), tally)
+        heads: list[tuple[list, torch.Tensor]] = []  # (cells, the output layer's input at the last position)
+        for i in _forward_order(sweep):
+            for start in range(0, len(cells[i]), rows):
+                chunk = cells[i][start:start + rows]
+                _site_pass(model, sweep, i, chunk, runs, tally, heads)
                 if bar is not None:
                     bar.update(len(chunk))
+        _apply_head(heads, runs, rows, tally)
         for k, i, j in skipped:
             tally.scores[k, i, j] = tally.corrupt[k]
         if bar is not None:
@@ -598,78 +601,124 @@ def _read_sites(model, sweep: _Sweep, save: bool) -> list:
     return reads
 
 
-def _masks(model, sweep: _Sweep, cells, width: int) -> list[torch.Tensor]:
-    """Per site, a bool ``(rows, width, 1, ...)`` mask that is true at each row's cell, for that site's rows."""
-    masks = [torch.zeros((len(cells), width) + (1,) * (s.ndim - 2), dtype=torch.bool) for s in sweep.sites]
-    for r, (k, i, j) in enumerate(cells):
-        masks[i][r, width - len(sweep.pairs[k][0]) + sweep.positions[k][j]] = True  # rows are left-padded
-    return [m.to(model.device) for m in masks]
+@dataclass
+class _Unpatched:
+    """What the patched passes take from the unpatched runs of every pair.
 
-
-def _one_pass(model, sweep: _Sweep, cells, tally: _Tally) -> None:
-    """Everything in one trace: clean and corrupt prompts, and a row per cell patched from the clean rows."""
-    ks = list(range(len(sweep.pairs)))
-    masks = _masks(model, sweep, cells, max(len(c) for c, _ in sweep.pairs))
-    pair_of_row = torch.tensor([k for k, _, _ in cells], dtype=torch.long, device=model.device)
-    saved: dict[str, Any] = {}
-    with model.trace() as tracer:
-        with tracer.invoke([sweep.pairs[k][0] for k in ks]):
-            reads = _read_sites(model, sweep, save=False)
-            saved["clean"] = _last_logits(model).save()
-        with tracer.invoke([sweep.pairs[k][1] for k in ks]):
-            saved["corrupt"] = _last_logits(model).save()
-        if cells:
-            with tracer.invoke([sweep.pairs[k][1] for k, _, _ in cells]):
-                for i in _forward_order(sweep):
-                    _write_patch(model, sweep.sites[i], masks[i], reads[i][pair_of_row])
-                saved["cells"] = _last_logits(model).save()
-    tally.unpatched(ks, saved["clean"], saved["corrupt"])
-    if cells:
-        tally.patched(cells, saved["cells"])
-
-
-def _clean_passes(model, sweep: _Sweep, pairs_per_pass: int, tally: _Tally) -> list[list[torch.Tensor]]:
-    """Run each pair's clean and corrupt prompts once; return the clean values at the swept positions.
-
-    ``values[k][i]`` is site ``i``'s clean output (element 0) of pair ``k`` at its
-    positions: ``(positions, ...)``.
+    ``clean[k][i]``: site ``i``'s clean output (element 0) of pair ``k`` at its swept
+    positions, ``(positions, ...)``; ``corrupt[k][i]``: the corrupt output at every
+    token, ``(tokens, ...)``; ``head``: the output layer's ``(weight, bias)`` when the
+    logits are exactly that layer applied to its input (else ``None``: full logits are read).
     """
-    values: list[list[torch.Tensor]] = [[] for _ in sweep.pairs]
+
+    clean: list[list[torch.Tensor]]
+    corrupt: list[list[torch.Tensor]]
+    head: tuple[torch.Tensor, torch.Tensor | None] | None
+    head_path: str | None
+    head_order: int
+
+
+def _head(model) -> tuple[str | None, torch.nn.Module | None]:
+    """The output layer's path and module when it is a plain ``nn.Linear`` (the usual LM head)."""
+    hf = model._model
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None, None
+    path = next((name for name, m in hf.named_modules() if m is head), None)
+    graph = model.site_graph("forward")
+    if not path or path not in graph.modules or not _runs_with_tensor(graph, path):
+        return None, None
+    return path, head
+
+
+def _unpatched_passes(model, sweep: _Sweep, pairs_per_pass: int, tally: _Tally) -> _Unpatched:
+    """Run each pair's clean and corrupt prompts once: their metrics, and the values the patched passes need.
+
+    The runs also read the output layer's input at the last position: where the layer
+    applied to it gives the model's logits (checked on these runs), the patched passes
+    read that input instead of the logits, so the layer runs on one position per row.
+    """
+    head_path, head = _head(model)
+    clean: list[list[torch.Tensor]] = [[] for _ in sweep.pairs]
+    corrupt: list[list[torch.Tensor]] = [[] for _ in sweep.pairs]
+    head_exact = head is not None
     for start in range(0, len(sweep.pairs), pairs_per_pass):
         ks = list(range(start, min(start + pairs_per_pass, len(sweep.pairs))))
         width = max(len(sweep.pairs[k][0]) for k in ks)
         saved: dict[str, Any] = {}
         with model.trace() as tracer:
-            with tracer.invoke([sweep.pairs[k][0] for k in ks]):
-                saved["sites"] = _read_sites(model, sweep, save=True)
-                saved["clean"] = _last_logits(model).save()
-            with tracer.invoke([sweep.pairs[k][1] for k in ks]):
-                saved["corrupt"] = _last_logits(model).save()
-        tally.unpatched(ks, saved["clean"], saved["corrupt"])
+            for side in (0, 1):
+                with tracer.invoke([sweep.pairs[k][side] for k in ks]):
+                    saved[side, "sites"] = _read_sites(model, sweep, save=True)
+                    if head is not None:
+                        saved[side, "head"] = _envoy(model, head_path).input[:, -1].save()
+                    saved[side, "logits"] = _last_logits(model).save()
+        tally.unpatched(ks, saved[0, "logits"], saved[1, "logits"])
+        for side in (0, 1) if head is not None else ():
+            logits = saved[side, "logits"]
+            again = torch.nn.functional.linear(saved[side, "head"], head.weight, head.bias)
+            scale = float(logits.abs().max()) or 1.0
+            head_exact = head_exact and torch.allclose(again, logits, rtol=1e-4, atol=1e-5 * scale)
         for r, k in enumerate(ks):
-            at = [width - len(sweep.pairs[k][0]) + p for p in sweep.positions[k]]
-            values[k] = [site_value[r, at].clone() for site_value in saved["sites"]]
-    return values
+            n = len(sweep.pairs[k][0])
+            at = [width - n + p for p in sweep.positions[k]]
+            clean[k] = [v[r, at].clone() for v in saved[0, "sites"]]
+            corrupt[k] = [v[r, width - n:].clone() for v in saved[1, "sites"]]
+    graph = model.site_graph("forward")
+    order = _site_facts(graph)[graph.modules[head_path]["output"].leaves[0]][1] if head_exact else -1
+    return _Unpatched(clean, corrupt, (head.weight, head.bias) if head_exact else None, head_path, order)
 
 
-def _cells_pass(model, sweep: _Sweep, cells, clean_values: list[list[torch.Tensor]], tally: _Tally) -> None:
-    """One pass of patched corrupt rows whose clean values come in as inputs (a row of values per cell)."""
-    masks = _masks(model, sweep, cells, max(len(sweep.pairs[k][0]) for k, _, _ in cells))
-    patches = []
-    for i in range(len(sweep.sites)):
-        like = clean_values[cells[0][0]][i]
-        patch = like.new_zeros((len(cells), 1) + tuple(like.shape[1:]))  # broadcast over positions by the mask
-        for r, (k, site, j) in enumerate(cells):
-            if site == i:
-                patch[r, 0] = clean_values[k][i][j]
-        patches.append(patch)
+def _apply_head(heads: list, runs: _Unpatched, rows: int, tally: _Tally) -> None:
+    """Score the cells whose passes read the output layer's input: the layer applied to up to ``rows``
+    rows at a time, over several passes' rows, so that its weight (vocabulary x hidden) is read once."""
+    while heads:
+        group = [heads.pop(0)]
+        while heads and sum(len(c) for c, _ in group) + len(heads[0][0]) <= rows:
+            group.append(heads.pop(0))
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(torch.cat([h for _, h in group]), *runs.head)
+        for (cells, _), part in zip(group, logits.split([len(c) for c, _ in group])):
+            tally.patched(cells, part)
+
+
+def _site_pass(model, sweep: _Sweep, i: int, cells, runs: _Unpatched, tally: _Tally, heads: list) -> None:
+    """One pass of corrupt rows patched at site ``i``, a row per cell in ``cells``.
+
+    The site's output is given whole: the corrupt run's value with the clean value at
+    the row's position. A site whose output is a tensor is skipped (``envoy.skip``) with
+    that value, so its module's computation, and whatever fed only it (for a
+    residual-stream site: every layer below), is not in the graph that runs. A site
+    whose output is a tuple gets element 0 written instead, and runs.
+    """
+    site = sweep.sites[i]
+    width = max(len(sweep.pairs[k][0]) for k, _, _ in cells)
+    like = runs.corrupt[cells[0][0]][i]
+    value = like.new_zeros((len(cells), width) + tuple(like.shape[1:]))  # left padding stays zero: it is masked
+    for r, (k, _, j) in enumerate(cells):
+        n = len(sweep.pairs[k][0])
+        value[r, width - n:] = runs.corrupt[k][i]
+        value[r, width - n + sweep.positions[k][j]] = runs.clean[k][i][j]
+    # the head shortcut needs the head's input to come after the patch (not a patch of the head itself)
+    shortcut = runs.head is not None and site.path != runs.head_path and site.order < runs.head_order
     saved: dict[str, Any] = {}
     with model.trace() as tracer:
         with tracer.invoke([sweep.pairs[k][1] for k, _, _ in cells]):
-            for i in _forward_order(sweep):
-                _write_patch(model, sweep.sites[i], masks[i], patches[i])
-            saved["cells"] = _last_logits(model).save()
-    tally.patched(cells, saved["cells"])
+            envoy = _envoy(model, site.path)
+            if site.container:
+                out = envoy.output
+                out[0] = value
+            else:
+                # a skipped module's computation leaves the graph, and with it whatever only fed it
+                envoy.skip(value)
+            if shortcut:
+                saved["head"] = _envoy(model, runs.head_path).input[:, -1].save()
+            else:
+                saved["logits"] = _last_logits(model).save()
+    if shortcut:
+        heads.append((cells, saved["head"]))  # scored when the sweep applies the output layer
+    else:
+        tally.patched(cells, saved["logits"])
 
 
 # -- attribution patching --------------------------------------------------------------------------

@@ -103,9 +103,9 @@ def test_prompt_pairs_in_one_pass_and_in_chunks(gpt2):
         result = activation_patching(gpt2, [CLEAN, CLEAN_2], [CORRUPT, CORRUPT_2], sites, positions=positions,
                                      metric=logit_diff, batch_size=batch_size, progress=False)
         if batch_size == 3:
-            # 10 cells (2 lie in the first pair's common prefix): 2 clean/corrupt passes and 4 cell passes of
-            # 3, 3, 3 and 1 rows, which need one rewritten graph per distinct pass, 3 in all
-            assert gpt2.cache_info().misses - misses <= 3
+            # 10 cells (2 lie in the first pair's common prefix), 5 per site: 2 clean/corrupt passes of one
+            # pair (one graph) and per site passes of 3 and 2 rows (a graph per site and row count: 4)
+            assert gpt2.cache_info().misses - misses <= 5
         assert result.scores.shape == (2, 2, 3)
         torch.testing.assert_close(result.scores, torch.stack([r[0] for r in refs]), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(result.clean, torch.stack([r[1] for r in refs]), rtol=1e-4, atol=1e-4)
@@ -129,6 +129,70 @@ def test_glob_sites_expand_in_model_order(gpt2):
     both = attribution_patching(gpt2, CLEAN, CORRUPT, ["transformer.h.[02].attn", "transformer.h.0.attn"],
                                 positions=[-1], metric=logit_diff, progress=False)
     assert both.sites == ["transformer.h.0.attn", "transformer.h.2.attn"]  # each site once
+
+
+def _layers_computed(graph: torch.fx.GraphModule) -> set[int]:
+    """The decoder layers whose weights a rewritten graph uses (parameter inputs with users)."""
+    used = set()
+    for node in graph.graph.nodes:
+        found = re.search(r"_(?:h|layers)_(\d+)_", str(node.target)) if node.op == "placeholder" else None
+        if found and node.users:
+            used.add(int(found.group(1)))
+    return used
+
+
+def test_residual_sweep_over_every_layer_and_position_runs_no_layer_below_the_patch(lm):
+    """Every layer's output at every position, against one HF run per cell; the pass patching layer ``i``
+    gets layer ``i``'s output whole and skips it, so its graph computes layers ``i + 1`` and up only."""
+    from fxpatch import LanguageModel
+
+    fresh = LanguageModel(lm._model, tokenizer=lm.tokenizer)  # its own graph cache, the same weights
+    p = paths(lm)
+    sites = [p.layer(i) for i in range(p.n_layers)]
+    result = activation_patching(fresh, CLEAN, PROMPT_2, f"{p.layers}.*", metric=logit_diff, progress=False)
+    ref, ref_clean, ref_corrupt = reference_grid(lm, CLEAN, PROMPT_2, sites, list(range(10)))
+    assert (ref - ref_corrupt).abs().max() > 1e-3
+    torch.testing.assert_close(result.scores, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.clean, ref_clean, rtol=1e-4, atol=1e-4)
+    # the clean/corrupt pass computes every layer; the pass patching layer i, layers above i only
+    computed = sorted((sorted(_layers_computed(gm)) for fps in fresh._patched._graphs.values() for _, gm in fps),
+                      key=len, reverse=True)
+    assert computed == [list(range(i + 1, p.n_layers)) for i in range(-1, p.n_layers)]
+
+
+def test_sites_at_and_after_the_final_norm_match_one_hf_run_per_cell(lm):
+    """The patched passes apply the output layer to its input at the last position themselves, except
+    for a patch of the output layer itself, whose patched logits are read."""
+    p = paths(lm)
+    sites = [p.layer(p.n_layers - 1), p.norm, p.head]
+    result = activation_patching(lm, CLEAN, PROMPT_2, sites, positions=[3, -1], metric=logit_diff,
+                                 progress=False)
+    ref, _, ref_corrupt = reference_grid(lm, CLEAN, PROMPT_2, sites, [3, 9])
+    assert (ref[:, 1] - ref_corrupt).abs().min() > 1e-3  # each site's last position changes the metric
+    torch.testing.assert_close(result.scores, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_logits_that_are_not_the_output_layer_of_its_input_are_read_whole(gpt2):
+    """A model that scales its logits after the output layer (as soft-capping models do): the unpatched runs
+    find that the layer applied to its input is not the logits, so the patched passes read the logits."""
+    from transformers import GPT2LMHeadModel
+
+    from fxpatch import LanguageModel
+
+    class Scaled(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 30 * torch.tanh(out.logits / 30)
+            return out
+
+    scaled = Scaled(gpt2._model.config).eval()
+    scaled.load_state_dict(gpt2._model.state_dict())
+    lm = LanguageModel(scaled, tokenizer=gpt2.tokenizer)
+    sites = ["transformer.h.1", "transformer.h.3"]
+    result = activation_patching(lm, CLEAN, PROMPT_2, sites, positions=[2, -1], metric=logit_diff, progress=False)
+    ref, _, ref_corrupt = reference_grid(lm, CLEAN, PROMPT_2, sites, [2, 9])
+    assert (ref - ref_corrupt).abs().max() > 1e-3
+    torch.testing.assert_close(result.scores, ref, rtol=1e-4, atol=1e-4)
 
 
 # -- attribution patching ---------------------------------------------------------------------------

@@ -1,0 +1,440 @@
+"""The comparison suite: each workload timed for every contender in one run, against the plain HF model.
+
+Workloads: the reference page's patch (tiny GPT-2), 8 invokes (tiny GPT-2 and GPT-2-small
+shape), the activation-patching sweep (GPT-2-small shape, 12 layers x every position of a
+10-token prompt) and generation (8 prompts x 32 tokens). Contenders: plain Hugging Face by
+hand (hooks where a patch is needed), fxpatch eager, fxpatch compiled, NNsight 0.8 and, for
+the sweep, TransformerLens 4 (``get_act_patch_resid_pre``). A contender that is not
+installed is a row that says so. Everything runs under ``torch.no_grad()``; each
+contender's result is compared with HF by hand's (the ``check`` column).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+
+import torch
+
+from .cases import PAD, gpt2_small, prompts
+from .run import Measurement, case, timed_all, timed_once
+
+HF = "HF by hand"
+EAGER, COMPILED = "fxpatch eager", "fxpatch compiled"
+NNSIGHT, TL = "NNsight 0.8", "TransformerLens 4"
+
+# the reference page's sweep prompts; both 10 tokens with the embedded tokenizer, no common prefix
+CLEAN = "Madison square garden is located in the city of New"
+CORRUPT = "_ _ _ _ _ _ _ _ _ _"
+
+
+# -- models and contenders ----------------------------------------------------------------------------
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    import fxpatch
+
+    return AutoTokenizer.from_pretrained(fxpatch.TINY_GPT2)
+
+
+def tiny_gpt2():
+    from transformers import AutoModelForCausalLM
+
+    import fxpatch
+
+    return AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2).eval()
+
+
+def fxpatch_models(hf, tok, compiled: bool = True) -> dict[str, object]:
+    from fxpatch import LanguageModel
+
+    out = {EAGER: LanguageModel(hf, tokenizer=tok)}
+    if compiled:
+        out[COMPILED] = LanguageModel(hf, tokenizer=tok, compile=True)
+    return out
+
+
+def nnsight_model(hf, tok):
+    """NNsight's ``LanguageModel`` over a copy of ``hf`` (NNsight wraps the modules it is given), or the
+    reason it cannot run."""
+    try:
+        from nnsight import LanguageModel
+    except ImportError:
+        return "not installed"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LanguageModel(copy.deepcopy(hf), tokenizer=tok)
+
+
+def tl_bridge(hf, tok):
+    """TransformerLens 4's bridge over a copy of ``hf`` (it switches the model's attention to eager), or the
+    reason it cannot run."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return "not installed"
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+    return TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=tok)
+
+
+def left_padded(rows: list[list[int]], pad: int = 0):
+    """The batch HF by hand runs: left-padded ids, attention mask and position ids."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def compare(results: dict[str, torch.Tensor], rtol: float = 1e-4) -> dict[str, str]:
+    """Each contender's max |difference| from HF by hand's result, and whether it is within tolerance."""
+    ref = results.get(HF)
+    out = {}
+    if ref is not None and ref.is_floating_point():  # what the others' differences are measured against
+        out[HF] = f"values {float(ref.min()):.3g} to {float(ref.max()):.3g}"
+    for name, value in results.items():
+        if ref is None or name == HF:
+            continue
+        if value.shape != ref.shape:
+            out[name] = f"DIFFERS: shape {tuple(value.shape)}, HF by hand {tuple(ref.shape)}"
+            continue
+        diff = float((value.float() - ref.float()).abs().max())
+        tol = rtol * max(1.0, float(ref.float().abs().max()))
+        out[name] = f"max abs diff {diff:.1e}" + ("" if diff <= tol else f" DIFFERS (tolerance {tol:.0e})")
+    return out
+
+
+def measure(case_name: str, workload: str, contenders: dict[str, Callable[[], torch.Tensor] | str], args,
+            targets: dict[str, tuple[str, Callable[[dict[str, float]], bool]]] | None = None,
+            repeats: int | None = None, warmup: int = 1, rtol: float = 1e-4) -> list[Measurement]:
+    """Time every runnable contender (interleaved), check its result against HF by hand's, make the rows."""
+    runnable = {k: v for k, v in contenders.items() if callable(v)}
+    repeats = repeats or args.repeats
+    seconds, results, errors = timed_all(runnable, repeats, warmup)
+    checks = compare({k: v for k, v in results.items() if k not in errors}, rtol)
+    base = seconds.get(HF)
+    rows = []
+    for name, fn in contenders.items():
+        target, status = "", ""
+        if name in (targets or {}) and name in seconds:
+            target, holds = targets[name]
+            try:
+                status = "ok" if holds(seconds) else "MISSED"
+            except KeyError:  # a contender the target compares with did not run
+                status = "n/a"
+        m = Measurement(case_name, workload, HF, seconds.get(name), base, repeats if callable(fn) else 0,
+                        target=target, contender=name, status=status, check=checks.get(name, ""),
+                        note=errors.get(name, "") if callable(fn) else fn)
+        rows.append(m)
+        progress(m)
+    return rows
+
+
+def progress(m: Measurement) -> None:
+    time = "-" if m.seconds is None else f"{m.seconds * 1e3:.1f} ms"
+    print(f"[{m.case}] {m.what}: {m.contender}: {time}{'  ' + m.note if m.note else ''}", file=sys.stderr,
+          flush=True)
+
+
+def first_call(case_name: str, workload: str, name: str, fn: Callable[[], object]) -> Measurement:
+    note = "export + rewrite" + (" + compile" if "compiled" in name else "")
+    try:
+        seconds = timed_once(fn)
+    except Exception as e:  # noqa: BLE001 - reported in the row; measure() reports it again for the timed runs
+        seconds, note = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+    m = Measurement(case_name, workload, None, seconds, None, 1, contender=f"{name}, first call", note=note)
+    progress(m)
+    return m
+
+
+# -- workloads ------------------------------------------------------------------------------------------
+
+def reference_patch(model):
+    """The reference page's cross-prompt patch (``barrier``), reading prompt 2's last-position logits."""
+    with torch.no_grad():
+        with model.trace() as tracer:
+            barrier = tracer.barrier(2)
+            with tracer.invoke("Prompt 1"):
+                x = model.transformer.wte.output
+                barrier()
+            with tracer.invoke("Prompt 2"):
+                barrier()
+                model.transformer.wte.output = x
+                out = model.lm_head.output[:, -1].save()
+    return out
+
+
+@case("patch")
+def patch_case(args) -> list[Measurement]:
+    """The reference page's patch on the tiny GPT-2."""
+    tok, hf = tokenizer(), tiny_gpt2()
+    models = fxpatch_models(hf, tok)
+
+    def by_hand():
+        batch = tok(["Prompt 1", "Prompt 2"], return_tensors="pt")  # the same number of tokens
+
+        def hook(module, inputs, output):
+            output = output.clone()
+            output[1] = output[0]
+            return output
+
+        handle = hf.transformer.wte.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return hf(**batch).logits[1:, -1]
+        finally:
+            handle.remove()
+
+    contenders = {HF: by_hand, **{k: (lambda m=m: reference_patch(m)) for k, m in models.items()}}
+    nn = nnsight_model(hf, tok)
+    contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: reference_patch(nn))
+    contenders[TL] = "n/a: no cross-prompt patch API"
+    rows = [first_call("patch", "reference page's patch, tiny GPT-2", COMPILED, contenders[COMPILED])]
+    return rows + measure("patch", "reference page's patch, tiny GPT-2", contenders, args,
+                          targets={COMPILED: ("<= 0.7x HF", lambda t: t[COMPILED] <= 0.7 * t[HF])})
+
+
+def eight_invokes(model, rows: list[list[int]], layer: int):
+    """8 invokes of one prompt each: prompts 0-3's layer output at the last position written into prompts
+    4-7 (one barrier for all eight); every invoke saves its last-position logits."""
+    outs, hs = [], []
+    with torch.no_grad():
+        with model.trace() as tracer:
+            barrier = tracer.barrier(8)
+            for i in range(8):
+                with tracer.invoke(rows[i]):
+                    if i < 4:
+                        hs.append(model.transformer.h[layer].output[:, -1])
+                        barrier()
+                    else:
+                        barrier()
+                        model.transformer.h[layer].output[:, -1] = hs[i - 4]
+                    outs.append(model.lm_head.output[:, -1].save())
+    return torch.cat(list(outs))
+
+
+def eight_by_hand(hf, rows: list[list[int]], layer: int):
+    """HF by hand: the 8 prompts as one left-padded batch, a forward hook doing the patch."""
+    ids, mask, positions = left_padded(rows)
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[4:, -1] = output[:4, -1]
+        return output
+
+    handle = hf.transformer.h[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    finally:
+        handle.remove()
+
+
+@case("invokes8")
+def invokes8_case(args) -> list[Measurement]:
+    """8 invokes on the tiny GPT-2 and on the GPT-2-small shape."""
+    tok = tokenizer()
+    return _invokes8(args, tok, "tiny GPT-2", tiny_gpt2()) + _invokes8(args, tok, "GPT-2-small shape", gpt2_small())
+
+
+def _invokes8(args, tok, label: str, hf) -> list[Measurement]:
+    workload = f"8 invokes, {label}"
+    rows = prompts(8, 1024)
+    layer = hf.config.n_layer // 2
+    models = fxpatch_models(hf, tok)
+    contenders = {HF: lambda: eight_by_hand(hf, rows, layer)}
+    contenders.update({k: (lambda m=m: eight_invokes(m, rows, layer)) for k, m in models.items()})
+    nn = nnsight_model(hf, tok)
+    contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: eight_invokes(nn, rows, layer))
+    contenders[TL] = "n/a: no cross-prompt patch API"
+    if label.startswith("tiny"):
+        targets = {COMPILED: ("<= 0.7x HF", lambda t: t[COMPILED] <= 0.7 * t[HF]),
+                   NNSIGHT: (">= 3x fxpatch compiled", lambda t: t[NNSIGHT] >= 3 * t[COMPILED])}
+    else:
+        targets = {EAGER: ("<= 1.02x HF", lambda t: t[EAGER] <= 1.02 * t[HF]),
+                   COMPILED: ("<= 1.0x HF", lambda t: t[COMPILED] <= t[HF])}
+    first = first_call("invokes8", workload, COMPILED, contenders[COMPILED])
+    return [first] + measure("invokes8", workload, contenders, args, targets=targets)
+
+
+# -- the sweep ----------------------------------------------------------------------------------------
+
+def logit_diff(tok):
+    """The metric: the clean run's top token's logit minus the corrupt one's (fixed token ids)."""
+    a, b = tok(" York")["input_ids"][0], tok(" _")["input_ids"][0]
+    return a, b
+
+
+def sweep_by_hand(hf, clean: list[int], corrupt: list[int], a: int, b: int) -> torch.Tensor:
+    """One forward per cell with a pre-hook writing the clean residual stream into layer ``l``'s input at
+    ``p`` (the clean inputs captured by pre-hooks in one clean run)."""
+    layers = hf.transformer.h
+    clean_in: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            clean_in[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    grid = torch.empty(len(layers), len(clean))
+    with torch.no_grad():
+        handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            hf(torch.tensor([clean]))
+        finally:
+            for h in handles:
+                h.remove()
+        corrupt_ids = torch.tensor([corrupt])
+        for i, layer in enumerate(layers):
+            for p in range(len(clean)):
+                def put(module, args, kwargs, i=i, p=p):
+                    hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+                    hidden[:, p] = clean_in[i][:, p]
+                    if args:
+                        return (hidden, *args[1:]), kwargs
+                    return args, {**kwargs, "hidden_states": hidden}
+                handle = layer.register_forward_pre_hook(put, with_kwargs=True)
+                try:
+                    logits = hf(corrupt_ids).logits[0, -1]
+                finally:
+                    handle.remove()
+                grid[i, p] = logits[a] - logits[b]
+    return grid
+
+
+def sweep_fxpatch(model, clean, corrupt, a, b) -> torch.Tensor:
+    from fxpatch.patching import activation_patching
+
+    # layer l's input (TransformerLens' resid_pre) is layer l - 1's output; layer 0's is the embeddings'
+    n = model.config.n_layer
+    sites = ["transformer.drop"] + [f"transformer.h.{i}" for i in range(n - 1)]
+    with torch.no_grad():
+        result = activation_patching(model, clean, corrupt, sites, metric=lambda x: x[:, a] - x[:, b],
+                                     progress=False)
+    return result.scores
+
+
+def sweep_nnsight(model, clean, corrupt, a, b) -> torch.Tensor:
+    """NNsight's tutorial loop: one trace saving the clean layer inputs, then one trace per cell."""
+    n = len(model.transformer.h)
+    clean_in = {}
+    grid = torch.empty(n, len(clean))
+    with torch.no_grad():
+        with model.trace(clean):
+            for layer in range(n):
+                clean_in[layer] = model.transformer.h[layer].input.save()
+        for layer in range(n):
+            for p in range(len(clean)):
+                with model.trace(corrupt):
+                    model.transformer.h[layer].input[:, p] = clean_in[layer][:, p]
+                    logits = model.lm_head.output[0, -1].save()
+                grid[layer, p] = logits[a] - logits[b]
+    return grid
+
+
+def sweep_tl(bridge, clean, corrupt, a, b) -> torch.Tensor:
+    """TransformerLens: the clean cache, then ``patching.get_act_patch_resid_pre``."""
+    from transformer_lens import patching
+
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(torch.tensor([clean]))
+        return patching.get_act_patch_resid_pre(bridge, torch.tensor([corrupt]), cache,
+                                                lambda logits: logits[0, -1, a] - logits[0, -1, b]).cpu()
+
+
+@case("sweep")
+def sweep_case(args) -> list[Measurement]:
+    """Activation patching of the residual stream: 12 layers x the 10 positions of the reference page's
+    prompts, GPT-2-small shape; scores compared with HF by hand's."""
+    tok, hf = tokenizer(), gpt2_small()
+    clean, corrupt = tok(CLEAN)["input_ids"], tok(CORRUPT)["input_ids"]
+    a, b = logit_diff(tok)
+    workload = f"sweep, GPT-2-small shape, {hf.config.n_layer} layers x {len(clean)} positions"
+    models = fxpatch_models(hf, tok, compiled=not args.quick)
+    contenders = {HF: lambda: sweep_by_hand(hf, clean, corrupt, a, b)}
+    contenders.update({k: (lambda m=m: sweep_fxpatch(m, clean, corrupt, a, b)) for k, m in models.items()})
+    if args.quick:
+        contenders[COMPILED] = "skipped with --quick: a graph per layer to compile"
+    nn = nnsight_model(hf, tok)
+    contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: sweep_nnsight(nn, clean, corrupt, a, b))
+    tl = tl_bridge(hf, tok)
+    contenders[TL] = tl if isinstance(tl, str) else (lambda: sweep_tl(tl, clean, corrupt, a, b))
+
+    def five_times(name):
+        return lambda t: all(t[name] * 5 <= t[other] for other in (NNSIGHT, TL))
+
+    targets = {k: ("<= 0.2x NNsight and TL", five_times(k)) for k in (EAGER, COMPILED)}
+    rows = [first_call("sweep", workload, k, contenders[k]) for k in models]
+    # the loops take seconds per call: fewer repeats; scores must agree to 1e-3 of the largest score
+    return rows + measure("sweep", workload, contenders, args, targets=targets,
+                          repeats=1 if args.quick else max(1, args.repeats // 2), warmup=0, rtol=1e-3)
+
+
+# -- generation ---------------------------------------------------------------------------------------
+
+def generate_patched(model, rows, layer, new: int, nnsight: bool):
+    """32 new tokens for 8 prompts, prompts 0-3's layer output at the last prompt position written into
+    prompts 4-7 at the first step. NNsight reads the result inside an invoke, fxpatch at the top."""
+    with torch.no_grad():
+        with model.generate(max_new_tokens=new, do_sample=False, min_new_tokens=new, pad_token_id=PAD) as tracer:
+            barrier = tracer.barrier(2)
+            with tracer.invoke(rows[:4]):
+                h = model.transformer.h[layer].output[:, -1]
+                barrier()
+            with tracer.invoke(rows[4:]):
+                barrier()
+                model.transformer.h[layer].output[:, -1] = h
+            if nnsight:
+                with tracer.invoke():
+                    out = tracer.result.save()
+            else:
+                out = tracer.result.save()
+    return out
+
+
+@case("generation")
+def generation_case(args) -> list[Measurement]:
+    """8 prompts x 32 new tokens (greedy) on the GPT-2-small shape, with a first-step patch."""
+    tok, hf = tokenizer(), gpt2_small()
+    rows, new = prompts(8, 1024), 32
+    layer = hf.config.n_layer // 2
+    workload = f"generation, GPT-2-small shape, 8 prompts x {new} tokens"
+    ids, mask, _ = left_padded(rows)
+
+    def by_hand():
+        def hook(module, inputs, output):
+            if output.shape[1] == 1:  # a decode step: the patch is on the prompt pass only
+                return output
+            output = output.clone()
+            output[4:, -1] = output[:4, -1]
+            return output
+
+        handle = hf.transformer.h[layer].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, pad_token_id=PAD)
+        finally:
+            handle.remove()
+
+    models = fxpatch_models(hf, tok)
+    contenders = {HF: by_hand}
+    contenders.update({k: (lambda m=m: generate_patched(m, rows, layer, new, False)) for k, m in models.items()})
+    nn = nnsight_model(hf, tok)
+    contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: generate_patched(nn, rows, layer, new, True))
+    contenders[TL] = "n/a: no cross-prompt patch API"
+    targets = {COMPILED: ("<= 0.8x HF generate", lambda t: t[COMPILED] <= 0.8 * t[HF])}
+    rows_out = [first_call("generation", workload, COMPILED, contenders[COMPILED])]
+    return rows_out + measure("generation", workload, contenders, args, targets=targets,
+                              repeats=max(1, args.repeats // 2))
+
+
+SUITE = ["patch", "invokes8", "sweep", "generation"]
