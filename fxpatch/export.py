@@ -94,6 +94,16 @@ class SiteGraph:
     # module path -> its forward's operations (``module.source``, fxpatch/source.py); the readable ones are in
     # ``calls`` as ``<path>.source.<op>``
     sources: dict[str, Any] = field(default_factory=dict)
+    op_paths: list[str] = field(default_factory=list)  # the ``calls`` keys that are operations, not modules
+
+    def cache_parts(self) -> dict[str, Any]:
+        """What the disk cache keeps of this site graph: ``fxpatch.export_cache.save``'s ``parts``."""
+        ops = set(self.op_paths)
+        return {"graph_module": self.graph_module, "state": self.state, "inputs": self.inputs,
+                "outputs": self.outputs, "export_seconds": self.export_seconds,
+                "calls": {p: k for p, k in self.calls.items() if p not in self.aliases and p not in ops},
+                "op_calls": {p: self.calls[p] for p in self.op_paths},
+                "sources": {p: [m.why, m.status] for p, m in self.sources.items()}}
 
     def _site_index(self) -> dict[str, tuple[str, str, int]]:
         if not hasattr(self, "_sites"):
@@ -279,14 +289,10 @@ def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[s
                 return _site_graph(model, parts["graph_module"], parts["state"], parts["inputs"], parts["outputs"],
                                    parts["calls"], parts["op_calls"], sources, time.perf_counter() - start,
                                    list(example), parts["path"])
-        sg, calls, op_calls = _export_sites(model, entry, example, dynamic_shapes, prefix)
+        sg = _export_sites(model, entry, example, dynamic_shapes, prefix)
         if key is not None:
             try:
-                export_cache.save(directory, key, {"graph_module": sg.graph_module, "state": sg.state,
-                                                   "inputs": sg.inputs, "outputs": sg.outputs, "calls": calls,
-                                                   "op_calls": op_calls,
-                                                   "sources": {p: [m.why, m.status] for p, m in sg.sources.items()},
-                                                   "export_seconds": sg.export_seconds})
+                export_cache.save(directory, key, sg.cache_parts())
             except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder: the next process exports
                 _log.warning("fxpatch: could not write the export cache in %s: %s: %s", directory,
                              type(e).__name__, e)
@@ -298,7 +304,7 @@ def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[s
 TRACING_LOCK = threading.RLock()
 
 
-def _export_sites(model, entry, example, dynamic_shapes, prefix) -> tuple[SiteGraph, dict, dict]:
+def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
     record: dict[str, dict[str, dict[int, ModuleSites]]] = {}  # path -> kind -> call -> sites
     dynamic = dynamic_shapes or {k: _all_dynamic(v) for k, v in example.items()}
     start = time.perf_counter()
@@ -325,8 +331,8 @@ def _export_sites(model, entry, example, dynamic_shapes, prefix) -> tuple[SiteGr
     calls = {path: {kind: [per_call[i] for i in range(len(per_call))] for kind, per_call in kinds.items()}
              for path, kinds in record.items()}
     sources, op_calls = add_op_sites(ep.graph_module, model, prefix, calls, module_paths(model)[0], unpacked)
-    sg = _site_graph(model, ep.graph_module, state, inputs, outputs, calls, op_calls, sources, seconds, list(example))
-    return sg, calls, op_calls
+    return _site_graph(model, ep.graph_module, state, inputs, outputs, calls, op_calls, sources, seconds,
+                       list(example))
 
 
 def _site_graph(model, graph_module, state, inputs, outputs, calls, op_calls, sources, seconds, input_names,
@@ -341,4 +347,4 @@ def _site_graph(model, graph_module, state, inputs, outputs, calls, op_calls, so
         table.update({alias: table[path] for alias, path in aliases.items() if path in table})
     calls.update(op_calls)
     return SiteGraph(graph_module, state, inputs, outputs, modules, seconds, input_names, calls, aliases,
-                     loaded_from, sources)
+                     loaded_from, sources, list(op_calls))

@@ -60,6 +60,7 @@ from torch.utils._sympy.numbers import int_oo
 from torch.utils._sympy.value_ranges import ValueRanges
 
 from .export import ModuleSites, Opaque
+from .source import unpacks_tuples
 from .structure import Spec
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ def cache_key(model: torch.nn.Module, entry: torch.nn.Module, example: dict[str,
         "buffers": buffers,
         "example": {k: _tensor_facts(v) for k, v in example.items()},
         "dynamic_shapes": repr(dynamic_shapes),
+        "source_unpacked": unpacks_tuples(),  # whether the export puts sites on unpacked tuples (.source)
     }
     try:
         return json.dumps(key, sort_keys=True, separators=(",", ":"))
@@ -587,7 +589,7 @@ def _dec_leaf(d: Any, is_site: bool, r: _Reader) -> Any:
 def encode_calls(calls: dict[str, dict[str, list[ModuleSites]]]) -> list:
     w = _Writer()
     return [[path, kind, [[_enc_spec(ms.spec), [_enc_leaf(x, f, w) for x, f in zip(ms.leaves, ms.is_site)],
-                           list(ms.is_site)] for ms in per_call]]
+                           list(ms.is_site), ms.module] for ms in per_call]]
             for path, kinds in calls.items() for kind, per_call in kinds.items()]
 
 
@@ -598,9 +600,9 @@ def decode_calls(data: list) -> dict[str, dict[str, list[ModuleSites]]]:
         if kind not in ("inputs", "output"):
             raise ValueError("bad kind")
         calls.setdefault(str(path), {})[kind] = [
-            ModuleSites(str(path), kind, _dec_spec(spec), [_dec_leaf(x, bool(f), r) for x, f in zip(leaves, flags)],
+            ModuleSites(str(module), kind, _dec_spec(spec), [_dec_leaf(x, bool(f), r) for x, f in zip(leaves, flags)],
                         [bool(f) for f in flags])
-            for spec, leaves, flags in per_call]
+            for spec, leaves, flags, module in per_call]
     return calls
 
 

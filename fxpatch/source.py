@@ -305,6 +305,12 @@ unpack (``attn_output, attn_weights = attention_interface(...)``); its exports t
 long (Python line tracing runs while those modules are exported)."""
 
 
+def unpacks_tuples() -> bool:
+    """Whether an export now puts sites on the tuples forwards unpack (``TRACE_UNPACKED``, and no other
+    tracer such as a debugger or coverage holding ``sys.settrace``)."""
+    return bool(TRACE_UNPACKED) and sys.gettrace() is None
+
+
 @contextlib.contextmanager
 def unpacked_sites(modules: dict[str, torch.nn.Module], record: dict):
     """While the export traces, after a statement ``a, b = f(...)`` of a module's ``forward`` has run (``f``
@@ -316,7 +322,7 @@ def unpacked_sites(modules: dict[str, torch.nn.Module], record: dict):
     the names (a trace function may set a frame's locals); with another trace function active (a debugger, a
     coverage tool) nothing is done and such operations stay unaddressable.
     """
-    if not TRACE_UNPACKED or sys.gettrace() is not None:
+    if not unpacks_tuples():
         yield
         return
     first = {id(m): p for p, m in modules.items()}

@@ -298,7 +298,7 @@ def stale(path: Path) -> None:
 
 
 def another_format(path: Path) -> None:
-    rewrite(path, lambda text: text.replace('"format":1', '"format":999', 1))
+    rewrite(path, lambda text: text.replace(f'"format":{export_cache.FORMAT}', '"format":999', 1))
 
 
 def tampered_target(path: Path) -> None:
@@ -355,9 +355,7 @@ def _writer(cache_dir: str, barrier, rounds: int) -> None:
     lm = one_layer(cache_dir)
     barrier.wait()
     sg = lm.site_graph("forward")
-    calls = {path: kinds for path, kinds in sg.calls.items() if path not in sg.aliases}
-    parts = {"graph_module": sg.graph_module, "state": sg.state, "inputs": sg.inputs, "outputs": sg.outputs,
-             "calls": calls, "export_seconds": sg.export_seconds}
+    parts = sg.cache_parts()
     for _ in range(rounds):
         export_cache.save(Path(cache_dir) / "exports", forward_key(lm), parts)
 
