@@ -1,7 +1,7 @@
 """Benchmark harness: each case times fxpatch and its contenders against a baseline measured in the same run.
 
 Run ``python -m bench`` (the comparison suite: patch, invokes8, sweep, generation),
-``python -m bench --quick`` (one timed run each, the sweep not compiled) or name cases
+``python -m bench --quick`` (one timed run each, fxpatch compiled left out) or name cases
 (``python -m bench sweep``; also the older trace, trace_compiled, generate and stop).
 Prints a progress line per measurement (stderr), a table (tabulate) and writes
 ``bench/results/bench.json``. Ratios, not seconds, are what to compare across
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"cases to run (default: {' '.join(suite.SUITE)}; also: "
                         f"{' '.join(sorted(set(CASES) - set(suite.SUITE)))})")
     parser.add_argument("--quick", action="store_true",
-                        help="one timed run per contender after one warm-up, the sweep not compiled")
+                        help="one timed run per contender after one warm-up, fxpatch compiled left out")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5; 1 quick)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the older cases; the suite runs on the CPU)")

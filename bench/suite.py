@@ -155,6 +155,19 @@ def first_call(case_name: str, workload: str, name: str, fn: Callable[[], object
     return m
 
 
+def skip_compiled_if_quick(contenders: dict, args) -> None:
+    """``--quick`` leaves fxpatch compiled out (its first call compiles for tens of seconds to minutes on a
+    CPU), as a row that says so."""
+    if args.quick:
+        contenders[COMPILED] = "skipped with --quick: compiling takes minutes on a CPU"
+
+
+def first_of(contenders: dict, case_name: str, workload: str) -> Measurement:
+    """The first call of fxpatch compiled (export + rewrite + compile), or of eager when compiled is left out."""
+    name = COMPILED if callable(contenders.get(COMPILED)) else EAGER
+    return first_call(case_name, workload, name, contenders[name])
+
+
 # -- workloads ------------------------------------------------------------------------------------------
 
 def reference_patch(model):
@@ -176,7 +189,7 @@ def reference_patch(model):
 def patch_case(args) -> list[Measurement]:
     """The reference page's patch on the tiny GPT-2."""
     tok, hf = tokenizer(), tiny_gpt2()
-    models = fxpatch_models(hf, tok)
+    models = fxpatch_models(hf, tok, compiled=not args.quick)
 
     def by_hand():
         batch = tok(["Prompt 1", "Prompt 2"], return_tensors="pt")  # the same number of tokens
@@ -197,7 +210,8 @@ def patch_case(args) -> list[Measurement]:
     nn = nnsight_model(hf, tok)
     contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: reference_patch(nn))
     contenders[TL] = "n/a: no cross-prompt patch API"
-    rows = [first_call("patch", "reference page's patch, tiny GPT-2", COMPILED, contenders[COMPILED])]
+    skip_compiled_if_quick(contenders, args)
+    rows = [first_of(contenders, "patch", "reference page's patch, tiny GPT-2")]
     return rows + measure("patch", "reference page's patch, tiny GPT-2", contenders, args,
                           targets={COMPILED: ("<= 0.7x HF", lambda t: t[COMPILED] <= 0.7 * t[HF])})
 
@@ -249,7 +263,7 @@ def _invokes8(args, tok, label: str, hf) -> list[Measurement]:
     workload = f"8 invokes, {label}"
     rows = prompts(8, 1024)
     layer = hf.config.n_layer // 2
-    models = fxpatch_models(hf, tok)
+    models = fxpatch_models(hf, tok, compiled=not args.quick)
     contenders = {HF: lambda: eight_by_hand(hf, rows, layer)}
     contenders.update({k: (lambda m=m: eight_invokes(m, rows, layer)) for k, m in models.items()})
     nn = nnsight_model(hf, tok)
@@ -261,7 +275,8 @@ def _invokes8(args, tok, label: str, hf) -> list[Measurement]:
     else:
         targets = {EAGER: ("<= 1.02x HF", lambda t: t[EAGER] <= 1.02 * t[HF]),
                    COMPILED: ("<= 1.0x HF", lambda t: t[COMPILED] <= t[HF])}
-    first = first_call("invokes8", workload, COMPILED, contenders[COMPILED])
+    skip_compiled_if_quick(contenders, args)
+    first = first_of(contenders, "invokes8", workload)
     return [first] + measure("invokes8", workload, contenders, args, targets=targets)
 
 
@@ -362,7 +377,7 @@ def sweep_case(args) -> list[Measurement]:
     contenders = {HF: lambda: sweep_by_hand(hf, clean, corrupt, a, b)}
     contenders.update({k: (lambda m=m: sweep_fxpatch(m, clean, corrupt, a, b)) for k, m in models.items()})
     if args.quick:
-        contenders[COMPILED] = "skipped with --quick: a graph per layer to compile"
+        contenders[COMPILED] = "skipped with --quick: compiling takes minutes on a CPU (a graph per layer)"
     nn = nnsight_model(hf, tok)
     contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: sweep_nnsight(nn, clean, corrupt, a, b))
     tl = tl_bridge(hf, tok)
@@ -425,14 +440,15 @@ def generation_case(args) -> list[Measurement]:
         finally:
             handle.remove()
 
-    models = fxpatch_models(hf, tok)
+    models = fxpatch_models(hf, tok, compiled=not args.quick)
     contenders = {HF: by_hand}
     contenders.update({k: (lambda m=m: generate_patched(m, rows, layer, new, False)) for k, m in models.items()})
     nn = nnsight_model(hf, tok)
     contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: generate_patched(nn, rows, layer, new, True))
     contenders[TL] = "n/a: no cross-prompt patch API"
     targets = {COMPILED: ("<= 0.8x HF generate", lambda t: t[COMPILED] <= 0.8 * t[HF])}
-    rows_out = [first_call("generation", workload, COMPILED, contenders[COMPILED])]
+    skip_compiled_if_quick(contenders, args)
+    rows_out = [first_of(contenders, "generation", workload)]
     return rows_out + measure("generation", workload, contenders, args, targets=targets,
                               repeats=max(1, args.repeats // 2))
 
