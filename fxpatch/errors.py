@@ -12,6 +12,7 @@ with the user's ``file:line`` and ends with what to do instead::
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import sys
@@ -31,6 +32,7 @@ _SKIP_DIRS = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)))
 _USER_FILES = (os.path.join(_PACKAGE_DIR, "cli.py"),)  # the demo is user code
 
 
+@functools.lru_cache(maxsize=4096)  # every recorded op asks for its frames' files: once per file is enough
 def _is_internal(filename: str) -> bool:
     path = os.path.abspath(filename)
     return (path.startswith(_SKIP_DIRS) and path not in _USER_FILES) or filename.startswith("<frozen")

@@ -119,8 +119,18 @@ class FunctionalProgram:
     guards: list = field(default_factory=list)  # sympy conditions on the export's size symbols
 
     def holds_for(self, sizes: dict) -> bool:
-        """Whether this graph serves a run whose export size symbols have the values ``sizes``."""
-        return all(bool(g.xreplace(sizes)) for g in self.guards)
+        """Whether this graph serves a run whose export size symbols have the values ``sizes``.
+
+        Answers are remembered per ``sizes`` (sympy's substitution costs milliseconds per run for a program
+        with many indices; a sweep asks the same question again and again)."""
+        key = frozenset(sizes.items())
+        memo = self.__dict__.setdefault("_holds", {})
+        answer = memo.get(key)
+        if answer is None:
+            if len(memo) >= 1024:
+                memo.clear()
+            answer = memo[key] = all(bool(g.xreplace(sizes)) for g in self.guards)
+        return answer
 
 
 class _Obj:
