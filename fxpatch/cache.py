@@ -84,7 +84,8 @@ class Cache:
     def _record_step(self, step: int) -> None:
         tracer = self.tracer
         sg = tracer.model.site_graph(tracer.mode)
-        paths = self.paths if self.paths is not None else [p for p in sg.calls if p not in sg.aliases]
+        ops = set(sg.op_paths)  # a forward's operations (``.source``) are not modules: NNsight's cache has none
+        paths = self.paths if self.paths is not None else [p for p in sg.calls if p not in sg.aliases and p not in ops]
         # tracer.stop(): the model computes nothing after the point reached, so modules beyond it have no values
         limit = min((point for point, _, _ in tracer.stops), default=None)
         order = []
