@@ -360,6 +360,7 @@ def _writer(cache_dir: str, barrier, rounds: int) -> None:
         export_cache.save(Path(cache_dir) / "exports", forward_key(lm), parts)
 
 
+@pytest.mark.slow  # about a minute (compiling / two spawned exporting processes): run with -m slow
 def test_two_processes_writing_at_once_leave_a_whole_entry(tmp_path, no_export):
     """Two spawned processes export and write the same entry over and over while this one reads it: every read
     of an existing file is a whole entry, and the entry left is read with no export."""

@@ -147,6 +147,7 @@ def _compile_counts() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], counters["frames"]["ok"]
 
 
+@pytest.mark.slow  # about a minute (compiling / two spawned exporting processes): run with -m slow
 def test_compiled_static_generation_compiles_once_per_maximum_length(gpt2):
     """Under compile=True the static decode graph is compiled once for its sizes: not again at the next
     decode steps, nor for two prompts of another width with the same max_cache_len. Tokens equal the
