@@ -7,8 +7,6 @@ step. Runs on the tiny GPT-2 and the tiny Llama.
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,34 +17,14 @@ from transformers.utils import ModelOutput
 from fxpatch.active import active_tracer
 from fxpatch.errors import FxpatchError, InputError, ModulePathError
 from tests.conftest import PROMPT_1, assert_state_unchanged, state
+from tests.markers import Markers
 from tests.reference import paths, run_alone, set_last, token_ids, unpad
+from tests.test_differential import envoy as module
 
 ATOL = 1e-5
 HELLO = "hello"
-_SOURCE = open(__file__, encoding="utf-8").read().splitlines()
-
-
-def line_of(tag: str) -> int:
-    hits = [i + 1 for i, text in enumerate(_SOURCE) if text.rstrip().endswith("# line: " + tag)]
-    assert len(hits) == 1, f"marker {tag!r} found on lines {hits}"
-    return hits[0]
-
-
-def check_message(err: Exception, tag: str, *words: str) -> None:
-    msg = str(err)
-    match = re.match(r"(.+?):(\d+): ", msg.splitlines()[0])
-    assert match, f"no file:line at the start of:\n{msg}"
-    assert os.path.samefile(match.group(1), __file__), msg
-    assert int(match.group(2)) == line_of(tag), f"expected line {line_of(tag)} ({tag}), got:\n{msg}"
-    for word in words:
-        assert word.lower() in msg.lower(), f"{word!r} missing from:\n{msg}"
-
-
-def module(lm, path: str):
-    envoy = lm
-    for part in path.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy
+MARKS = Markers(__file__)
+line_of, check_message = MARKS.line_of, MARKS.check_message
 
 
 def assert_same(actual: Any, expected: Any, n: int | None = None, where: str = "") -> None:
