@@ -119,7 +119,8 @@ class TransformersModel(Envoy):
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": GraphCache(cache_size),
-               "_checked": BoundedDict(cache_size), "_fingerprint": None, "_lock": threading.RLock(),
+               "_checked": BoundedDict(cache_size),
+               "_functional": GraphCache(cache_size), "_fingerprint": None, "_lock": threading.RLock(),
                "_compile": compile, "task": "text-generation", "_cache_dir": cache_dir}
         for k, v in own.items():
             object.__setattr__(self, k, v)
@@ -195,6 +196,7 @@ class TransformersModel(Envoy):
         with self._lock:
             self._patched.clear(statistics=True)
             self._checked.clear()
+            self._functional.clear()
 
     # -- exported graphs ------------------------------------------------------------------
     def site_graph(self, mode: str = "forward") -> SiteGraph:
@@ -230,6 +232,7 @@ class TransformersModel(Envoy):
             self._site_graphs.clear()
             self._patched.clear()
             self._checked.clear()
+            self._functional.clear()
             object.__setattr__(self, "_fingerprint", fingerprint)
 
     def _export(self, mode: str) -> SiteGraph:

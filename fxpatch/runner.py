@@ -27,8 +27,10 @@ from .passes.functionalize_program import (
     check_program,
     feed_numbers,
     functionalize_program,
+    rebind,
+    site_pattern,
 )
-from .passes.ops import is_site
+from .passes.ops import is_site, read_site, write_site
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -40,9 +42,18 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return _LazyGraphModule(gm, graph)
 
 
-def program_key(program: torch.fx.Graph) -> tuple:
-    """The structure of a program: equal keys give the same rewritten graph."""
+def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) -> tuple:
+    """The structure of a program: equal keys give the same rewritten graph.
+
+    With ``sites`` (site name -> number), the sites programs read and write count by that number only:
+    programs that do the same at other sites get the same key (``site_pattern`` says how those sites
+    must relate for them to have the same functional form), and a node's time (the graph position it
+    waits for) by its rank among the program's times, the order being what interpretation uses."""
     index = {}
+    times = None
+    if sites is not None:
+        times = {t: i for i, t in enumerate(sorted({n.meta.get("fxpatch_time", -1) for n in program.nodes},
+                                                   key=lambda t: -1 if t is None else t))}
     key = []
 
     def norm(a):
@@ -62,8 +73,11 @@ def program_key(program: torch.fx.Graph) -> tuple:
         # the trace's inputs so far (other steps' too), its place in the program is what matters
         target = "" if node.op == "placeholder" else node.target if isinstance(node.target, str) else (
             getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", ""), id(node.target))
-        key.append((node.op, target, norm(node.args), norm(node.kwargs), node.meta.get("fxpatch_invoke"),
-                    node.meta.get("fxpatch_time")))
+        args = node.args
+        if sites is not None and node.target in (read_site, write_site):
+            args = (("site", sites[args[0]]), *args[1:])
+        time = node.meta.get("fxpatch_time") if times is None else times[node.meta.get("fxpatch_time", -1)]
+        key.append((node.op, target, norm(args), norm(node.kwargs), node.meta.get("fxpatch_invoke"), time))
     return tuple(key)
 
 
@@ -135,10 +149,13 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     modules = {n.target: model._model.get_submodule(n.target) for n in program.nodes if n.op == "call_module"}
     chains = chains_of(sg)
     specs, sizes = root_specs(sg, model_inputs)
-    mutating = model._checked.get((key, shapes))
+    # the same program at other sites (a sweep over layers) checks and functionalizes the same way
+    pattern, names = site_pattern(program, chains, specs)
+    shape_of = (mode, program_key(program, {n: i for i, n in enumerate(names)}), pattern)
+    mutating = model._checked.get((shape_of, shapes))
     if mutating is None:
         mutating = check_program(program, chains, modules, specs, feeds, sizes)
-        model._checked[(key, shapes)] = mutating
+        model._checked[(shape_of, shapes)] = mutating
     # a program that writes in place is functionalized per feed shapes, for all sizes and index
     # numbers its guards allow
     gkey = (key, _feed_key(feeds)) if mutating else key
@@ -146,7 +163,10 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     gm = model._patched.find(gkey, lambda fp: fp.holds_for(numbers))  # counts a hit or a miss
     if gm is not None:
         return gm
-    fp = functionalize_program(program, chains, model._model, modules, specs, feeds, mutating, sizes)
+    if mutating:
+        fp = _functional(model, (shape_of, _feed_key(feeds)), program, chains, modules, specs, feeds, sizes, numbers)
+    else:  # traced at the torch level: already cheap
+        fp = functionalize_program(program, chains, model._model, modules, specs, feeds, mutating, sizes)
     gm = copy_graph_module(sg.graph_module)
     for p in (InlineProgram(fp), StripSites(**strip_options(sg, mode, program))):
         gm = p(gm).graph_module
@@ -154,6 +174,20 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     make_differentiable(gm)
     model._patched.add(gkey, fp, gm)
     return gm
+
+
+def _functional(model, key, program, chains, modules, specs, feeds, sizes, numbers):
+    """``functionalize_program``'s result for a program that writes in place, made from one of the same
+    shape at other sites (``key``) when there is one.
+
+    Tracing such a program (``make_fx`` with symbolic sizes) costs 0.1-0.5 s, the most of a new
+    program's rewrite, and a sweep over layers repeats the same program at other sites."""
+    template = model._functional.find(key, lambda t: t.holds_for(numbers))
+    if template is not None:
+        return rebind(template, program, chains, modules)
+    fp = functionalize_program(program, chains, model._model, modules, specs, feeds, True, sizes)
+    model._functional.add(key, fp, fp)  # found by its guards, returned as itself
+    return fp
 
 
 # Run modes whose callers discard the model's own outputs: their graphs end at the last value the program needs.

@@ -100,7 +100,24 @@ def test_an_evicted_graph_leaves_no_generated_source_behind():
     check(lm, PROMPT_1, 1, 0.5, layer=1)
     ((fp2, gm2),) = [g for graphs in lm._patched._graphs.values() for g in graphs]
     assert not source_kept(gm) and not source_kept(fp.graph)
-    assert source_kept(gm2) and source_kept(fp2.graph)
+    assert source_kept(gm2)  # (fp2.graph, made from fp's by ``rebind``, is inlined, never run: it has no source)
+
+
+def test_the_same_program_at_other_layers_is_traced_once():
+    """A sweep over layers repeats one program at other sites: its functional form is traced (``make_fx``, the
+    costly part of a new program) once and rebound to each layer's sites, whose values and inserted-node
+    sites are each layer's own."""
+    lm = LanguageModel(fxpatch.TINY_GPT2)
+    for layer in range(3):
+        with lm.trace(PROMPTS[1]) as tracer:
+            mlp = lm.transformer.h[layer].mlp
+            mlp.output[:, 2] = mlp.output[:, 2] * 0.5
+            logits = lm.lm_head.output.save()
+        torch.testing.assert_close(logits[0], reference(lm, PROMPTS[1], 2, 0.5, layer), rtol=1e-4, atol=1e-4)
+        sites = {row["site"] for row in tracer.inserted if row["role"] in ("capture", "scatter")}
+        assert sites == {f"{mlp_path(layer)}.output", "lm_head.output"}, sites
+    assert lm._functional.info().misses == 1 and lm._functional.info().hits == 2
+    assert lm.cache_info() == CacheInfo(0, 3, DEFAULT_CACHE_SIZE, 3)  # each layer is its own rewritten graph
 
 
 def test_cache_clear_forgets_graphs_checks_and_counts():

@@ -151,11 +151,14 @@ class _Interpreter:
     """
 
     def __init__(self, program: torch.fx.Graph, chains: Chains, snapshots: bool,
-                 modules: dict[str, torch.nn.Module], graph: torch.fx.Graph | None = None):
+                 modules: dict[str, torch.nn.Module], graph: torch.fx.Graph | None = None,
+                 bookkeeping: bool = False):
         self.program, self.chains, self.snapshots, self.modules = program, chains, snapshots, modules
         self.graph = graph
+        # only which objects sites share and what the events are: no tensor op runs (``rebind``)
+        self.bookkeeping = bookkeeping
         nodes = [n for n in program.nodes if n.op not in ("placeholder", "output")]
-        index = {n: i for i, n in enumerate(program.nodes)}
+        self.index = index = {n: i for i, n in enumerate(program.nodes)}
         self.order = sorted(nodes, key=lambda n: (n.meta.get("fxpatch_time", -1), index[n]))
         self.placeholders = [n for n in program.nodes if n.op == "placeholder"]
         self.output = next(iter(program.find_nodes(op="output")), None)
@@ -178,7 +181,7 @@ class _Interpreter:
             return target(*args, **kwargs)
         node = self.graph.create_node(op, target, args, kwargs)
         if source is not None:
-            node.meta["custom"] = _custom(source, role)
+            node.meta["custom"] = _custom(source, role, self.index.get(source))
         return node
 
     def __call__(self, *flat):
@@ -209,9 +212,11 @@ class _Interpreter:
         def snapshot(time: int, writer):
             loc = location_of(writer) if writer is not None else None
             waited = writer.meta.get("fxpatch_time_source") if writer is not None else None
-            with _meta({"fxpatch_loc": loc, "fxpatch_role": "snapshot", "fxpatch_site": ""}):
+            with _meta({"fxpatch_loc": loc, "fxpatch_role": "snapshot", "fxpatch_site": "",
+                        "fxpatch_index": self.index.get(writer)}):
                 for o in objs:
-                    events.append((o, time, frozenset(o.members), o.tensor.clone(), loc, waited))
+                    tensor = None if self.bookkeeping else o.tensor.clone()
+                    events.append((o, time, frozenset(o.members), tensor, loc, waited))
 
         bucket, writer = None, None
         for node in self.order:
@@ -223,7 +228,7 @@ class _Interpreter:
             self.current = location_of(node)
             if writer is None and _is_in_place(node):
                 writer = node
-            with _meta(_custom(node)):
+            with _meta(_custom(node, index=self.index[node])):
                 env[node] = self._run(node, env, get, objs, at, events)
         if self.snapshots and bucket is not None:
             snapshot(bucket, writer)
@@ -241,13 +246,17 @@ class _Interpreter:
             pos = self.chains.position[name]
             if pos < o.first:
                 o.first, o.read_loc, o.target = pos, location_of(node), name
+            if self.bookkeeping:
+                return None
             return self._emit("call_function", capture, (o.tensor, start, stop), {}, node)
         if node.target is write_site:
             name, start, stop, value = args
             old = get(name)
             if self.graph is None and isinstance(value, torch.Tensor):
                 _check_fits(value, capture(old.tensor, start, stop), name, node)
-            if (self.snapshots and start == 0 and stop is None and isinstance(value, torch.Tensor)
+            if self.bookkeeping:
+                tensor = None
+            elif (self.snapshots and start == 0 and stop is None and isinstance(value, torch.Tensor)
                     and value.shape == old.tensor.shape and value.dtype == old.tensor.dtype):
                 tensor = value  # the module's value *is* the assigned tensor, as in eager
             else:
@@ -262,6 +271,8 @@ class _Interpreter:
             if not self.snapshots:  # nothing is written in place: the assigned value is final
                 events.append((new, node.meta.get("fxpatch_time", -1), frozenset(moved), tensor, location_of(node),
                                node.meta.get("fxpatch_time_source")))
+            return None
+        if self.bookkeeping:
             return None
         if node.target is operator.getitem and _symbolic_basic_index(args):
             return _basic_index(*args)
@@ -333,9 +344,10 @@ def _is_in_place(node: torch.fx.Node) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
-def _custom(node: torch.fx.Node, role: str | None = None) -> dict:
+def _custom(node: torch.fx.Node, role: str | None = None, index: int | None = None) -> dict:
+    """What a node made for program node ``node`` (its ``index``-th) carries: its user's line and site."""
     return {"fxpatch_loc": location_of(node), "fxpatch_role": role or _role(node),
-            "fxpatch_site": node.args[0] if node.target in (read_site, write_site) else ""}
+            "fxpatch_site": node.args[0] if node.target in (read_site, write_site) else "", "fxpatch_index": index}
 
 
 def _meta(custom: dict):
@@ -413,9 +425,51 @@ def functionalize_program(program: torch.fx.Graph, chains: Chains, root_module: 
         graph.output(tuple(interp(*flat)))
         gm = _LazyGraphModule(root_module, graph)
     n_saved = len(interp.output.args[0]) if interp.output else 0
-    events = [Event(o.index, t, o.first, members, o.root, n_saved + i, loc, o.read_loc, o.assigned, o.target, waited)
-              for i, (o, t, members, loc, waited) in enumerate(interp.events)]
-    return FunctionalProgram(gm, interp.roots, n_in, n_saved, events, mutating, modules, guards)
+    return FunctionalProgram(gm, interp.roots, n_in, n_saved, _events(interp, n_saved), mutating, modules, guards)
+
+
+def _events(interp: _Interpreter, n_saved: int) -> list[Event]:
+    return [Event(o.index, t, o.first, members, o.root, n_saved + i, loc, o.read_loc, o.assigned, o.target, waited)
+            for i, (o, t, members, loc, waited) in enumerate(interp.events)]
+
+
+def rebind(template: FunctionalProgram, program: torch.fx.Graph, chains: Chains,
+           modules: dict) -> FunctionalProgram:
+    """``template``'s functional graph for ``program``, a program of the same shape at other sites.
+
+    Two programs whose keys from ``site_pattern`` are equal (the same ops, on sites in
+    the same relations, of the same shapes) functionalize to the same graph; only
+    which sites it reads and writes differ, and the events and user lines that
+    go with them. Those are found by running ``program``'s reads and writes
+    without any tensor op, far cheaper than tracing it again. Example::
+
+        fp = rebind(functionalize_program(p0, ...), p5, chains, modules)   # p5: p0 at layer 5
+    """
+    interp = _Interpreter(program, chains, template.mutating, modules, bookkeeping=True)
+    interp(*([None] * (len(interp.roots) + len(interp.placeholders))))
+    nodes = list(program.nodes)
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(template.graph.graph, {}))
+    for node in graph.nodes:
+        custom = node.meta.get("custom")
+        if custom and custom.get("fxpatch_index") is not None:
+            source = nodes[custom["fxpatch_index"]]
+            node.meta["custom"] = {**custom, "fxpatch_loc": location_of(source),
+                                   "fxpatch_site": source.args[0] if custom["fxpatch_site"] else ""}
+    gm = _LazyGraphModule(template.graph, graph)
+    n_saved = template.n_saved
+    return FunctionalProgram(gm, interp.roots, template.n_inputs, n_saved, _events(interp, n_saved),
+                             template.mutating, modules, template.guards)
+
+
+def site_pattern(program: torch.fx.Graph, chains: Chains, specs: dict) -> tuple[tuple, tuple]:
+    """What of ``program``'s sites its functional graph depends on: per site it reads or writes (in order of
+    first use), its chain root's shape and dtype, and per pair of them whether they share a chain and whether
+    a write to the first moves the second. Returns that and the sites, in that order."""
+    names = tuple(dict.fromkeys(n.args[0] for n in program.nodes if n.target in (read_site, write_site)))
+    below = {a: set(chains.descendants(a)) for a in names}
+    relations = tuple((chains.root[a] == chains.root[b], b in below[a]) for a in names for b in names)
+    return (tuple(specs[chains.root[a]] for a in names), relations), names
 
 
 def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes: dict, symbolic: bool):
