@@ -186,3 +186,39 @@ def paths(lm) -> Paths:
         return Paths("transformer.h", "attn", "transformer.wte", "transformer.ln_f", "lm_head",
                      len(model.transformer.h))
     return Paths("model.layers", "self_attn", "model.embed_tokens", "model.norm", "lm_head", len(model.model.layers))
+
+
+def left_padded(lm, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` left-padded with the pad token, as fxpatch batches them, and the attention mask."""
+    rows = [token_ids(lm, p) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[lm.pad_token_id] * (width - len(r)) + r for r in rows], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
+    return ids, mask
+
+
+def hf_run(lm, prompts: list[str], n: int, *, edits=(), capture=None, **settings):
+    """HF ``generate`` on ``prompts`` left-padded into one batch (one prompt: no padding), greedy unless
+    ``settings`` say; ``edits`` are ``(module, edit(output, step))`` forward hooks, ``capture`` is
+    ``(module, list)`` collecting ``output[:, -1]`` per step. Returns what HF's generate returns."""
+    model = lm._model
+    ids, mask = left_padded(lm, prompts)
+    calls: list[None] = []
+    handles = [model.register_forward_pre_hook(lambda module, args: calls.append(None))]
+    try:
+        for module, edit in edits:
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, edit=edit: edit(output, len(calls) - 1)))
+        if capture is not None:
+            module, values = capture
+            handles.append(module.register_forward_hook(
+                lambda m, args, output: values.append(output[:, -1].detach().clone())))
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                 **{"do_sample": False, "pad_token_id": lm.pad_token_id, **settings})
+    finally:
+        for h in handles:
+            h.remove()
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    assert len(calls) == sequences.shape[1] - ids.shape[1], (len(calls), sequences.shape)
+    return out

@@ -20,7 +20,7 @@ import torch._dynamo
 import fxpatch
 from fxpatch.errors import InputError
 from tests.conftest import PROMPT_1, assert_state_unchanged, layers, state
-from tests.reference import token_ids
+from tests.reference import hf_run, token_ids
 from tests.test_generation import HELLO, add_last, assert_tokens, expected_batch, negate_last, push_vector
 
 N = 4
@@ -35,31 +35,11 @@ def scale_all(factor: float):
 
 
 def hf_static(lm, prompt: str, n: int, *, edits=(), capture=None, **settings):
-    """transformers' ``generate`` with a static cache on ``prompt`` alone, greedy, with forward hooks:
-    ``edits`` are ``(module, edit(output, step))`` (the step is the root model's forward-call count),
-    ``capture`` ``(module, list)`` appends the module's ``output[:, -1]`` each step. Returns the
-    ``GenerateDecoderOnlyOutput`` (its ``cache`` is transformers' ``StaticCache``)."""
-    model = lm._model
-    ids = torch.tensor([token_ids(lm, prompt)], device=lm.device)
-    calls: list[None] = []
-    handles = [model.register_forward_pre_hook(lambda module, args: calls.append(None))]
-    try:
-        for module, edit in edits:
-            handles.append(module.register_forward_hook(
-                lambda m, args, output, edit=edit: edit(output, len(calls) - 1)))
-        if capture is not None:
-            module, values = capture
-            handles.append(module.register_forward_hook(
-                lambda m, args, output: values.append(output[:, -1].detach().clone())))
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 pad_token_id=lm.pad_token_id, cache_implementation="static",
-                                 return_dict_in_generate=True, **settings)
-    finally:
-        for h in handles:
-            h.remove()
-    assert len(calls) == out.sequences.shape[1] - ids.shape[1]
-    return out
+    """transformers' ``generate`` with a static cache on ``prompt`` alone, greedy, with forward hooks
+    (``hf_run``'s ``edits`` and ``capture``). Returns the ``GenerateDecoderOnlyOutput`` (its ``cache`` is
+    transformers' ``StaticCache``)."""
+    return hf_run(lm, [prompt], n, edits=edits, capture=capture, cache_implementation="static",
+                  return_dict_in_generate=True, **settings)
 
 
 def assert_cache_rows(ours, theirs, row: int, pad: int) -> None:
