@@ -149,13 +149,23 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     modules = {n.target: model._model.get_submodule(n.target) for n in program.nodes if n.op == "call_module"}
     chains = chains_of(sg)
     specs, sizes = root_specs(sg, model_inputs)
-    # the same program at other sites (a sweep over layers) checks and functionalizes the same way
-    pattern, names = site_pattern(program, chains, specs)
-    shape_of = (mode, program_key(program, {n: i for i, n in enumerate(names)}), pattern)
-    mutating = model._checked.get((shape_of, shapes))
+    shape_of = None  # the program's key with its sites by relation only: made on a miss alone
+
+    def same_shape() -> tuple:
+        nonlocal shape_of
+        if shape_of is None:
+            pattern, names = site_pattern(program, chains, specs)
+            shape_of = (mode, program_key(program, {n: i for i, n in enumerate(names)}), pattern)
+        return shape_of
+
+    mutating = model._checked.get((key, shapes))
     if mutating is None:
-        mutating = check_program(program, chains, modules, specs, feeds, sizes)
-        model._checked[(shape_of, shapes)] = mutating
+        # the same program at other sites (a sweep over layers) checks and functionalizes the same way
+        mutating = model._checked.get((same_shape(), shapes))
+        if mutating is None:
+            mutating = model._checked[(same_shape(), shapes)] = check_program(program, chains, modules, specs,
+                                                                              feeds, sizes)
+        model._checked[(key, shapes)] = mutating
     # a program that writes in place is functionalized per feed shapes, for all sizes and index
     # numbers its guards allow
     gkey = (key, _feed_key(feeds)) if mutating else key
@@ -164,7 +174,8 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     if gm is not None:
         return gm
     if mutating:
-        fp = _functional(model, (shape_of, _feed_key(feeds)), program, chains, modules, specs, feeds, sizes, numbers)
+        fp = _functional(model, (same_shape(), _feed_key(feeds)), program, chains, modules, specs, feeds, sizes,
+                         numbers)
     else:  # traced at the torch level: already cheap
         fp = functionalize_program(program, chains, model._model, modules, specs, feeds, mutating, sizes)
     gm = copy_graph_module(sg.graph_module)

@@ -124,7 +124,8 @@ def test_cache_clear_forgets_graphs_checks_and_counts():
     lm = LanguageModel(fxpatch.TINY_GPT2)
     check(lm, PROMPT_1, 1, 0.5)
     check(lm, PROMPTS[1], 1, 0.5)  # another length: checked again for its shapes, the same graph
-    assert lm.cache_info() == CacheInfo(1, 1, DEFAULT_CACHE_SIZE, 1) and len(lm._checked) == 2
+    # checked twice, each kept under the program and under its shape at any sites
+    assert lm.cache_info() == CacheInfo(1, 1, DEFAULT_CACHE_SIZE, 1) and len(lm._checked) == 4
     lm.cache_clear()
     assert lm.cache_info() == CacheInfo(0, 0, DEFAULT_CACHE_SIZE, 0) and len(lm._checked) == 0
     check(lm, PROMPT_1, 1, 0.5)  # built again, and still right
