@@ -5,28 +5,38 @@ saved values keep their ``grad_fn`` and ``loss.backward()`` after the trace work
 ``torch.no_grad()`` it runs without. Inside the block, ``with loss.backward(...):`` records a backward
 pass of a traced ``loss``: it runs after the forward pass, with torch's own ``Tensor.backward``
 arguments (``gradient``, ``retain_graph``, ``create_graph``, ``inputs``), and parameters' ``.grad``
-accumulate as torch accumulates them. In its block, ``x.grad`` of a module value read earlier in the
-trace (``x = model.transformer.h[1].output``) is that invoke's rows of the gradient reaching the
-tensor; ``x.grad = v`` (or ``x.grad[...] = v``) replaces them in the gradient that flows on to earlier
-layers. As in NNsight, ``.grad`` is read in the reverse of the forward order (later layers first),
-and modules' ``.output`` / ``.input`` are read before the backward block, not in it.
+accumulate as torch accumulates them. In its block, ``x.grad`` of a value of the forward pass is the
+gradient reaching it, as NNsight's hook on the tensor gives it: for a module value
+(``x = model.transformer.h[1].output``) that invoke's rows of the gradient reaching the model's tensor,
+for a value the trace computed (``scaled = emb * alpha``, written into the model) the gradient reaching
+that tensor. ``x.grad = v`` (or ``x.grad[...] = v``) replaces it in the gradient that flows on to
+earlier layers. As in NNsight, module values' ``.grad`` is read in the reverse of the forward order
+(later layers first), and modules' ``.output`` / ``.input`` are read before the backward block.
 
-Example::
+``x.requires_grad_()``, ``x.requires_grad = flag`` and ``x.retain_grad()`` follow torch: on a value that
+already requires grad ``requires_grad_()`` changes nothing; on one that does not (a frozen model's) it
+makes the value a leaf that requires grad; setting ``requires_grad`` on a non-leaf, or ``retain_grad()``
+on a value without gradients, is torch's error (a ``GradientError`` at the line).
+
+Example (integrated gradients, one step)::
 
     with model.trace("The Eiffel Tower is in") as tracer:
-        h0 = model.transformer.h[0].output
-        h1 = model.transformer.h[1].output
-        loss = model.lm_head.output[:, -1].logsumexp(-1).sum()
+        emb = model.transformer.wte.output
+        scaled = emb * 0.5
+        scaled.requires_grad_()
+        model.transformer.wte.output = scaled
+        loss = model.lm_head.output[:, -1, 11].sum()
         with loss.backward():
-            g1 = h1.grad.save()          # later layer first
-            h1.grad = h1.grad * 0.5      # the gradient that reaches layer 0 is halved
-            g0 = h0.grad.save()
+            g = scaled.grad.save()
 
 How it runs: each backward block is a phase of the trace's program. The forward graph returns the
 loss and the values whose ``.grad`` the block reads; these are the graph's own tensors in an eager
-run, so a tensor hook on each (on its batch tensor, the invoke's rows taken out of the gradient by
-the read's geometry, as NNsight does) runs the block's recorded code when autograd reaches it.
-``.grad`` needs those tensors and so an eager run: with ``compile=True`` it is refused before
+run, so a tensor hook on each (a module value's: on its batch tensor, the invoke's rows taken out of
+the gradient by the read's geometry, as NNsight does) runs the block's recorded code when autograd
+reaches it. ``requires_grad_()`` and the like are applied in the graph right after the node computing
+the value (``mark_requires_grad``); an op of the program that used the value before the call would then
+record gradients where torch's does not, so that case is refused when the value did not already require
+grad. ``.grad`` needs the graph's tensors and so an eager run: with ``compile=True`` it is refused before
 anything runs (``GradientError``); a compiled trace is differentiable and ``loss.backward()`` without
 ``.grad`` reads works there.
 """
@@ -78,19 +88,39 @@ def require_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def mark_requires_grad(gm: torch.fx.GraphModule, program: torch.fx.Graph, root_of: dict[str, str]) -> None:
-    """Put ``require_grad`` right after the model node computing each site the program calls
-    ``.requires_grad_()`` on (``root_of``: site -> that node's name), so every later use is recorded."""
-    sites = [n.args[0].args[0] for n in program.nodes if n.target is requires_grad_mark]
-    if not sites:
+    """Apply the program's gradient marks in the model's graph: ``require_grad`` right after the model node
+    computing each site the program calls ``.requires_grad_()`` on (``root_of``: site -> that node's name),
+    so every later use is recorded; ``apply_grad_mark`` right after the node computing each value a
+    ``grad_mark`` names (a module value's batch tensor, or a value the program computes, which is among
+    the program's outputs and so the graph's)."""
+    marks = [n for n in program.nodes if n.target in (requires_grad_mark, grad_mark)]
+    if not marks:
         return
     nodes = {n.name: n for n in gm.graph.nodes}
-    for site in dict.fromkeys(sites):
-        root = nodes.get(root_of[site])
-        if root is None:  # the model never computes it in this graph (it ends before)
-            continue
-        with gm.graph.inserting_after(root):
-            node = gm.graph.call_function(require_grad, (root,))
-        node.meta.update(fxpatch_role="requires_grad", fxpatch_site=site)
+    outputs = list(program.find_nodes(op="output")[0].args[0])
+    graph_outputs = list(gm.graph.output_node().args[0])
+    first = len(graph_outputs) - len(outputs)  # the model's own outputs (if kept) come first
+    cursor: dict[torch.fx.Node, torch.fx.Node] = {}
+    done = set()
+    for mark in marks:
+        value = mark.args[0]
+        if value.target is read_site:
+            node = nodes.get(root_of[value.args[0]])
+            if node is None:  # the model never computes it in this graph (it ends before)
+                continue
+        else:
+            node = graph_outputs[first + outputs.index(value)]
+        if mark.target is requires_grad_mark:
+            if (node, "require") in done:
+                continue
+            done.add((node, "require"))
+            target, args, role = require_grad, (node,), "requires_grad"
+        else:
+            target, args, role = apply_grad_mark, (node, *mark.args[1:]), mark.args[1]
+        with gm.graph.inserting_after(cursor.get(node, node)):  # in the program's order
+            new = cursor[node] = gm.graph.call_function(target, args)
+        new.meta.update(fxpatch_role=role, fxpatch_site=value.args[0] if value.target is read_site else "",
+                        fxpatch_loc=mark.meta.get("fxpatch_loc"))
     gm.recompile()
 
 
@@ -127,19 +157,132 @@ def make_differentiable(gm: torch.fx.GraphModule) -> None:
 def record_requires_grad(proxy, requires_grad: bool = True):
     """``proxy.requires_grad_()`` inside a trace (returns ``proxy``, as torch returns the tensor)."""
     loc = user_location(2)
+    if proxy.tracer.finished:  # a saved value after its trace: the tensor itself
+        return proxy.tracer.check_live(proxy, loc).requires_grad_(requires_grad)
     node = proxy.node
+    if node.target is not read_site:
+        _record_value_mark(proxy, "requires_grad_", requires_grad, loc)
+        return proxy
     if not requires_grad:
         raise GradientError(
             ".requires_grad_(False) on a module value: the model's activations are not leaves, and torch allows "
             "this only on leaves", at=loc, hint="Use .detach() for a value without gradients.")
-    if node.target is not read_site:
-        raise GradientError(
-            ".requires_grad_() on a value computed in the trace: fxpatch applies it to module values read in "
-            "the forward pass, whose batch tensor the model goes on to use", at=loc,
-            hint="Call it on the module value (h = model.transformer.h[1].output; h.requires_grad_()); values "
-            "computed from it require grad when it does.")
     proxy.tracer.record("call_function", requires_grad_mark, (proxy,), {})
     return proxy
+
+
+def record_set_requires_grad(proxy, requires_grad: bool) -> None:
+    """``proxy.requires_grad = flag`` inside a trace: torch's attribute, allowed on leaves only (checked when
+    the value exists, as torch checks it)."""
+    loc = user_location(2)
+    if proxy.tracer.finished:
+        proxy.tracer.check_live(proxy, loc).requires_grad = requires_grad
+        return
+    _record_value_mark(proxy, "requires_grad", bool(requires_grad), loc)
+
+
+def record_retain_grad(proxy) -> None:
+    """``proxy.retain_grad()`` inside a trace: the tensor's ``.grad`` is filled by backward passes, as torch
+    fills it (read it after the trace on the saved value; in a backward block ``.grad`` is served either way)."""
+    loc = user_location(2)
+    if proxy.tracer.finished:
+        proxy.tracer.check_live(proxy, loc).retain_grad()
+        return
+    if proxy.node.target is read_site:
+        raise GradientError(
+            ".retain_grad() on a module value: fxpatch's module values are views of the batch's tensor (this "
+            "invoke's rows), so torch would never fill their .grad", at=loc,
+            hint="Read h.grad inside `with loss.backward():` (the gradient reaching the module value), or "
+            ".retain_grad() a value computed in the trace.")
+    _record_value_mark(proxy, "retain_grad", True, loc)
+
+
+def _record_value_mark(proxy, action: str, flag: bool, loc: Location) -> None:
+    """Record ``grad_mark`` on ``proxy``; the rewrite applies it to the tensor where the forward pass computes
+    the value (``mark_requires_grad``)."""
+    tracer = proxy.tracer
+    tracer._check_recording(loc)
+    what = {"requires_grad_": ".requires_grad_()", "requires_grad": "setting .requires_grad",
+            "retain_grad": ".retain_grad()"}[action]
+    if tracer.backward_open is not None:
+        raise GradientError(
+            f"{what} inside a `with loss.backward():` block: the forward pass that computed the value is over",
+            at=loc, also=[("the backward block opens at", tracer.backward_open.loc)],
+            hint="Call it in the forward part of the trace, before computing the loss.")
+    if tracer.compile:
+        raise GradientError(
+            f"{what} in a compiled trace (compile=True): fxpatch applies it to the eager graph's own tensor",
+            at=loc, hint="Run this trace with model.trace(..., compile=False).")
+    node = proxy.node
+    # Ops recorded before this call that already use the value: torch records them only if the value required
+    # grad then, which the run checks (apply_grad_mark). Writing it into the model is not such a use: the
+    # model goes on with it after the invoke's code at that point has run.
+    earlier = [u for u in node.users if u.target not in (write_site, grad_mark, requires_grad_mark)
+               and not (u.target is getattr and u.args[1] in _METADATA)
+               and not (u.op == "call_method" and u.target in _METADATA)]
+    tracer.record("call_function", grad_mark, (proxy, action, flag, location_tuple(loc),
+                                               location_tuple(earlier[0].meta.get("fxpatch_loc")) if earlier
+                                               else None), {})
+    if node.target is not read_site:  # a forward output, so the rewrite finds the node computing it
+        carries = tracer.carries.setdefault(node.meta["fxpatch_phase"], [])
+        if node not in carries:
+            carries.append(node)
+
+
+_METADATA = {"shape", "dtype", "device", "requires_grad", "is_leaf", "grad_fn", "ndim", "size", "dim", "numel"}
+
+
+def location_tuple(loc: Location | None) -> tuple | None:
+    """A ``Location`` as plain values (a graph argument must be printable as Python)."""
+    return None if loc is None else (loc.filename, loc.lineno, loc.source)
+
+
+def grad_mark(value: torch.Tensor, action: str, flag: bool, at: tuple, earlier: tuple | None) -> torch.Tensor:
+    """Program marker of ``.requires_grad_(flag)``, ``.requires_grad = flag`` or ``.retain_grad()`` (``action``)
+    at the user's line ``at``; the rewrite puts ``apply_grad_mark`` on the value's tensor. Here an identity."""
+    return value
+
+
+@torch.fx.node.has_side_effect  # kept in the patched graph although nothing uses its result
+def apply_grad_mark(tensor: torch.Tensor, action: str, flag: bool, at: tuple, earlier: tuple | None) -> torch.Tensor:
+    """``tensor.requires_grad_(flag)`` (``action="requires_grad_"``), ``tensor.requires_grad = flag``
+    (``"requires_grad"``) or ``tensor.retain_grad()`` (``"retain_grad"``) with torch's rules, raising a
+    ``GradientError`` at the user's line ``at`` where torch raises. ``earlier``: the line of an op that used
+    the value before the call. The graph applies the call where the value is computed, so that op would
+    record gradients where torch's does not: refused unless the value already required grad (then the call
+    changes nothing, in torch too).
+
+    Example::
+
+        x = torch.zeros(2)
+        apply_grad_mark(x, "requires_grad_", True, ("demo.py", 3, ""), None).requires_grad   # True
+    """
+    loc = Location(*at)
+    if action == "retain_grad":
+        if not tensor.requires_grad:
+            raise GradientError(
+                ".retain_grad() on a value that does not require grad (torch: can't retain_grad on Tensor that "
+                "has requires_grad=False)", at=loc,
+                hint="Call .requires_grad_() on it (or on a value it is computed from) first.")
+        tensor.retain_grad()
+        return tensor
+    if tensor.grad_fn is not None and (action == "requires_grad" or not flag):
+        raise GradientError(
+            "requires_grad can be changed only on leaf tensors, and this value is computed from values that "
+            "require grad (torch: you can only change requires_grad flags of leaf variables)", at=loc,
+            hint="It already requires grad: leave it as it is (.requires_grad_() on it changes nothing), or use "
+            ".detach() for a value without gradients.")
+    if earlier is not None and flag and not tensor.requires_grad:
+        raise GradientError(
+            "this value was used by an operation before this call: in torch that operation records no gradient "
+            "(the value did not require grad yet), but fxpatch applies the call where the value is computed, so "
+            "it would", at=loc, also=[("the earlier use is at", Location(*earlier))],
+            hint="Call .requires_grad_() (or set .requires_grad) right after computing the value, before using it.")
+    if action == "requires_grad_":
+        tensor.requires_grad_(flag)
+    else:
+        tensor.requires_grad = flag
+    return tensor
 
 
 class BackwardBlock:
@@ -208,18 +351,21 @@ def _grad_target(proxy, what: str):
             hint="Compute a loss in the trace and use .grad inside `with loss.backward():` (NNsight's syntax); "
             "or .save() values and call loss.backward() on the saved loss after the trace.")
     node = proxy.node
-    if node.target is not read_site or node.meta.get("fxpatch_phase") != 0:
+    if node.meta.get("fxpatch_phase") != 0:
         raise GradientError(
-            f"{what} of a value computed in the trace: fxpatch serves .grad of module values read in the "
-            "forward pass (model.<module>.output / .input, or an element of a tuple output)", at=loc,
-            also=[("the value was recorded at", node.meta["fxpatch_loc"])],
-            hint="Take .grad of the module value itself (h = model.transformer.h[1].output; ... h.grad) and "
-            "apply your operation to the gradient (h.grad[:, -1]).")
+            f"{what} of a value computed in the backward block: .grad is served on values of the forward pass",
+            at=loc, also=[("the value was recorded at", node.meta["fxpatch_loc"])],
+            hint="Take .grad of a value computed before the block (a module value, or a value computed from "
+            "one) and apply your operation to the gradient (h.grad[:, -1]).")
     if tracer.compile:
         raise GradientError(
             f"{what} in a compiled trace (compile=True): the gradient hooks need the eager graph's own tensors",
             at=loc, hint="Run this trace with model.trace(..., compile=False); a compiled trace is differentiable "
             "and loss.backward() without .grad runs there.")
+    if node.target is not read_site:
+        # A value the trace computes: a hook on its own tensor, as NNsight's .grad on a tensor. Its place in
+        # the backward order is not known while recording; the run serves it whenever autograd reaches it.
+        return block
     site = node.args[0]
     order = _order_of(tracer, site)
     if block.last is not None and order > block.last[0]:
@@ -230,6 +376,23 @@ def _grad_target(proxy, what: str):
             hint="Use .grad of later modules first (for layer in reversed(layers): ...).")
     block.last = (order, site, loc)
     return block
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _name(placeholder: torch.fx.Node) -> str:
+    """How errors name the forward value a backward block's placeholder carries."""
+    value = placeholder.meta["fxpatch_carry"]
+    if value.target is read_site:
+        return value.args[0]
+    loc = value.meta.get("fxpatch_loc")
+    return f"the value computed at line {loc.lineno}" if loc is not None else "a value computed in the trace"
 
 
 def _order_of(tracer, site: str) -> int:
@@ -312,11 +475,20 @@ class _BackwardRun:
         self.taps: dict[int, tuple[torch.Tensor, list]] = {}  # tensor id -> (tensor, geometries)
 
     def _tap(self, node: torch.fx.Node) -> tuple[int, tuple]:
-        """The tensor autograd reaches for a read module value (its batch tensor) and the read's geometry."""
+        """The tensor autograd reaches for a value whose gradient the block uses, and the value's geometry in
+        it: a module value's batch tensor (the value is the invoke's rows of it), or a value the trace computed
+        (its own tensor, as NNsight's and torch's hooks on a tensor)."""
         view = self.env[node.args[0]]
-        base = view._base if view._base is not None else view
-        geometry = (tuple(view.shape), view.stride(), view.storage_offset() - base.storage_offset())
-        self.taps.setdefault(id(base), (base, []))
+        if not isinstance(view, torch.Tensor):
+            raise GradientError(f".grad of {_name(node.args[0])}, which is not a tensor ({type(view).__name__})",
+                                at=node.meta["fxpatch_loc"], hint="Take .grad of tensors only.")
+        if node.args[0].meta["fxpatch_carry"].target is read_site:
+            base = view._base if view._base is not None else view
+            geometry = (tuple(view.shape), view.stride(), view.storage_offset() - base.storage_offset())
+            self.taps.setdefault(id(base), (base, True))
+        else:  # its gradient is served in a contiguous copy (its own strides may overlap: an expand)
+            base, geometry = view, (tuple(view.shape), _contiguous_strides(view.shape), 0)
+            self.taps.setdefault(id(base), (base, False))
         return id(base), geometry
 
     def run(self) -> None:
@@ -338,7 +510,7 @@ class _BackwardRun:
         try:
             for key, (tensor, _) in self.taps.items():
                 if tensor.requires_grad:  # one that does not gets no gradient: reported below
-                    handles.append(tensor.register_hook(self._hook(key, tensor)))
+                    handles.append(tensor.register_hook(self._hook(key, tensor, self.taps[key][1])))
             self._advance()
             with torch.autograd.set_multithreading_enabled(False):  # hooks run in this thread, in order
                 torch.autograd.backward(loss, gradient, retain_graph=block.retain_graph,
@@ -351,22 +523,23 @@ class _BackwardRun:
                        ".requires_grad_() was not called on it or before it)" if not tensor.requires_grad
                        else "the loss does not depend on it")
                 raise GradientError(
-                    f"the gradient of {node.args[0].meta['fxpatch_carry'].args[0]} never arrived: the backward "
+                    f"the gradient of {_name(node.args[0])} never arrived: the backward "
                     f"pass did not reach it ({why})", at=node.meta["fxpatch_loc"],
                     also=[("the backward pass starts at", block.loc)],
-                    hint="Use .grad of module values the loss is computed from.")
+                    hint="Use .grad of values the loss is computed from.")
         finally:
             for handle in handles:
                 handle.remove()
         self.values.update(self.env)
 
-    def _hook(self, key: int, tensor: torch.Tensor):
+    def _hook(self, key: int, tensor: torch.Tensor, layout: bool):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            # A copy in the tensor's own layout: the reads' geometry applies to it, and an in-place edit of
-            # it reaches only the gradient this hook passes on (autograd may hand the same tensor to
-            # another branch of the graph).
-            self.serving[key] = torch.empty_strided(tensor.shape, tensor.stride(), dtype=grad.dtype,
-                                                    device=grad.device).copy_(grad)
+            # A copy in the tensor's own layout (a batch tensor's: the reads' geometry applies to it) or a
+            # contiguous one; an in-place edit of it reaches only the gradient this hook passes on (autograd
+            # may hand the same tensor to another branch of the graph).
+            self.serving[key] = (torch.empty_strided(tensor.shape, tensor.stride(), dtype=grad.dtype,
+                                                     device=grad.device).copy_(grad) if layout
+                                 else grad.clone(memory_format=torch.contiguous_format))
             try:
                 self._advance()
             finally:
@@ -386,7 +559,7 @@ class _BackwardRun:
                     grad = self.passed[key]
                 elif key in self.passed:
                     raise GradientError(
-                        f"{node.args[0].meta['fxpatch_carry'].args[0]}.grad is assigned after the backward pass "
+                        f"{_name(node.args[0])}.grad is assigned after the backward pass "
                         "has passed that gradient on", at=node.meta["fxpatch_loc"],
                         hint="Assign .grad in the reverse of the forward order (later modules first).")
                 else:

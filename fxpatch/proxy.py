@@ -97,8 +97,9 @@ class Proxy:
     # -- gradients (fxpatch/gradients.py) ------------------------------------------------
     @property
     def grad(self) -> Proxy:
-        """Inside ``with loss.backward():``, the gradient reaching this module value (its invoke's rows);
-        assigning it replaces the gradient that flows on. Read in the reverse of the forward order."""
+        """Inside ``with loss.backward():``, the gradient reaching this value (a module value: its invoke's
+        rows; a value computed in the trace: its own tensor's); assigning it replaces the gradient that flows
+        on. Module values' are read in the reverse of the forward order."""
         from .gradients import read_grad
 
         return read_grad(self)
@@ -110,11 +111,30 @@ class Proxy:
         write_grad(self, value)
 
     def requires_grad_(self, requires_grad: bool = True) -> Proxy:
-        """On a module value: autograd records the model's use of it from here on (a frozen model's
-        activations then get gradients); returns the value, as torch does."""
+        """Autograd records the uses of this value from here on, as torch's ``requires_grad_`` (on a module
+        value, the model's use of it: a frozen model's activations then get gradients; on a value computed
+        in the trace and written into the model, integrated gradients' form); returns the value."""
         from .gradients import record_requires_grad
 
         return record_requires_grad(self, requires_grad)
+
+    @property
+    def requires_grad(self) -> Proxy:
+        """The value's ``requires_grad`` (a traced bool); assigning it follows torch (leaves only)."""
+        return self._record("call_function", getattr, (self, "requires_grad"))
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        from .gradients import record_set_requires_grad
+
+        record_set_requires_grad(self, value)
+
+    def retain_grad(self) -> None:
+        """As torch's: backward passes fill this value's ``.grad`` (read it on the saved value after the
+        trace); on a value computed in the trace."""
+        from .gradients import record_retain_grad
+
+        record_retain_grad(self)
 
     def backward(self, gradient: Any = None, retain_graph: bool | None = None, create_graph: bool = False,
                  inputs: Any = None):

@@ -262,6 +262,186 @@ def test_attribution_patching_as_in_the_nnsight_tutorial(lm):
     assert logits.grad_fn is not None
 
 
+def embed_reference(lm, prompt, alpha, target, leaf=True):
+    """Torch alone on one prompt: a forward hook replaces the embeddings' output by ``alpha`` times it, as a
+    leaf that requires grad (``leaf``) or as the product itself (its gradient kept by ``retain_grad``); returns
+    the gradient reaching that value and the parameters' grads of the backward of the last position's
+    ``target`` logit."""
+    model, kept = lm._model, {}
+
+    def scale(module, args, out):
+        kept["scaled"] = (out * alpha).detach().requires_grad_() if leaf else out * alpha
+        if not leaf and kept["scaled"].requires_grad:
+            kept["scaled"].retain_grad()
+        return kept["scaled"]
+
+    handle = model.get_submodule(paths(lm).embed).register_forward_hook(scale)
+    try:
+        with fresh_param_grads(lm), torch.enable_grad():
+            logits = model(input_ids=torch.tensor([token_ids(lm, prompt)], device=lm.device)).logits
+            logits[:, -1, target].sum().backward()
+            params = param_grads(lm)
+    finally:
+        handle.remove()
+    return kept["scaled"].grad[0], params
+
+
+def test_integrated_gradients_as_in_the_nnsight_guide(lm):
+    """NNsight's integrated-gradients pattern (docs/patterns/gradient-based-attribution.md), one trace per
+    step: ``scaled = embeds * alpha; scaled.requires_grad_(True)`` written into the model, then
+    ``scaled.grad`` in the backward block. Each step's gradient is torch's with a forward hook putting the
+    scaled leaf in; ``scaled`` requires grad already (the weights do), so the call changes nothing and the
+    backward fills the embedding weights' .grad too, as torch does on the product itself."""
+    embed = envoy(lm, paths(lm).embed)
+    target, n_steps = 11, 2
+    ig_accum, grads, params = None, [], []
+    with fresh_param_grads(lm):
+        for step in range(n_steps):
+            alpha = (step + 0.5) / n_steps
+            with lm.trace(LONG):
+                embeds = embed.output
+                embeds_full = embeds.save()
+                scaled = embeds * alpha
+                scaled.requires_grad_(True)
+                embed.output = scaled
+                metric = lm.lm_head.output[:, -1, target]
+                with metric.sum().backward():
+                    g = scaled.grad.save()
+            contribution = embeds_full * g
+            ig_accum = contribution if ig_accum is None else ig_accum + contribution
+            grads.append(g)
+            params.append(param_grads(lm))
+            for q in lm._model.parameters():
+                q.grad = None
+    expected_accum = 0
+    for step, (g, got_params) in enumerate(zip(grads, params)):
+        alpha = (step + 0.5) / n_steps
+        ref, _ = embed_reference(lm, LONG, alpha, target)
+        close(g[0], ref, f"step {step}")
+        if step == 0:  # the weights' grads: torch's through the product itself
+            _, ref_params = embed_reference(lm, LONG, alpha, target, leaf=False)
+            check_params(got_params, ref_params)
+        expected_accum = expected_accum + embeds_full[0].detach() * ref
+    close((ig_accum / n_steps)[0], expected_accum / n_steps, "integrated gradients")
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_integrated_gradients_one_invoke_per_step(lm):
+    """All steps in one batch, one invoke each (prompts of different lengths, left-padded), on a frozen
+    model: ``requires_grad_()`` and ``requires_grad = True`` make the scaled value a leaf, as in torch; one
+    backward of the summed metrics gives each invoke its own prompt's gradient (none on padding), and a
+    leaf's ``.grad`` after the trace is torch's too. With trainable weights and a backward block in each
+    invoke, each block's gradient is the same."""
+    embed = envoy(lm, paths(lm).embed)
+    steps = [(LONG, 0.25), (SHORT, 0.75), (PROMPT_2, 0.5)]
+    target = 7
+    params = list(lm._model.parameters())
+    for q in params:
+        q.requires_grad_(False)
+    try:
+        scaleds, metrics = [], []
+        with lm.trace() as tracer:
+            for i, (prompt, alpha) in enumerate(steps):
+                with tracer.invoke(prompt):
+                    scaled = embed.output * alpha
+                    if i == 1:
+                        scaled.requires_grad = True
+                    else:
+                        scaled.requires_grad_()
+                    embed.output = scaled
+                    metrics.append(lm.lm_head.output[:, -1, target].sum())
+                    scaleds.append(scaled.save())
+            with sum(metrics[1:], metrics[0]).backward():
+                grads = [s.grad.save() for s in reversed(scaleds)][::-1]
+        assert all(q.grad is None for q in params)
+    finally:
+        for q in params:
+            q.requires_grad_(True)
+    # trainable weights, a backward block in each invoke (the brief form; retain_graph as torch needs it for
+    # the batch's shared graph): each block's gradient is its own invoke's
+    per_block = []
+    with fresh_param_grads(lm):
+        with lm.trace() as tracer:
+            for i, (prompt, alpha) in enumerate(steps[:2]):
+                with tracer.invoke(prompt):
+                    scaled = embed.output * alpha
+                    scaled.requires_grad_()
+                    embed.output = scaled
+                    with lm.lm_head.output[:, -1, target].sum().backward(retain_graph=i == 0):
+                        per_block.append(scaled.grad.save())
+    assert len(per_block) == 2
+    for (prompt, alpha), g, s, b in zip(steps, grads, scaleds, per_block + [None]):
+        ref, _ = embed_reference(lm, prompt, alpha, target)
+        n = ref.shape[0]
+        close(unpad(g, 0, n), ref, prompt)
+        assert not g[0, :g.shape[1] - n].any(), f"{prompt}: padded positions got a gradient"
+        assert s.is_leaf and s.requires_grad
+        close(s.grad, g, f"{prompt}: the leaf's .grad")
+        if b is not None:
+            close(b, g, f"{prompt}: its own backward block")
+
+
+def test_requires_grad_and_retain_grad_on_computed_values_follow_torch(gpt2):
+    """``retain_grad()`` fills a computed value's .grad in a backward after the trace, as torch does (a
+    non-leaf without it has none); torch's refusals are GradientErrors at the user's line: setting
+    ``requires_grad`` on a non-leaf, ``requires_grad_(False)`` on one, ``retain_grad()`` on a value that
+    does not require grad, and a ``requires_grad_()`` after the value was used (which torch would not
+    record there, and fxpatch would) on a frozen model."""
+    wte, target = gpt2.transformer.wte, 11
+    with gpt2.trace(SHORT):
+        kept = wte.output * 0.3
+        kept.retain_grad()
+        wte.output = kept
+        plain = gpt2.transformer.h[0].output * 1.0
+        gpt2.transformer.h[0].output = plain
+        loss = gpt2.lm_head.output[:, -1, target].sum().save()
+        kept, plain = kept.save(), plain.save()
+    with fresh_param_grads(gpt2):
+        loss.backward()
+    close(kept.grad[0], embed_reference(gpt2, SHORT, 0.3, target)[0])
+    with pytest.warns(UserWarning, match="not a leaf"):
+        assert plain.grad is None
+    with pytest.raises(GradientError, match="only on leaf tensors") as err:
+        with gpt2.trace(SHORT):
+            scaled = wte.output * 0.5
+            scaled.requires_grad = True  # line: set non-leaf
+            wte.output = scaled
+            gpt2.lm_head.output.save()
+    check_location(err, "set non-leaf")
+    with pytest.raises(GradientError, match="only on leaf tensors") as err:
+        with gpt2.trace(SHORT):
+            (wte.output * 0.5).requires_grad_(False)  # line: unset
+    check_location(err, "unset")
+    with pytest.raises(GradientError, match="module value") as err:
+        with gpt2.trace(SHORT):
+            gpt2.transformer.h[0].output.retain_grad()  # line: retain module
+    check_location(err, "retain module")
+    with pytest.raises(GradientError, match="compiled trace") as err:
+        with gpt2.trace(SHORT, compile=True):
+            (wte.output * 0.5).requires_grad_()  # line: compiled mark
+    check_location(err, "compiled mark")
+    params = list(gpt2._model.parameters())
+    for q in params:
+        q.requires_grad_(False)
+    try:
+        with pytest.raises(GradientError, match="does not require grad") as err:
+            with gpt2.trace(SHORT):
+                (wte.output * 0.5).retain_grad()  # line: retain frozen
+        check_location(err, "retain frozen")
+        with pytest.raises(GradientError, match="used by an operation before this call") as err:
+            with gpt2.trace(SHORT):
+                scaled = wte.output * 0.5
+                extra = scaled.sum()
+                scaled.requires_grad_()  # line: late
+                wte.output = scaled
+                with (gpt2.lm_head.output[:, -1, target].sum() + extra).backward():
+                    scaled.grad.save()
+        check_location(err, "late")
+    finally:
+        for q in params:
+            q.requires_grad_(True)
+
+
 # -- grad mode ---------------------------------------------------------------------------------------------
 
 
@@ -414,11 +594,11 @@ def test_grad_errors(gpt2):
                 with loss.backward():
                     gpt2.transformer.h[1].output.grad.save()  # line: module
         check_location(err, "module")
-        with pytest.raises(GradientError, match="value computed in the trace") as err:
+        with pytest.raises(GradientError, match="computed in the backward block") as err:
             with gpt2.trace(LONG):
-                last = gpt2.transformer.h[1].output[:, -1]
-                with gpt2.lm_head.output.sum().backward():
-                    last.grad.save()  # line: computed
+                loss = gpt2.lm_head.output.sum()
+                with loss.backward():
+                    (loss * 2).grad.save()  # line: computed
         check_location(err, "computed")
         with pytest.raises(GradientError, match="generation runs without gradients") as err:
             with gpt2.generate(SHORT, max_new_tokens=2):
@@ -431,4 +611,10 @@ def test_grad_errors(gpt2):
                 with gpt2.transformer.h[1].output.sum().backward():
                     h3.grad.save()  # line: unreached
         check_location(err, "unreached")
+        with pytest.raises(GradientError, match="value computed at line .* never arrived.*does not depend") as err:
+            with gpt2.trace(LONG):  # a view the model does not use: torch's hook on it never runs either
+                last = gpt2.transformer.h[1].output[:, -1]
+                with gpt2.lm_head.output.sum().backward():
+                    last.grad.save()  # line: computed unused
+        check_location(err, "computed unused")
     assert_state_unchanged(gpt2, before)

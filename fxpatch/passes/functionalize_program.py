@@ -141,6 +141,18 @@ class _Obj:
         self.index, self.tensor, self.members, self.first = index, tensor, members, first
         self.root, self.read_loc, self.assigned = root, read_loc, assigned
         self.target = assigned or ""
+        self.over: tuple | None = None  # an assignment's (tensor before it, start, stop)
+
+    def rows(self, start, stop):
+        """The tensor to read rows ``start:stop`` from: in a program that writes nothing in place, rows that
+        later assignments of other rows left unchanged are read from before those, so an invoke's value does
+        not depend, for autograd, on another invoke's rows (a value one invoke marks requires_grad_() would
+        otherwise make every later invoke's read of that site require grad, where a prompt alone does not)."""
+        o = self
+        while (o.over is not None and type(start) is int and type(stop) is int
+               and type(o.over[1]) is int and type(o.over[2]) is int and (stop <= o.over[1] or o.over[2] <= start)):
+            o = o.over[0]
+        return o.tensor
 
 
 class _Interpreter:
@@ -248,7 +260,8 @@ class _Interpreter:
                 o.first, o.read_loc, o.target = pos, location_of(node), name
             if self.bookkeeping:
                 return None
-            return self._emit("call_function", capture, (o.tensor, start, stop), {}, node)
+            return self._emit("call_function", capture, (o.rows(start, stop) if not self.snapshots else o.tensor,
+                                                         start, stop), {}, node)
         if node.target is write_site:
             name, start, stop, value = args
             old = get(name)
@@ -263,6 +276,7 @@ class _Interpreter:
                 tensor = self._emit("call_function", scatter, (old.tensor, value, start, stop), {}, node)
             moved = {name} | {d for d in self.chains.descendants(name) if at.get(d, old) is old}
             new = _Obj(len(objs), tensor, moved, self.chains.position[name], old.root, location_of(node), name)
+            new.over = (old, start, stop)
             objs.append(new)
             for m in moved:
                 at[m] = new
