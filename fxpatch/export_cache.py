@@ -60,12 +60,11 @@ from torch.utils._sympy.numbers import int_oo
 from torch.utils._sympy.value_ranges import ValueRanges
 
 from .export import ModuleSites, Opaque
-from .source import unpacks_tuples
 from .structure import Spec
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the entry layout changes
+FORMAT = 3  # bump when the entry layout, or what an entry holds, changes (3: sites on every unpacked tuple)
 ENV_VAR = "FXPATCH_CACHE_DIR"
 MAX_ENTRIES = 200  # entries kept in a directory (0.3 MB for tiny GPT-2's, 1 MB for a 32-layer model's)
 
@@ -207,7 +206,6 @@ def cache_key(model: torch.nn.Module, entry: torch.nn.Module, example: dict[str,
         "buffers": buffers,
         "example": {k: _tensor_facts(v) for k, v in example.items()},
         "dynamic_shapes": repr(dynamic_shapes),
-        "source_unpacked": unpacks_tuples(),  # whether the export puts sites on unpacked tuples (.source)
     }
     try:
         return json.dumps(key, sort_keys=True, separators=(",", ":"))

@@ -20,10 +20,11 @@ exported graph already records, for each torch-level op, the module it ran in
    line is the k-th such op); any other call that is the whole value of its
    statement (a Python helper: ``y = helper(x)``) is the last op of the
    statement; an assignment is the value it assigns (the call on its right, or
-   the last op of the statement); a call whose tuple its statement unpacks into
-   names (``attn_output, attn_weights = attention_interface(...)``) is the tuple
-   of those names' values, which ``unpacked_sites`` passes through sites while
-   the export traces (with ``TRACE_UNPACKED`` set);
+   the last op of the statement); a call whose result its statement unpacks
+   (``attn_output, attn_weights = attention_interface(...)``) is that result (a
+   tuple), which ``unpacked_sites`` passes through sites while the export traces:
+   the forward then runs a copy of its code, compiled from the same lines, in
+   which the call's result goes through ``_unpacked_result``;
 3. puts a ``fxpatch::site`` after each op that holds such a value, named
    ``<module>.source.<op>.output`` (``#k`` for its later executions), and lists
    each name's sites in ``SiteGraph.calls`` under ``<module>.source.<op>``, so a
@@ -43,14 +44,15 @@ Example::
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
 import bisect
 import contextlib
 import inspect
 import re
-import sys
 import textwrap
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +60,7 @@ from typing import Any
 import torch
 
 from .passes.ops import SITE_OP, is_site, site
-from .structure import LEAF, Spec
+from .structure import LEAF, flatten, unflatten
 
 # --- naming (NNsight 0.8.1's ``Instrument``, without rewriting anything) ---------------------------------------
 
@@ -79,7 +81,6 @@ class SourceOp:
     simple_target: bool = False  # an assignment to a name or ``self.x`` (not unpacking, not x[i] = ...)
     whole_value: bool = False  # a call that is the entire value of its statement (nothing applied to its result)
     unpacked: bool = False  # a call whose result its statement unpacks (``a, b = f(x)``)
-    targets: list[str] | None = None  # the names it unpacks into, when they all are plain names
 
 
 @dataclass
@@ -289,125 +290,182 @@ def _parse(code: types.CodeType) -> ForwardSource | str:
                 stmt_node, ast.AnnAssign) else [])
             unpacked = any(isinstance(t, (ast.Tuple, ast.List)) for t in targets)
             op.unpacked = value is op.node and unpacked
-            if op.unpacked and len(targets) == 1 and all(isinstance(t, ast.Name) for t in targets[0].elts):
-                op.targets = [t.id for t in targets[0].elts]
             op.whole_value = value is op.node and not unpacked and isinstance(
                 stmt_node, (ast.Assign, ast.AnnAssign, ast.Return, ast.Expr))
     return ForwardSource(code.co_filename, start, text, namer.ops, spans, line_stmt)
 
 
-# --- a tuple a call returns and its statement unpacks: sites on the names it binds, while the export traces ---
+# --- a tuple a call returns and its statement unpacks: a site on each tensor of it, while the export traces ---
+#
+# ``attn_output, attn_weights = attention_interface(...)``: the graph has the two tensors but not which name
+# (or tuple position) each is, nor that the second is ``None``. While a model is exported, the forward runs
+# a copy of its own code in which each such call's result passes through ``_unpacked_result`` (a site on
+# each tensor in it); the copy is compiled from the same file, with the same line numbers, so the graph's
+# ``stack_trace`` and everything else about the forward are unchanged. The original code is put back when
+# the export returns.
+
+_WRAPPED: dict[types.CodeType, types.CodeType | str] = {}  # a forward's code -> its copy, or why there is none
 
 
-TRACE_UNPACKED = False
-"""Set ``fxpatch.source.TRACE_UNPACKED = True`` before a model's first trace to address the tuples its forwards
-unpack (``attn_output, attn_weights = attention_interface(...)``); its exports then take about 1.5 times as
-long (Python line tracing runs while those modules are exported)."""
+def _future_flags(code: types.CodeType) -> int:
+    flags = 0
+    for name in __future__.all_feature_names:
+        flag = getattr(__future__, name).compiler_flag
+        if code.co_flags & flag:
+            flags |= flag
+    return flags
 
 
-def unpacks_tuples() -> bool:
-    """Whether an export now puts sites on the tuples forwards unpack (``TRACE_UNPACKED``, and no other
-    tracer such as a debugger or coverage holding ``sys.settrace``)."""
-    return bool(TRACE_UNPACKED) and sys.gettrace() is None
+def _wrapped_code(code: types.CodeType, fs: ForwardSource, ops: list[SourceOp]) -> types.CodeType | str:
+    """``code`` with each of ``ops``' calls ``f(...)`` replaced by ``_unpacked_result(self, name, f(...))``,
+    or why that cannot be done."""
+    tree = ast.parse(fs.text)
+    definition = tree.body[0]
+    definition.decorator_list = []
+    params = [*definition.args.posonlyargs, *definition.args.args]
+    if not params:
+        return "its forward takes no self argument"
+    me = params[0].arg
+    wanted = {(op.node.lineno, op.node.col_offset, op.node.end_lineno, op.node.end_col_offset): op.name
+              for op in ops}
+    found: set[str] = set()
+
+    class Wrap(ast.NodeTransformer):
+        def visit_Call(self, node: ast.Call) -> ast.AST:
+            self.generic_visit(node)
+            name = wanted.get((node.lineno, node.col_offset, node.end_lineno, node.end_col_offset))
+            if name is None:
+                return node
+            found.add(name)
+            # reached through __import__ (a builtin): a new global or free variable would change the code's
+            # free variables, and then it could not replace the function's code
+            helper = ast.Attribute(ast.Call(ast.Name("__import__", ast.Load()), [ast.Constant(__name__)], [
+                ast.keyword("fromlist", ast.List([ast.Constant("_unpacked_result")], ast.Load()))]),
+                "_unpacked_result", ast.Load())
+            wrapped = ast.Call(helper, [ast.Name(me, ast.Load()), ast.Constant(name), node], [])
+            return ast.fix_missing_locations(ast.copy_location(wrapped, node))  # all of it on the call's lines
+
+        def visit_FunctionDef(self, node: ast.AST) -> ast.AST:  # a nested function's ``self`` is another
+            return self.generic_visit(node) if node is definition else node
+
+        visit_AsyncFunctionDef = visit_FunctionDef
+
+        def visit_Lambda(self, node: ast.AST) -> ast.AST:
+            return node
+
+        def visit_ClassDef(self, node: ast.AST) -> ast.AST:
+            return node
+
+    Wrap().visit(definition)
+    if not found:
+        return "its call is inside a function nested in the forward"
+    ast.increment_lineno(definition, fs.start - 1)
+    # the forward's free variables (``__class__`` for ``super()``) are an enclosing function's locals here
+    outer = ast.FunctionDef("_fxpatch_outer", ast.arguments([], [], None, [], [], None, []),
+                            [*(ast.Assign([ast.Name(v, ast.Store())], ast.Constant(None)) for v in code.co_freevars),
+                             definition], [], None, None)
+    ast.copy_location(outer, definition)
+    module = ast.fix_missing_locations(ast.Module([outer], []))
+    try:
+        compiled = compile(module, code.co_filename, "exec", flags=_future_flags(code), dont_inherit=True)
+    except (SyntaxError, ValueError, TypeError) as e:
+        return f"its wrapped forward does not compile ({type(e).__name__}: {e})"
+    outer_code = next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
+    inner = next((c for c in outer_code.co_consts if isinstance(c, types.CodeType) and c.co_name == code.co_name),
+                 None)
+    if inner is None or inner.co_freevars != code.co_freevars or inner.co_argcount != code.co_argcount:
+        return "its wrapped forward does not have the forward's free variables and arguments"
+    return inner.replace(co_qualname=code.co_qualname) if hasattr(code, "co_qualname") else inner
+
+
+@dataclass
+class _Recording:
+    first: dict[int, str]
+    record: dict
+    thread: int
+    counts: dict = field(default_factory=dict)
+
+
+_RECORDING: _Recording | None = None
+
+
+def _unpacked_result(module: Any, name: str, value: Any) -> Any:
+    """The result of the call ``name`` of ``module``'s forward, with a site on each tensor in it while an
+    export records (``<module>.source.<name>.output[i]``; ``output#k[i]`` for its later executions), else
+    ``value`` itself."""
+    rec = _RECORDING
+    if rec is None or rec.thread != threading.get_ident():  # a forward run by another thread meanwhile
+        return value
+    path = rec.first.get(id(module))
+    if path is None:
+        return value
+    from .export import ModuleSites, Opaque, _is_constant, site_name
+
+    e = rec.counts.get((path, name), 0)
+    rec.counts[(path, name)] = e + 1
+    key = f"{path}.source.{name}" if path else f"source.{name}"
+    leaves, spec = flatten(value)
+    out, names, flags = [], [], []
+    for k, leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            site_id = site_name(key, "output", k, e)
+            out.append(site(leaf, site_id))
+            names.append(site_id)
+            flags.append(True)
+        else:
+            out.append(leaf)
+            names.append(leaf if _is_constant(leaf) else Opaque(type(leaf).__name__))
+            flags.append(False)
+    rec.record.setdefault((path, name), []).append(ModuleSites(key, "output", spec, names, flags))
+    return unflatten(spec, out) if any(flags) else value
+
+
+def _unpacked_calls(fs: ForwardSource, module: torch.nn.Module) -> list[SourceOp]:
+    """The calls of ``fs`` whose result its statement unpacks, other than submodules' calls (those have the
+    submodule's sites)."""
+    return [op for op in fs.ops if op.unpacked and not isinstance(_callee(op, module), torch.nn.Module)]
 
 
 @contextlib.contextmanager
 def unpacked_sites(modules: dict[str, torch.nn.Module], record: dict):
-    """While the export traces, after a statement ``a, b = f(...)`` of a module's ``forward`` has run (``f``
-    not a submodule), pass each tensor it bound through a site named ``<module>.source.<op>.output[i]``
-    (``output#k[i]`` for its later executions), so that the tuple NNsight gives as the call's ``.output``
-    can be read and written. ``record[(module path, op)]`` lists each execution's ``ModuleSites``.
-
-    A ``sys.settrace`` hook, on only while such a module runs, finds when the statement is done and rebinds
-    the names (a trace function may set a frame's locals); with another trace function active (a debugger, a
-    coverage tool) nothing is done and such operations stay unaddressable.
+    """While the export traces, each call whose result its statement unpacks (``a, b = f(...)``, ``f`` not a
+    submodule) in the forwards of ``modules`` passes its result through sites, so that the tuple NNsight gives
+    as the call's ``.output`` can be read and written. ``record[(module path, op)]`` lists each execution's
+    ``ModuleSites``. The forwards' functions run the wrapped copy of their code (``_wrapped_code``) only
+    inside this block.
     """
-    if not unpacks_tuples():
-        yield
-        return
-    first = {id(m): p for p, m in modules.items()}
-    watched: dict[types.CodeType, list[tuple[int, int, SourceOp]]] = {}
+    global _RECORDING
+    swapped: list[tuple[Any, types.CodeType]] = []
     for module in modules.values():
-        fs = forward_source(module)
-        code = getattr(forward_function(module), "__code__", None)
-        if not isinstance(fs, ForwardSource) or code is None or code in watched:
+        fn = forward_function(module)
+        code = getattr(fn, "__code__", None)
+        if code is None or any(f is fn for f, _ in swapped):
             continue
-        entries = [(*fs.statements[op.stmt], op) for op in fs.ops
-                   if op.targets and op.stmt is not None and not isinstance(_callee(op, module), torch.nn.Module)]
-        if entries:
-            watched[code] = entries
-    if not watched:
+        if code not in _WRAPPED:
+            fs = forward_source(module)
+            ops = _unpacked_calls(fs, module) if isinstance(fs, ForwardSource) else []
+            _WRAPPED[code] = _wrapped_code(code, fs, ops) if ops else "nothing to wrap"
+        if isinstance(_WRAPPED[code], types.CodeType):
+            swapped.append((fn, code))
+    if not swapped:
         yield
         return
-    pending: dict[int, tuple[int, int, SourceOp]] = {}  # frame -> the watched statement it is running
-    counts: dict[tuple[str, str], int] = {}
-
-    def bind(frame, op: SourceOp) -> None:
-        from .export import ModuleSites, Opaque, _is_constant, site_name
-
-        path = first.get(id(frame.f_locals.get("self")))
-        if path is None:
-            return
-        e = counts.get((path, op.name), 0)
-        counts[(path, op.name)] = e + 1
-        key = f"{path}.source.{op.name}" if path else f"source.{op.name}"
-        leaves, flags = [], []
-        for i, target in enumerate(op.targets):
-            value = frame.f_locals.get(target)
-            if isinstance(value, torch.Tensor):
-                name = site_name(key, "output", f"[{i}]", e)
-                frame.f_locals[target] = site(value, name)
-                leaves.append(name)
-                flags.append(True)
-            else:
-                leaves.append(value if _is_constant(value) else Opaque(type(value).__name__))
-                flags.append(False)
-        spec = Spec("tuple", tuple(range(len(op.targets))), tuple(LEAF for _ in op.targets), tuple)
-        record.setdefault((path, op.name), []).append(ModuleSites(key, "output", spec, leaves, flags))
-
-    def local(frame, event, arg):
-        running = pending.get(id(frame))
-        line = frame.f_lineno
-        if running is not None and (event == "return" or not running[0] <= line <= running[1]):
-            del pending[id(frame)]
-            bind(frame, running[2])
-        if event == "line":
-            for entry in watched[frame.f_code]:
-                if line == entry[0]:
-                    pending[id(frame)] = entry
-        return local
-
-    def find(frame, event, arg):
-        # the export makes millions of Python calls: once the watched forward's frame is found, the global
-        # trace function is a builtin that turns every other frame down (getattr(frame, "call", None) is
-        # None) and only this frame, through its own f_trace, sees its lines, as pdb's set_trace does
-        if event == "call" and frame.f_code in watched:
-            sys.settrace(getattr)
-            return local
-        return None
-
-    depth = [0]
-
-    def start(module, args):
-        depth[0] += 1
-        sys.settrace(find)
-
-    def stop(module, args, output):
-        depth[0] -= 1
-        if depth[0] == 0:
-            sys.settrace(None)
-
-    handles = []
+    previous = _RECORDING
+    _RECORDING = _Recording({id(m): p for p, m in modules.items()}, record, threading.get_ident())
     try:
-        for module in modules.values():
-            if getattr(forward_function(module), "__code__", None) in watched:
-                handles.append(module.register_forward_pre_hook(start))
-                handles.append(module.register_forward_hook(stop))
+        for fn, code in swapped:
+            fn.__code__ = _WRAPPED[code]
         yield
     finally:
-        for h in handles:
-            h.remove()
-        sys.settrace(None)
+        for fn, code in swapped:
+            fn.__code__ = code
+        _RECORDING = previous
+
+
+def _unwrapped_why(module: torch.nn.Module) -> str | None:
+    """Why the unpacked calls of ``module``'s forward could not be wrapped, if they could not."""
+    why = _WRAPPED.get(getattr(forward_function(module), "__code__", None))
+    return why if isinstance(why, str) else None
 
 
 # --- finding the names' values in the exported graph ------------------------------------------------------------
@@ -702,10 +760,8 @@ def _resolve(ops: list[SourceOp], run: list[tuple], module: torch.nn.Module, fir
         elif len(unmatched) == 1 and op.whole_value and last_own is not None and last_own not in claimed:
             out[op.name] = ("own", last_own)  # a Python helper: its result is the statement's last op
         elif op.unpacked:
-            out[op.name] = "it returns a tuple that its line unpacks " + (
-                "into something other than plain names" if op.targets is None else
-                "(set fxpatch.source.TRACE_UNPACKED = True before the model's first trace to address it; "
-                "a debugger or coverage tool tracing the export also prevents it)")
+            out[op.name] = ("it returns a tuple that its line unpacks, and fxpatch could not wrap the call while "
+                            f"exporting: {_unwrapped_why(module) or 'its result was not seen'}")
         else:
             out[op.name] = "a Python function call whose result fxpatch cannot single out in the graph"
     for op in ops:

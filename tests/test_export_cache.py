@@ -180,6 +180,13 @@ def test_a_second_model_loads_the_graphs_an_export_wrote(arch, tokenizer, tmp_pa
     torch.testing.assert_close(got[2][0], run_alone(loaded, PROMPT_2, outputs={mlp: scale_1}).logits,
                                rtol=1e-4, atol=1e-4)
     assert torch.equal(generated(loaded), generated(fresh))
+    # .source: the sites on the tuple the attention's forward unpacks (attention_interface_1) are in the entry
+    heads = []
+    for lm in (fresh, loaded):
+        attn = layers(lm)[0][0].attn if arch == "gpt2" else layers(lm)[0][0].self_attn
+        with lm.trace(PROMPT_1):
+            heads.append(attn.source.attention_interface_1.output[0].save())
+    assert heads[0].dim() == 4 and torch.equal(heads[0], heads[1])
     assert len(entries(tmp_path)) == 3
 
 

@@ -7,6 +7,9 @@ with plain torch where an operation is inside a module's forward.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import pytest
 import torch
 
@@ -66,11 +69,11 @@ def ops(lm) -> dict[str, str]:
         return {"mlp": "transformer.h.0.mlp", "act_op": "self_act_0", "act": "transformer.h.0.mlp.act",
                 "attn": "transformer.h.0.attn", "attn_out_op": "attn_output_reshape_0",
                 "out_proj": "transformer.h.0.attn.c_proj", "query_op": "query_states_1",
-                "tuple_op": "attention_interface_1", "unread_op": "shape_kv_1"}
+                "unread_op": "shape_kv_1"}
     return {"mlp": "model.layers.0.mlp", "act_op": "self_act_fn_0", "act": "model.layers.0.mlp.act_fn",
             "attn": "model.layers.0.self_attn", "attn_out_op": "attn_output_reshape_0",
             "out_proj": "model.layers.0.self_attn.o_proj", "query_op": "transpose_0",
-            "tuple_op": "attention_interface_1", "unread_op": "hidden_shape_0"}
+            "unread_op": "hidden_shape_0"}
 
 
 def query_states(lm, run) -> torch.Tensor:
@@ -173,36 +176,126 @@ def test_zeroing_an_op_inside_attention_matches_zeroing_what_it_is_made_of(lm):
     assert not torch.allclose(unpad(logits, 0, len(ref.ids)), run_alone(lm, PROMPT_1).logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_unpacked_tuples_with_trace_unpacked(arch, tokenizer, monkeypatch):
-    """``attn_output, attn_weights = attention_interface(...)``: the tuple, read and written, once
-    ``TRACE_UNPACKED`` is set before the model's first trace (a fresh model: the shared ones are exported)."""
-    import sys
+@contextlib.contextmanager
+def attention_results(lm, edit=None):
+    """Plain-torch reference for ``attention_interface_1``: while the block runs, layer 0's attention calls a
+    wrapper of its attention function (transformers' ``ALL_ATTENTION_FUNCTIONS``) that lists each call's
+    result ``(output, weights)``, after ``edit(result)`` (which returns the result the forward goes on with)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    import fxpatch
-    from fxpatch import LanguageModel
-    from tests.conftest import tiny_llama
+    module = lm._model.get_submodule(ops(lm)["attn"])
+    impl = module.config._attn_implementation
+    original = ALL_ATTENTION_FUNCTIONS.get_interface(impl, sys.modules[type(module).__module__].eager_attention_forward)
+    seen: list[tuple] = []
 
-    monkeypatch.setattr(fxpatch.source, "TRACE_UNPACKED", True)
-    lm = LanguageModel(fxpatch.TINY_GPT2) if arch == "gpt2" else \
-        LanguageModel(tiny_llama(len(tokenizer)), tokenizer=tokenizer)
-    o = ops(lm)
-    attn = envoy(lm, o["attn"]).source
+    def wrapper(m, *args, **kwargs):
+        result = original(m, *args, **kwargs)
+        if m is module:
+            result = edit(result) if edit is not None else result
+            seen.append(tuple(None if v is None else v.detach().clone() for v in result))
+        return result
+
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    before = dict(local)
+    local[impl] = wrapper
+    try:
+        yield seen
+    finally:
+        local.clear()
+        local.update(before)
+
+
+def zero_last_output(result):
+    output = result[0].clone()
+    output[:, -1] = 0  # (batch, tokens, heads, head_dim): every head at the last token
+    return (output, *result[1:])
+
+
+def interface_op(lm):
+    """NNsight's ``...attn.source.attention_interface_1``, spelled as a user spells it."""
+    attn = lm.transformer.h[0].attn if is_gpt2(lm) else lm.model.layers[0].self_attn
+    return attn.source.attention_interface_1
+
+
+def test_attention_interface_result_read_and_written(lm):
+    """``attn_output, attn_weights = attention_interface(...)`` (NNsight 0.8.1's ``attention_interface_1``
+    under transformers 5: ``attention_interface_0`` is the line choosing the function): its ``.output`` is
+    the tuple, read whole and at ``[0]`` and written, per invoke, with no setting."""
+    before = state(lm)
     with lm.trace() as tracer:
         with tracer.invoke(PROMPT_1):
-            pair = getattr(attn, o["tuple_op"]).output.save()
+            pair = interface_op(lm).output.save()
         with tracer.invoke(SHORT):
-            getattr(attn, o["tuple_op"]).output[0][:, -1] = 0  # (batch, tokens, heads, head_dim)
-            no_last = lm.lm_head.output.save()
-    assert sys.gettrace() is None
-    heads, weights = pair  # the attention function's (output, weights): sdpa gives no weights
-    assert isinstance(pair, tuple) and weights is None and heads.dim() == 4
-    ref = run_alone(lm, PROMPT_1, capture=[o["out_proj"]])
-    close(heads.flatten(2), ref.inputs[o["out_proj"]][0][0], "attention heads")
+            short = interface_op(lm).output[0].save()
+        with tracer.invoke(SHORT):
+            interface_op(lm).output[0][:, -1] = 0
+            edited = lm.lm_head.output.save()
+    with attention_results(lm) as ref:
+        run_alone(lm, PROMPT_1)
+        plain = run_alone(lm, SHORT).logits
+    assert isinstance(pair, tuple) and len(pair) == 2 and pair[0].dim() == 4
+    assert pair[1] is None and ref[0][1] is None  # sdpa gives no weights, in NNsight too
     n = len(token_ids(lm, SHORT))
-    close(unpad(no_last, 0, n), run_alone(lm, SHORT, inputs={o["out_proj"]: first_input(set_last(0.0))}).logits,
-          "attention output zeroed at the last token")
-    assert not torch.allclose(unpad(no_last, 0, n), run_alone(lm, SHORT).logits, atol=1e-3)
+    close(pair[0][0], ref[0][0][0], "PROMPT_1's attention output")
+    close(unpad(short, 0, n), ref[1][0][0], "SHORT's attention output (padded row)")
+    with attention_results(lm, zero_last_output) as ref:
+        zeroed = run_alone(lm, SHORT).logits
+    assert len(ref) == 1
+    close(unpad(edited, 0, n), zeroed, "attention output zeroed at the last token")
+    assert not torch.allclose(zeroed, plain, atol=1e-3)
+    assert_state_unchanged(lm, before)
+
+
+def test_attention_interface_in_generate_steps(lm):
+    """Each step's attention output read, and zeroed at the last token in every step of another invoke."""
+    import fxpatch
+    from tests.test_generation import HELLO, assert_tokens, expected_batch, hf_generate
+
+    with lm.generate(max_new_tokens=2) as tracer:
+        with tracer.invoke(PROMPT_1):
+            seen = fxpatch.save([])
+            for _ in tracer.all():
+                seen.append(interface_op(lm).output[0][:, -1])
+        with tracer.invoke(HELLO):
+            for _ in tracer.all():
+                interface_op(lm).output[0][:, -1] = 0
+        result = tracer.result.save()
+    with attention_results(lm) as ref:
+        plain = hf_generate(lm, PROMPT_1, 2)
+    assert len(seen) == len(ref) == 2
+    for step, (got, want) in enumerate(zip(seen, ref)):
+        close(got, want[0][:, -1], f"step {step}")
+    with attention_results(lm, zero_last_output) as ref:
+        edited = hf_generate(lm, HELLO, 2)
+    assert len(ref) == 2 and edited != hf_generate(lm, HELLO, 2)
+    assert_tokens(lm, result, expected_batch(lm, [PROMPT_1, HELLO], [plain, edited]))
+
+
+def test_attention_interface_with_eager_attention_gives_its_weights():
+    """Eager attention returns its weights too: both positions of the tuple, per invoke. The export runs a
+    wrapped copy of the attention's forward code and puts the original back."""
+    import fxpatch
+    from fxpatch import LanguageModel
+    from fxpatch.source import forward_function
+
+    lm = LanguageModel(fxpatch.TINY_GPT2, attn_implementation="eager")
+    forward = forward_function(lm._model.transformer.h[0].attn)
+    code = forward.__code__
+    with lm.trace() as tracer:
+        with tracer.invoke(PROMPT_1):
+            pair = interface_op(lm).output.save()
+        with tracer.invoke(SHORT):
+            weights = interface_op(lm).output[1].save()
+    assert forward.__code__ is code and sys.gettrace() is None
+    with attention_results(lm) as ref:
+        run_alone(lm, PROMPT_1)
+        run_alone(lm, SHORT)
+    assert pair[1].shape == ref[0][1].shape  # (1, heads, tokens, tokens)
+    close(pair[0], ref[0][0], "attention output")
+    close(pair[1], ref[0][1], "attention weights")
+    n = len(token_ids(lm, SHORT))
+    width = weights.shape[-1]
+    close(weights[0, :, width - n:, width - n:], ref[1][1][0], "SHORT's weights over its own tokens")
 
 
 def test_an_operation_in_a_loop_has_one_value_per_execution(llama):
@@ -249,10 +342,6 @@ def test_errors_name_the_operation_and_what_can_be_read(lm):
     msg = str(e.value)
     assert msg.startswith(f"{__file__}:") and f"{o['attn']}.source has no operation 'nope_0'" in msg
     assert f"{o['attn_out_op']}, " in msg and o["unread_op"] not in msg.split("reads and writes")[1]
-    with pytest.raises(SourceOpError, match=r"attention_interface_1 cannot be read or written: it returns a "
-                       r"tuple that its line unpacks \(set fxpatch.source.TRACE_UNPACKED = True"):
-        with lm.trace(PROMPT_1):
-            getattr(attn, o["tuple_op"]).output[0][:] = 0
     with pytest.raises(SourceOpError, match=rf"{o['unread_op']} cannot be read or written"):
         with lm.trace(PROMPT_1):
             getattr(attn, o["unread_op"]).output.save()
