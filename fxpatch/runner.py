@@ -31,6 +31,7 @@ from .passes.functionalize_program import (
     site_pattern,
 )
 from .passes.ops import is_site, read_site, write_site
+from .segments import narrow_chains, segmented_graph, segments_of
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -181,9 +182,19 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
                          numbers)
     else:  # traced at the torch level: already cheap
         fp = functionalize_program(program, chains, model._model, modules, specs, feeds, mutating, sizes)
-    gm = copy_graph_module(sg.graph_module)
-    for p in (InlineProgram(fp), StripSites(**strip_options(sg, mode, program))):
+    options = strip_options(sg, mode, program)
+    seg = segments_of(sg)
+    # the segments the program touches are copied, the others called as they are (fxpatch/segments.py); a
+    # trace's graph leaves out the model's outputs, and the segments after the program's last one
+    outputs = not options["drop_outputs"]
+    # sites are kept on the chains of the tensors the program reads, writes or stands in for
+    roots = set(fp.roots) | set(options["stand_ins"])
+    gm, positions = segmented_graph(sg, seg, touched_segments(sg, seg, program, fp, options["stand_ins"]), outputs,
+                                    sites_of=lambda name: chains.root[name] in roots)
+    options["drop_outputs"] = 0
+    for p in (InlineProgram(fp, positions), StripSites(**options)):
         gm = p(gm).graph_module
+    narrow_chains(gm, sg)
     mark_requires_grad(gm, program, chains.root)
     make_differentiable(gm)
     model._patched.add(gkey, fp, gm)
@@ -202,6 +213,42 @@ def _functional(model, key, program, chains, modules, specs, feeds, sizes, numbe
     fp = functionalize_program(program, chains, model._model, modules, specs, feeds, True, sizes)
     model._functional.add(key, fp, fp)  # found by its guards, returned as itself
     return fp
+
+
+def touched_segments(sg, seg, program: torch.fx.Graph, fp, stand_ins: list[str]) -> set[int]:
+    """The segments of ``sg`` a program's rewrite must see node by node: those holding a site it reads or
+    writes and that site's chain root, a point of the forward pass it waits for, a module output it gives a
+    stand-in, and, for a tensor it changes in place, every site of the tensor the model reaches before the
+    change (the model's views of it are checked there, ``InlineProgram``)."""
+    chains, index = chains_of(sg), seg.index_of
+    points = []
+    for n in program.nodes:
+        time = n.meta.get("fxpatch_time")
+        if isinstance(time, int) and time >= 0:
+            points.append(time)
+        if n.op == "call_function" and n.target in (read_site, write_site):
+            points += [chains.position[n.args[0]], index[chains.root[n.args[0]]]]
+    points += [index[name] for name in stand_ins]
+    for ev in _changes_in_place(fp):
+        points.append(index[ev.root])
+        points += [p for m in ev.members if m in chains.position and (p := chains.position[m]) < ev.time]
+    return {seg.part_at(p) for p in points} - {None}
+
+
+def _changes_in_place(fp) -> list:
+    """The events of ``fp`` that change a tensor in place (as ``InlineProgram`` sees them: a snapshot of a
+    tensor that did not change since its last one is none)."""
+    graph = fp.graph.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"][:len(fp.roots)]
+    outputs = graph.output_node().args[0]
+    latest, changes = {}, []
+    for ev in sorted(fp.events, key=lambda e: e.time):
+        value = outputs[ev.index]
+        previous = latest.get(ev.obj, inputs[fp.roots.index(ev.root)] if ev.assigned is None else None)
+        latest[ev.obj] = value
+        if value is not previous and ev.assigned is None:
+            changes.append(ev)
+    return changes
 
 
 # Run modes whose callers discard the model's own outputs: their graphs end at the last value the program needs.
@@ -315,10 +362,10 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     sg = model.site_graph(mode)
     feeds = _feeds(program, values)
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
-    flat = sg.state_values(model._model) + list(model_inputs) + feeds
+    state = tuple(sg.state_values(model._model))
     run = compiled(gm, compile if isinstance(compile, str) else None, dynamic) if compile else gm
     with torch.set_grad_enabled(grad):
-        out = run(*flat)
+        out = run(state, *model_inputs, *feeds)
     n = 0 if mode in WITHOUT_MODEL_OUTPUTS else len(sg.outputs)
     values.update(zip(outputs, out[n:]))
     return list(out[:n]), gm

@@ -47,10 +47,13 @@ def check_at(err: Exception, tag: str, *words: str) -> None:
 
 
 def ops_in(tracer, path: str) -> int:
-    """How many ops of ``tracer.graph`` the export attributes to the module at ``path`` or one inside it
-    (computations: the export's dtype asserts on a value the module receives are not counted)."""
+    """How many ops of ``tracer.graph`` (and of the segments it calls) the export attributes to the module
+    at ``path`` or one inside it (computations: the export's dtype asserts on a value the module receives
+    are not counted)."""
     count = 0
-    for node in tracer.graph.graph.nodes:
+    gm = tracer.graph
+    calls = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    for node in [n for g in [gm, *(s for c in calls for s in getattr(c, "segments", ()))] for n in g.graph.nodes]:
         stack = list((node.meta.get("nn_module_stack") or {}).values())
         if stack and node.target is not torch.ops.aten._assert_tensor_metadata.default:
             where = stack[-1][0].removeprefix("model.")  # the export's wrapper holds the model at .model

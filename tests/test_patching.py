@@ -132,10 +132,14 @@ def test_glob_sites_expand_in_model_order(gpt2):
 
 
 def _layers_computed(graph: torch.fx.GraphModule) -> set[int]:
-    """The decoder layers whose weights a rewritten graph uses (parameter inputs with users)."""
+    """The decoder layers whose weights a rewritten graph uses: parameter inputs, or parameters taken out
+    of its state input, that have users, in its own nodes and in the segments it calls."""
     used = set()
     for node in graph.graph.nodes:
-        found = re.search(r"_(?:h|layers)_(\d+)_", str(node.target)) if node.op == "placeholder" else None
+        if node.op == "call_module":
+            for segment in getattr(graph.get_submodule(node.target), "segments", ()):
+                used |= _layers_computed(segment)
+        found = re.search(r"_(?:h|layers)_(\d+)_", node.name) if node.op in ("placeholder", "call_function") else None
         if found and node.users:
             used.add(int(found.group(1)))
     return used

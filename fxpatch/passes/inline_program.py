@@ -32,15 +32,20 @@ from .ops import is_site
 
 
 class InlineProgram(PassBase):
-    """``InlineProgram(functional)(gm)``; ``functional`` comes from ``functionalize_program``."""
+    """``InlineProgram(functional, positions=None)(gm)``; ``functional`` comes from ``functionalize_program``.
 
-    def __init__(self, functional: FunctionalProgram):
+    ``positions``: each node's position in the site graph, where ``gm`` holds only part of its nodes
+    (``fxpatch/segments.py``; by default a node's index in ``gm``). A program's times are positions.
+    """
+
+    def __init__(self, functional: FunctionalProgram, positions: dict[torch.fx.Node, int] | None = None):
         super().__init__()
         self.fp = functional
+        self.positions = positions
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         fp, graph = self.fp, gm.graph
-        order = {n: i for i, n in enumerate(graph.nodes)}
+        order = dict(self.positions) if self.positions is not None else {n: i for i, n in enumerate(graph.nodes)}
         original = set(order)
         by_name = {n.name: n for n in graph.nodes}
         sites: dict[str, torch.fx.Node] = {}
@@ -128,7 +133,9 @@ class InlineProgram(PassBase):
             latest[ev.obj] = value
             if value is previous:
                 continue  # this tensor did not change since its last point
-            members = [by_name[ev.root] if m == ROOT else sites[m] for m in ev.members]
+            # a site left out of a graph that holds part of the model (fxpatch/segments.py) is an identity of
+            # a member it holds, through which the left-out site's users get the value
+            members = [by_name[ev.root] if m == ROOT else sites[m] for m in ev.members if m == ROOT or m in sites]
             time = ev.time
             for m in members:
                 for user in m.users:
