@@ -156,7 +156,12 @@ def site_name(module: str, kind: str, key: str, call: int = 0) -> str:
     return f"{module}.{kind}{key}" if module else f"{kind}{key}"
 
 
-def _site_tree(module: str, kind: str, call: int, value: Any, record: dict) -> Any:
+def sited(module: str, kind: str, call: int, value: Any) -> tuple[Any, ModuleSites]:
+    """``value`` with each tensor leaf passed through a site named for ``module``'s ``kind`` (call
+    ``call``), and the ``ModuleSites`` that records it. Example::
+
+        out, sites = sited("transformer.h.0", "output", 0, (hidden, None))   # sites.leaves[1] is None
+    """
     leaves, spec = flatten(value)
     out, names, flags = [], [], []
     for key, leaf in leaves:
@@ -169,8 +174,13 @@ def _site_tree(module: str, kind: str, call: int, value: Any, record: dict) -> A
             out.append(leaf)
             names.append(leaf if _is_constant(leaf) else Opaque(type(leaf).__name__))
             flags.append(False)
-    record.setdefault(module, {}).setdefault(kind, {})[call] = ModuleSites(module, kind, spec, names, flags)
-    return unflatten(spec, out)
+    return unflatten(spec, out), ModuleSites(module, kind, spec, names, flags)
+
+
+def _site_tree(module: str, kind: str, call: int, value: Any, record: dict) -> Any:
+    out, sites = sited(module, kind, call, value)
+    record.setdefault(module, {}).setdefault(kind, {})[call] = sites
+    return out
 
 
 def _is_constant(value: Any) -> bool:

@@ -59,8 +59,8 @@ from typing import Any
 
 import torch
 
-from .passes.ops import SITE_OP, is_site, site
-from .structure import LEAF, flatten, unflatten
+from .passes.ops import SITE_OP, is_site
+from .structure import LEAF
 
 # --- naming (NNsight 0.8.1's ``Instrument``, without rewriting anything) ---------------------------------------
 
@@ -399,25 +399,13 @@ def _unpacked_result(module: Any, name: str, value: Any) -> Any:
     path = rec.first.get(id(module))
     if path is None:
         return value
-    from .export import ModuleSites, Opaque, _is_constant, site_name
+    from .export import sited
 
     e = rec.counts.get((path, name), 0)
     rec.counts[(path, name)] = e + 1
-    key = f"{path}.source.{name}" if path else f"source.{name}"
-    leaves, spec = flatten(value)
-    out, names, flags = [], [], []
-    for k, leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            site_id = site_name(key, "output", k, e)
-            out.append(site(leaf, site_id))
-            names.append(site_id)
-            flags.append(True)
-        else:
-            out.append(leaf)
-            names.append(leaf if _is_constant(leaf) else Opaque(type(leaf).__name__))
-            flags.append(False)
-    rec.record.setdefault((path, name), []).append(ModuleSites(key, "output", spec, names, flags))
-    return unflatten(spec, out) if any(flags) else value
+    out, sites = sited(f"{path}.source.{name}" if path else f"source.{name}", "output", e, value)
+    rec.record.setdefault((path, name), []).append(sites)
+    return out if any(sites.is_site) else value
 
 
 def _unpacked_calls(fs: ForwardSource, module: torch.nn.Module) -> list[SourceOp]:
