@@ -235,16 +235,17 @@ def eight_invokes(model, rows: list[list[int]], layer: int):
     return torch.cat(list(outs))
 
 
+def last_positions_of_4_into_4(module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook: rows 0-3's last position written into rows 4-7's (the 8-invoke patch, by hand)."""
+    output = output.clone()
+    output[4:, -1] = output[:4, -1]
+    return output
+
+
 def eight_by_hand(hf, rows: list[list[int]], layer: int):
     """HF by hand: the 8 prompts as one left-padded batch, a forward hook doing the patch."""
     ids, mask, positions = left_padded(rows)
-
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[4:, -1] = output[:4, -1]
-        return output
-
-    handle = hf.transformer.h[layer].register_forward_hook(hook)
+    handle = hf.transformer.h[layer].register_forward_hook(last_positions_of_4_into_4)
     try:
         with torch.no_grad():
             return hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
@@ -428,9 +429,7 @@ def generation_case(args) -> list[Measurement]:
         def hook(module, inputs, output):
             if output.shape[1] == 1:  # a decode step: the patch is on the prompt pass only
                 return output
-            output = output.clone()
-            output[4:, -1] = output[:4, -1]
-            return output
+            return last_positions_of_4_into_4(module, inputs, output)
 
         handle = hf.transformer.h[layer].register_forward_hook(hook)
         try:

@@ -491,21 +491,22 @@ def activation_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[s
                                      metric=lambda logits: logits[:, york])
         result.scores.shape   # (4, 3): 4 layers x 3 positions
     """
-    loc = user_location()
+    return _sweep(model, "activation patching", _activation_sweep, clean, corrupt, sites, positions, metric,
+                  batch_size, progress, distributed, user_location())
+
+
+def _sweep(model, method: str, sweep_pairs: Callable[..., _Tally], clean, corrupt, sites, positions, metric,
+           batch_size: int | None, progress: bool, distributed, loc) -> PatchingResult:
+    """Check the arguments and sweep the prompt pairs with ``sweep_pairs`` (``_activation_sweep``,
+    ``_attribution_sweep``) here, or share them among the ranks of a process group."""
 
     def prepare() -> _Sweep:
         _check_batch_size(batch_size, loc)
-        return _prepare(model, clean, corrupt, sites, positions, metric, "activation patching")
+        return _prepare(model, clean, corrupt, sites, positions, metric, method)
 
     def run(sweep: _Sweep, show: bool) -> _Tally:
-        return _activation_sweep(model, sweep, batch_size, show, loc)
+        return sweep_pairs(model, sweep, batch_size, show, loc)
 
-    return _sweep(model, prepare, run, "activation patching", progress, distributed, loc)
-
-
-def _sweep(model, prepare: Callable[[], _Sweep], run: Callable[[_Sweep, bool], _Tally], method: str,
-           progress: bool, distributed, loc) -> PatchingResult:
-    """Prepare and run a sweep here, or share its prompt pairs among the ranks of a process group."""
     if distributed is not False and distributed is not None:
         from .distributed import sharded_sweep
 
@@ -754,16 +755,8 @@ def attribution_patching(model, clean: Any, corrupt: Any, sites: str | Sequence[
                                         sites="transformer.h.*", metric=lambda logits: logits[:, york])
         estimate.plot("attribution.png")
     """
-    loc = user_location()
-
-    def prepare() -> _Sweep:
-        _check_batch_size(batch_size, loc)
-        return _prepare(model, clean, corrupt, sites, positions, metric, "attribution patching")
-
-    def run(sweep: _Sweep, show: bool) -> _Tally:
-        return _attribution_sweep(model, sweep, batch_size, show, loc)
-
-    return _sweep(model, prepare, run, "attribution patching", progress, distributed, loc)
+    return _sweep(model, "attribution patching", _attribution_sweep, clean, corrupt, sites, positions, metric,
+                  batch_size, progress, distributed, user_location())
 
 
 def _attribution_sweep(model, sweep: _Sweep, batch_size: int | None, progress: bool, loc) -> _Tally:
