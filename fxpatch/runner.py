@@ -239,16 +239,8 @@ def _changes_in_place(fp) -> list:
     """The events of ``fp`` that change a tensor in place (as ``InlineProgram`` sees them: a snapshot of a
     tensor that did not change since its last one is none)."""
     graph = fp.graph.graph
-    inputs = [n for n in graph.nodes if n.op == "placeholder"][:len(fp.roots)]
-    outputs = graph.output_node().args[0]
-    latest, changes = {}, []
-    for ev in sorted(fp.events, key=lambda e: e.time):
-        value = outputs[ev.index]
-        previous = latest.get(ev.obj, inputs[fp.roots.index(ev.root)] if ev.assigned is None else None)
-        latest[ev.obj] = value
-        if value is not previous and ev.assigned is None:
-            changes.append(ev)
-    return changes
+    roots = dict(zip(fp.roots, [n for n in graph.nodes if n.op == "placeholder"]))
+    return [ev for ev, _ in fp.changes(graph.output_node().args[0], roots.__getitem__) if ev.assigned is None]
 
 
 # Run modes whose callers discard the model's own outputs: their graphs end at the last value the program needs.

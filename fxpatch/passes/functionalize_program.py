@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,21 @@ class FunctionalProgram:
     mutating: bool
     modules: dict[str, torch.nn.Module]
     guards: list = field(default_factory=list)  # sympy conditions on the export's size symbols
+
+    def changes(self, outputs: list, root_value) -> Iterator[tuple[Event, Any]]:
+        """The events in time order with their values (``outputs[event.index]``), leaving out those whose
+        tensor did not change since its previous event (for a tensor changed in place, the first is
+        compared with its chain root's value, ``root_value(root)``). Example::
+
+            for event, value in fp.changes(outputs, lambda root: nodes[root]): ...
+        """
+        latest: dict = {}
+        for ev in sorted(self.events, key=lambda e: e.time):
+            value = outputs[ev.index]
+            previous = latest.get(ev.obj, root_value(ev.root) if ev.assigned is None else None)
+            latest[ev.obj] = value
+            if value is not previous:
+                yield ev, value
 
     def holds_for(self, sizes: dict) -> bool:
         """Whether this graph serves a run whose export size symbols have the values ``sizes``.

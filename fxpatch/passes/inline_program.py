@@ -125,14 +125,8 @@ class InlineProgram(PassBase):
     @staticmethod
     def _rewire(graph, fp: FunctionalProgram, outputs, order, original, sites, by_name):
         """Point each model consumer of an event's sites, after the event, at the event's value."""
-        latest: dict[int, torch.fx.Node] = {}
         chosen: dict[tuple[torch.fx.Node, torch.fx.Node], torch.fx.Node] = {}
-        for ev in sorted(fp.events, key=lambda e: e.time):
-            value = outputs[ev.index]
-            previous = latest.get(ev.obj, by_name[ev.root] if ev.assigned is None else None)
-            latest[ev.obj] = value
-            if value is previous:
-                continue  # this tensor did not change since its last point
+        for ev, value in fp.changes(outputs, by_name.__getitem__):  # a tensor unchanged since its last point: none
             # a site left out of a graph that holds part of the model (fxpatch/segments.py) is an identity of
             # a member it holds, through which the left-out site's users get the value
             members = [by_name[ev.root] if m == ROOT else sites[m] for m in ev.members if m == ROOT or m in sites]
