@@ -332,6 +332,11 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
     cache = gm.__dict__.setdefault("_fxpatch_compiled", {})
     fn = cache.get((mode, dynamic))
     if fn is None:
+        # Dynamo will not trace a lazy graph module's first forward (torch.fx is on its skip list): a
+        # segment called through a Chain would be a graph break and run eagerly, op by op
+        for sub in gm.modules():
+            if isinstance(sub, _LazyGraphModule):
+                _LazyGraphModule.force_recompile(sub)
         fn = cache[(mode, dynamic)] = torch.compile(gm, dynamic=dynamic, mode=mode)
     return fn
 
