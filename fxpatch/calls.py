@@ -112,17 +112,17 @@ class CallLoop:
             t.pin = outer
 
 
-def pick_call(tracer: Tracer, path: str, kind: str, per_call: list[ModuleSites]) -> int:
+def pick_call(tracer: Tracer, path: str, kind: str, per_call: list[ModuleSites], loc: Location | None = None) -> int:
     """Which call of the module at ``path`` a read of its ``kind`` takes now: NNsight's occurrence of it.
 
-    ``per_call`` is ``SiteGraph.calls[path][kind]``.
+    ``per_call`` is ``SiteGraph.calls[path][kind]``; ``loc`` the user's line, when the caller has it.
     """
     sg = tracer.model.site_graph(tracer.mode)
     where = f"{path}.{kind}" if path else kind
     if path in sg.aliases:
         where += f" (the same module as {sg.aliases[path]})"
     runs = "once" if len(per_call) == 1 else f"{len(per_call)} times"
-    loc = user_location()
+    loc = loc or user_location()
     if tracer.phase > 0 and len(per_call) > 1:
         # NNsight counts occurrences across generation steps: its tracer.iter[k] is step k // n, call k % n
         raise FxpatchError(

@@ -135,17 +135,20 @@ class SiteGraph:
         return self._positions[name]
 
     def state_values(self, model: torch.nn.Module) -> list[Any]:
-        """The model's current parameters and buffers, in placeholder order."""
-        params = dict(model.named_parameters(remove_duplicate=False))
-        buffers = dict(model.named_buffers(remove_duplicate=False))
-        out = []
+        """The model's current parameters, buffers and constants, in placeholder order."""
+        return [table[name] if table is not None else name for table, name in self.state_access(model)]
+
+    def state_access(self, model: torch.nn.Module) -> list[tuple[dict | None, Any]]:
+        """Where each state placeholder's value lives in ``model``: ``(module._parameters, "weight")``,
+        ``(module._buffers, "bias")``, or ``(None, constant)``. Valid while the module tree stays the same."""
+        out: list[tuple[dict | None, Any]] = []
         for kind, ref in self.state:
-            if kind == "param":
-                out.append(params[ref])
-            elif kind == "buffer":
-                out.append(buffers[ref])
+            if kind in ("param", "buffer"):
+                owner, _, name = ref.rpartition(".")
+                module = model.get_submodule(owner)
+                out.append((module._parameters if kind == "param" else module._buffers, name))
             else:
-                out.append(ref)
+                out.append((None, ref))
         return out
 
 

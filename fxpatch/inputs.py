@@ -156,11 +156,8 @@ class Batch:
 def left_pad(rows: list[list[int]], pad_id: int, device=None) -> Batch:
     """One batch from token rows, padded on the left with ``pad_id``."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    # padded as Python lists and made tensors in one call each: a copy per row costs ~30 us of dispatch
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    position_ids = torch.tensor([[0] * (width - len(r)) + list(range(len(r))) for r in rows], dtype=torch.long)
     return Batch(ids.to(device), mask.to(device), position_ids.to(device))

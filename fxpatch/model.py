@@ -119,8 +119,8 @@ class TransformersModel(Envoy):
         hf_model.eval()  # exported graphs capture the mode: dropout must be off, as from_pretrained leaves it
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": GraphCache(cache_size),
-               "_checked": BoundedDict(cache_size),
-               "_functional": GraphCache(cache_size), "_fingerprint": None, "_lock": threading.RLock(),
+               "_checked": BoundedDict(cache_size), "_functional": GraphCache(cache_size), "_state_access": {},
+               "_fingerprint": None, "_lock": threading.RLock(),
                "_compile": compile, "task": "text-generation", "_cache_dir": cache_dir}
         for k, v in own.items():
             object.__setattr__(self, k, v)
@@ -233,7 +233,21 @@ class TransformersModel(Envoy):
             self._patched.clear()
             self._checked.clear()
             self._functional.clear()
+            self._state_access.clear()
             object.__setattr__(self, "_fingerprint", fingerprint)
+
+    def state_values(self, mode: str) -> tuple[Any, ...]:
+        """The model's parameters, buffers and constants as ``mode``'s site graph takes them (placeholder order).
+
+        Where each lives is looked up once per model structure (``_forget_stale_exports``
+        forgets it); the tensors are read from their modules' dicts each call, so a buffer
+        or parameter reassigned since is the one that runs.
+        """
+        sg = self.site_graph(mode)
+        access = self._state_access.get(mode)
+        if access is None or access[0] is not sg:
+            access = self._state_access[mode] = (sg, sg.state_access(self._model))
+        return tuple(table[name] if table is not None else name for table, name in access[1])
 
     def _export(self, mode: str) -> SiteGraph:
         if mode in ("prefill", "decode", "prefill_static", "decode_static"):

@@ -8,6 +8,7 @@ writes in place is functionalized, and cached, per shape of its inputs.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -56,30 +57,46 @@ def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) ->
         times = {t: i for i, t in enumerate(sorted({n.meta.get("fxpatch_time", -1) for n in program.nodes},
                                                    key=lambda t: -1 if t is None else t))}
     key = []
+    Node = torch.fx.Node
 
-    def norm(a):
-        if isinstance(a, torch.fx.Node):
+    def norm(a):  # made every trace (a cache hit too): the common kinds of argument come first
+        t = type(a)
+        if t is int or t is str or t is bool or a is None:
+            return (t, a)
+        if t is Node:
+            return ("node", index[a])
+        if t is tuple or t is list:
+            return (t.__name__, tuple([norm(x) for x in a]))
+        if t is slice:
+            return ("slice", norm(a.start), norm(a.stop), norm(a.step))
+        if isinstance(a, Node):
             return ("node", index[a])
         if isinstance(a, (tuple, list)):
-            return (type(a).__name__, tuple(norm(x) for x in a))
+            return (t.__name__, tuple([norm(x) for x in a]))
         if isinstance(a, dict):
             return ("dict", tuple((k, norm(v)) for k, v in a.items()))
-        if isinstance(a, slice):
-            return ("slice", norm(a.start), norm(a.stop), norm(a.step))
-        return (type(a).__name__, repr(a))
+        return (t.__name__, repr(a))
 
     for i, node in enumerate(program.nodes):
         index[node] = i
-        # id() tells apart functions that share a name (lambdas, closures); a placeholder's name counts
-        # the trace's inputs so far (other steps' too), its place in the program is what matters
-        target = "" if node.op == "placeholder" else node.target if isinstance(node.target, str) else (
-            getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", ""), id(node.target))
+        op, meta = node.op, node.meta
         args = node.args
         if sites is not None and node.target in (read_site, write_site):
             args = (("site", sites[args[0]]), *args[1:])
-        time = node.meta.get("fxpatch_time") if times is None else times[node.meta.get("fxpatch_time", -1)]
-        key.append((node.op, target, norm(args), norm(node.kwargs), node.meta.get("fxpatch_invoke"), time))
+        time = meta.get("fxpatch_time") if times is None else times[meta.get("fxpatch_time", -1)]
+        key.append((op, "" if op == "placeholder" else _target_key(node.target), norm(args),
+                    norm(node.kwargs) if node.kwargs else (), meta.get("fxpatch_invoke"), time))
     return tuple(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _target_key(target: Any) -> Any:
+    """A node's target in a program key. id() tells apart functions that share a name (lambdas,
+    closures); the cache's reference keeps the object, so its id is not reused while cached. A
+    placeholder's target (its name) is left out: its place in the program is what matters."""
+    if isinstance(target, str):
+        return target
+    return (getattr(target, "__module__", ""), getattr(target, "__qualname__", ""), id(target))
 
 
 def chains_of(sg) -> Chains:
@@ -359,7 +376,7 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     sg = model.site_graph(mode)
     feeds = _feeds(program, values)
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
-    state = tuple(sg.state_values(model._model))
+    state = model.state_values(mode)
     run = compiled(gm, compile if isinstance(compile, str) else None, dynamic) if compile else gm
     with torch.set_grad_enabled(grad):
         out = run(state, *model_inputs, *feeds)

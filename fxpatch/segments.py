@@ -18,7 +18,7 @@ the segments of a chain that none of its used values needs (the layers below a p
 a layer's output whole). Its inputs are the tuple of the site graph's state
 values (parameters, buffers, constants), then the model's inputs, then the program's::
 
-    gm(tuple(sg.state_values(module)), *model_inputs, *feeds)
+    gm(model.state_values("forward"), *model_inputs, *feeds)
 
 Example::
 

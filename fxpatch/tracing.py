@@ -427,16 +427,16 @@ class Tracer:
         return entry[1]
 
     def record(self, op: str, target: Any, args: tuple, kwargs: dict, *, site=None,
-               phase: int | None = None, at: int = -1) -> Proxy:
+               phase: int | None = None, at: int = -1, loc: Location | None = None) -> Proxy:
         """Add one operation to the program and return its ``Proxy``.
 
         It goes into the latest phase among the values it uses (or the current
         phase); a read or write of a module always goes into the current phase.
         Its time (``meta["fxpatch_time"]``) is when NNsight would run it: once
         the model has reached ``at`` (a site's position) and every value it
-        uses, and not before the invoke's previous op.
+        uses, and not before the invoke's previous op. ``loc``: the user's line, when the caller has it.
         """
-        loc = user_location()
+        loc = loc or user_location()
         if self.finished:
             return self._after_trace(op, target, args, kwargs, loc)
         self._check_recording(loc)
@@ -446,8 +446,11 @@ class Tracer:
             phase = max([self.phase] + [_phase_of(v) for v in _proxies((args, kwargs))])
         args, kwargs = lift_data(op, target, args, kwargs, lambda v: isinstance(v, Proxy),
                                  lambda v: self._input(phase, object(), loc, value=v))
-        node = self.program_of(phase).create_node(op, target, self._graph_arg(args, loc, phase),
-                                                  self._graph_arg(kwargs, loc, phase))
+        # arguments set after creation: create_node's own walk over them (torch 2.13 looks for raw SymInts,
+        # which recorded values never are) costs ~45 us a node, most of a recorded op's time
+        args, kwargs = self._graph_arg(args, loc, phase), self._graph_arg(kwargs, loc, phase)  # inputs go first
+        node = self.program_of(phase).create_node(op, target)
+        node.args, node.kwargs = args, kwargs
         node.meta["fxpatch_loc"] = loc
         node.meta["fxpatch_invoke"] = self.current_invoke.index if self.current_invoke else None
         node.meta["fxpatch_phase"] = phase
@@ -476,8 +479,8 @@ class Tracer:
             return target(*args, **kwargs)
         self._check_recording(loc)
 
-    def _require_invoke(self, what: str) -> Invoker:
-        loc = user_location()
+    def _require_invoke(self, what: str, loc: Location | None = None) -> Invoker:
+        loc = loc or user_location()
         self._check_recording(loc)
         if self.current_invoke is None:
             raise FxpatchError(f"{what} was used outside an invoke", at=loc,
@@ -500,39 +503,40 @@ class Tracer:
         """A module's ``output`` or ``inputs`` for the current invoke, as proxies, of the call ``tracer.iter``
         picks (an alias path of a shared module reads the module)."""
         refuse_module_access(self, f"module {path or 'model'}.{kind}")
-        invoke = self._require_invoke(f"module {path or 'model'}.{kind}")
+        loc = user_location()  # one walk up the stack for the checks and the reads below
+        invoke = self._require_invoke(f"module {path or 'model'}.{kind}", loc)
         per_call = self.module_sites(path, kind, kind)
-        sites = per_call[pick_call(self, path, kind, per_call)]
-        leaves = [self._read_leaf(name, invoke) if is_site else name
+        sites = per_call[pick_call(self, path, kind, per_call, loc)]
+        leaves = [self._read_leaf(name, invoke, loc) if is_site else name
                   for name, is_site in zip(sites.leaves, sites.is_site)]
         return unflatten(sites.spec, leaves, build_container)
 
     def _position(self, name: str) -> int:
         return chains_of(self.model.site_graph(self.mode)).position[name]
 
-    def _read_leaf(self, name: str, invoke: Invoker) -> Proxy:
+    def _read_leaf(self, name: str, invoke: Invoker, loc: Location | None = None) -> Proxy:
         ref = (name, invoke.start, invoke.stop)
         proxy = self.record("call_function", read_site, ref, {}, site=ref, phase=self.phase,
-                            at=self._position(name))
+                            at=self._position(name), loc=loc)
         proxy.node.meta["fxpatch_site"] = name
         return proxy
 
     def write_site(self, ref: tuple[str, int, int | None], value: Any) -> None:
         """Record that the rows ``ref`` names of a site now hold ``value``."""
         refuse_module_access(self, "a module assignment")
-        invoke = self._require_invoke("a module assignment")
+        loc = user_location()
+        invoke = self._require_invoke("a module assignment", loc)
         name, start, stop = ref
         if (start, stop) != (invoke.start, invoke.stop):
-            raise FxpatchError("a module value read in one invoke was assigned in another", at=user_location(),
+            raise FxpatchError("a module value read in one invoke was assigned in another", at=loc,
                                hint="Read the value again in this invoke (m.output) and assign to that.")
-        loc = user_location()
         if isinstance(value, Proxy) and value.tracer is self and _phase_of(value) > self.phase:
             raise FlowError(f"a value computed at step {_phase_of(value)} is written at step {self.phase}, "
                             "which runs before it", at=loc,
                             also=[("it was recorded at", value.node.meta["fxpatch_loc"])],
                             hint="Write it at the same or a later step (tracer.iter[...]).")
         node = self.record("call_function", write_site, (name, start, stop, value), {}, phase=self.phase,
-                           at=self._position(name)).node
+                           at=self._position(name), loc=loc).node
         node.meta["fxpatch_site"] = name
 
     # -- running -----------------------------------------------------------------------

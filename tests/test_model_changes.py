@@ -132,6 +132,21 @@ def test_weights_edited_in_place_are_used_without_a_new_export(exports):
     assert exports == ["_Forward"]
 
 
+def test_parameters_and_buffers_reassigned_between_traces_are_the_ones_that_run(tokenizer, exports):
+    # the state a run takes is looked up once per model structure; a tensor put in a module's place since
+    # (same shape and dtype) must be the one read
+    lm = LanguageModel(tiny_llama(len(tokenizer)), tokenizer=tokenizer)
+    before = traced(lm)
+    rotary = lm._model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq * 3  # a new buffer tensor under the same name
+    buffer_changed = traced(lm)
+    assert_logits(buffer_changed, direct(lm), torch.float32, 1e-5)
+    assert (buffer_changed[0] - before[0]).abs().max() > 1e-3
+    mlp = lm._model.model.layers[0].mlp
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.detach() * 2)  # a new Parameter object
+    assert_logits(traced(lm), direct(lm), torch.float32, 1e-5)
+
+
 def test_train_mode_exports_with_dropout_and_eval_mode_again_without(exports):
     lm = fresh_gpt2()
     assert lm.config.resid_pdrop > 0

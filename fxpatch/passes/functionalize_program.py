@@ -25,6 +25,7 @@ tensors of the run's shapes. A failing op raises ``ShapeError`` at its line.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from collections.abc import Iterator
@@ -554,7 +555,12 @@ def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int) -> None:
 
 
 def _feed_symbol(i: int, v) -> sympy.Symbol:
-    return sympy.Symbol(f"fxpatch_feed_{i}", integer=True) if type(v) is int else sympy.Symbol(f"fxpatch_feed_{i}")
+    return _symbol(i, type(v) is int)
+
+
+@functools.lru_cache(maxsize=1024)  # asked every run (a cache hit too); making a sympy symbol costs ~10 us
+def _symbol(i: int, integer: bool) -> sympy.Symbol:
+    return sympy.Symbol(f"fxpatch_feed_{i}", integer=True) if integer else sympy.Symbol(f"fxpatch_feed_{i}")
 
 
 def feed_numbers(feeds: list) -> dict:
