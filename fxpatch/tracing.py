@@ -79,7 +79,7 @@ class Invoker:
             raise FxpatchError("tracer.invoke() was opened inside another invoke", at=self.loc,
                                hint="Close the first invoke before opening the next; invokes do not nest.")
         if self.inputs is not NO_INPUTS:
-            self.rows = to_rows(self.inputs, t.model.tokenizer, self.loc, t.model.max_length, t.model.vocab_size)
+            self.rows = to_rows(self.inputs, t.model.tokenizer, self.loc, *t.input_limits())
             self.start = sum(len(i.rows) for i in t.invokes)
             self.stop = self.start + len(self.rows)
         t.invokes.append(self)
@@ -362,6 +362,14 @@ class Tracer:
         return patched_module(self)
 
     # -- recording ---------------------------------------------------------------------
+    def input_limits(self) -> tuple[int | None, int | None]:
+        """The model's context length and vocabulary size, asked once per trace (each costs tens of
+        microseconds through the HF config, and every invoke checks its prompts against them)."""
+        limits = self.__dict__.get("_input_limits")
+        if limits is None:
+            limits = self._input_limits = (self.model.max_length, self.model.vocab_size)
+        return limits
+
     def program_of(self, phase: int) -> torch.fx.Graph:
         """The program of one phase (step of a run): 0 for a trace or a generation's prompt pass."""
         if phase not in self.programs:
