@@ -166,15 +166,24 @@ def keep_appended(tracer, containers: list) -> list:
 
 
 def _proxies_in(value: Any, seen: set | None = None) -> list[Proxy]:
+    """The proxies in ``value`` and the lists, dicts and tuples it holds, each container looked at once.
+
+    Every trace looks through the containers its frame held when it started (``outside_containers``), often
+    lists of token ids: numbers and strings are passed over without a call each."""
     seen = set() if seen is None else seen
-    if isinstance(value, Proxy):
-        return [value]
-    if not isinstance(value, (list, dict, tuple)) or id(value) in seen:
-        return []
-    seen.add(id(value))
-    out = []
-    for v in (value.values() if isinstance(value, dict) else value):
-        out += _proxies_in(v, seen)
+    out: list[Proxy] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is int or t is float or t is str or t is bool:
+            continue
+        if isinstance(v, Proxy):
+            out.append(v)
+        elif isinstance(v, (list, dict, tuple)) and id(v) not in seen:
+            seen.add(id(v))
+            items = list(v.values()) if isinstance(v, dict) else list(v)
+            stack.extend(reversed(items))  # first to last, as the recursion found them
     return out
 
 

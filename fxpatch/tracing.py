@@ -23,6 +23,7 @@ A module the forward calls more than once is read at its first call;
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from typing import Any
 
@@ -457,7 +458,7 @@ class Tracer:
         # arguments set after creation: create_node's own walk over them (torch 2.13 looks for raw SymInts,
         # which recorded values never are) costs ~45 us a node, most of a recorded op's time
         args, kwargs = self._graph_arg(args, loc, phase), self._graph_arg(kwargs, loc, phase)  # inputs go first
-        node = self.program_of(phase).create_node(op, target)
+        node = self.program_of(phase).create_node(op, target, name=_node_name(target))
         node.args, node.kwargs = args, kwargs
         node.meta["fxpatch_loc"] = loc
         node.meta["fxpatch_invoke"] = self.current_invoke.index if self.current_invoke else None
@@ -594,6 +595,15 @@ def _no_model_kwargs(where: str, kwargs: dict, loc: Location) -> None:
             f"{where} got keyword arguments it does not use: {', '.join(sorted(kwargs))}", at=loc,
             hint="fxpatch builds input_ids, attention_mask and position_ids itself; pass prompts, token ids or a "
             "BatchEncoding as the inputs.")
+
+
+@functools.lru_cache(maxsize=1024)
+def _node_name(target: Any) -> str | None:
+    """The name fx gives a node of ``target`` (made once per target, not at each of a trace's nodes)."""
+    try:
+        return torch.fx.Graph._target_to_str(None, target)
+    except Exception:  # noqa: BLE001 - torch's private helper changed: let create_node name it
+        return None
 
 
 def _proxies(value: Any) -> list[Proxy]:
