@@ -185,28 +185,31 @@ def reference_patch(model):
     return out
 
 
+def patch_by_hand(hf, tok) -> torch.Tensor:
+    """HF by hand: both prompts as one batch, a forward hook copying prompt 1's embeddings into prompt 2's."""
+    batch = tok(["Prompt 1", "Prompt 2"], return_tensors="pt")  # the same number of tokens
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[1] = output[0]
+        return output
+
+    handle = hf.transformer.wte.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return hf(**batch).logits[1:, -1]
+    finally:
+        handle.remove()
+
+
 @case("patch")
 def patch_case(args) -> list[Measurement]:
     """The reference page's patch on the tiny GPT-2."""
     tok, hf = tokenizer(), tiny_gpt2()
     models = fxpatch_models(hf, tok, compiled=not args.quick)
 
-    def by_hand():
-        batch = tok(["Prompt 1", "Prompt 2"], return_tensors="pt")  # the same number of tokens
-
-        def hook(module, inputs, output):
-            output = output.clone()
-            output[1] = output[0]
-            return output
-
-        handle = hf.transformer.wte.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                return hf(**batch).logits[1:, -1]
-        finally:
-            handle.remove()
-
-    contenders = {HF: by_hand, **{k: (lambda m=m: reference_patch(m)) for k, m in models.items()}}
+    contenders = {HF: lambda: patch_by_hand(hf, tok),
+                  **{k: (lambda m=m: reference_patch(m)) for k, m in models.items()}}
     nn = nnsight_model(hf, tok)
     contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: reference_patch(nn))
     contenders[TL] = "n/a: no cross-prompt patch API"
