@@ -89,23 +89,14 @@ def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) ->
     return tuple(key)
 
 
+@functools.lru_cache(maxsize=4096)
 def _target_key(target: Any) -> Any:
     """A node's target in a program key. id() tells apart functions that share a name (lambdas,
-    closures). A placeholder's target (its name) is left out: its place in the program is what matters."""
-    try:
-        return _cached_target_key(target)
-    except TypeError:  # an unhashable callable: the program holds it, so its id stays its own
-        return _plain_target_key(target)
-
-
-def _plain_target_key(target: Any) -> Any:
+    closures); the cache's reference keeps the object, so its id is not reused while cached. A
+    placeholder's target (its name) is left out: its place in the program is what matters."""
     if isinstance(target, str):
         return target
     return (getattr(target, "__module__", ""), getattr(target, "__qualname__", ""), id(target))
-
-
-# the cache's reference keeps each target alive, so its id is not reused while it is cached
-_cached_target_key = functools.lru_cache(maxsize=4096)(_plain_target_key)
 
 
 def chains_of(sg) -> Chains:

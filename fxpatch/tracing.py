@@ -597,17 +597,9 @@ def _no_model_kwargs(where: str, kwargs: dict, loc: Location) -> None:
             "BatchEncoding as the inputs.")
 
 
-def _node_name(target: Any) -> str | None:
-    """The name fx gives a node of ``target``, made once per target (fx derives it at every node); ``None``
-    lets ``create_node`` derive it."""
-    try:
-        return _cached_node_name(target)
-    except TypeError:  # an unhashable target
-        return None
-
-
 @functools.lru_cache(maxsize=1024)
-def _cached_node_name(target: Any) -> str | None:
+def _node_name(target: Any) -> str | None:
+    """The name fx gives a node of ``target`` (made once per target, not at each of a trace's nodes)."""
     try:
         return torch.fx.Graph._target_to_str(None, target)
     except Exception:  # noqa: BLE001 - torch's private helper changed: let create_node name it

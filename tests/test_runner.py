@@ -35,38 +35,3 @@ def test_inserted_nodes_name_the_users_lines(gpt2):
     table = format_inserted(rows)
     assert "scatter" in table and "test_runner.py:16" in table
     assert not [n for n in tracer.graph.graph.nodes if "site" in str(n.target)]
-
-
-class _Unhashable:
-    """A callable that defines equality and so is not hashable (as a non-frozen dataclass is)."""
-
-    __hash__ = None
-
-    def __eq__(self, other):
-        return isinstance(other, _Unhashable)
-
-    def __call__(self, x):
-        return x
-
-
-def test_program_key_tells_targets_apart_by_identity_hashable_or_not():
-    from fxpatch.runner import program_key
-
-    def program(target):
-        g = torch.fx.Graph()
-        x = g.placeholder("x")
-        g.output(g.call_function(target, (x,)))
-        return g
-
-    def f(x):
-        return x
-
-    def g(x):  # same name and code as f, another function
-        return x
-
-    g.__qualname__ = f.__qualname__
-    a, b = _Unhashable(), _Unhashable()
-    assert program_key(program(f)) == program_key(program(f))
-    assert program_key(program(f)) != program_key(program(g))
-    assert program_key(program(a)) == program_key(program(a))
-    assert program_key(program(a)) != program_key(program(b))
