@@ -35,3 +35,24 @@ def test_inserted_nodes_name_the_users_lines(gpt2):
     table = format_inserted(rows)
     assert "scatter" in table and "test_runner.py:16" in table
     assert not [n for n in tracer.graph.graph.nodes if "site" in str(n.target)]
+
+
+def test_program_key_tells_apart_functions_of_one_name():
+    # targets are keyed through a cache, by identity: two closures of one qualified name differ
+    from fxpatch.runner import program_key
+
+    def program(target):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        g.output(g.call_function(target, (x,)))
+        return g
+
+    def scale(k):
+        def times(x):
+            return x * k
+        return times
+
+    double, triple = scale(2), scale(3)
+    assert double.__qualname__ == triple.__qualname__
+    assert program_key(program(double)) == program_key(program(double))
+    assert program_key(program(double)) != program_key(program(triple))
