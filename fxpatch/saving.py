@@ -156,7 +156,7 @@ def keep_appended(tracer, containers: list) -> list:
     returns the containers that hold any, to fill after the run."""
     kept = []
     for container in containers:
-        found = [p for p in _proxies_in(container) if p.tracer is tracer]
+        found = [p for p in proxies_in(container) if p.tracer is tracer]
         for proxy in found:
             if not proxy.saved:
                 proxy.save()
@@ -165,8 +165,9 @@ def keep_appended(tracer, containers: list) -> list:
     return kept
 
 
-def _proxies_in(value: Any, seen: set | None = None) -> list[Proxy]:
-    """The proxies in ``value`` and the lists, dicts and tuples it holds, each container looked at once.
+def proxies_in(value: Any, seen: set | None = None, limit: int | None = None) -> list[Proxy]:
+    """The proxies in ``value`` and the lists, dicts and tuples it holds, each container looked at once
+    (``seen``: ids of containers already looked at; ``limit``: containers longer than this are passed over).
 
     Every trace looks through the containers its frame held when it started (``outside_containers``), often
     lists of token ids: numbers and strings are passed over without a call each."""
@@ -180,7 +181,7 @@ def _proxies_in(value: Any, seen: set | None = None) -> list[Proxy]:
             continue
         if isinstance(v, Proxy):
             out.append(v)
-        elif isinstance(v, (list, dict, tuple)) and id(v) not in seen:
+        elif isinstance(v, (list, dict, tuple)) and id(v) not in seen and (limit is None or len(v) <= limit):
             seen.add(id(v))
             items = list(v.values()) if isinstance(v, dict) else list(v)
             stack.extend(reversed(items))  # first to last, as the recursion found them

@@ -31,6 +31,7 @@ from . import active
 from .errors import FxpatchError, user_location
 from .passes.diagnostics import Location
 from .proxy import _UNSET, Proxy
+from .saving import proxies_in
 
 _SCAN_LIMIT = 10_000  # larger containers are not searched for traced values (as saving.py's)
 _SESSIONS: contextvars.ContextVar[tuple[Session, ...]] = contextvars.ContextVar("fxpatch_sessions", default=())
@@ -95,7 +96,7 @@ class Session:
         for name, value in list(frame.f_locals.items()):
             if name.startswith("__"):
                 continue
-            for proxy in _proxies_in(value, seen):
+            for proxy in proxies_in(value, seen, _SCAN_LIMIT):
                 if proxy.tracer is tracer and not proxy.saved and proxy.value is _UNSET:
                     proxy.save()
                     self.kept.append(proxy)
@@ -133,18 +134,6 @@ class Session:
             from .tracing import set_frame_locals
 
             set_frame_locals(frame, changed)
-
-
-def _proxies_in(value: Any, seen: set[int]) -> list[Proxy]:
-    if isinstance(value, Proxy):
-        return [value]
-    if not isinstance(value, (list, dict, tuple)) or id(value) in seen or len(value) > _SCAN_LIMIT:
-        return []
-    seen.add(id(value))
-    found = []
-    for v in (value.values() if isinstance(value, dict) else value):
-        found += _proxies_in(v, seen)
-    return found
 
 
 def _replace(value: Any, unbind: dict[int, Proxy], seen: set[int]) -> Any:
