@@ -49,6 +49,7 @@ def main() -> None:
         for _ in range(5):
             trace()
             by_hand()
+
         def graph(run=last["run"], graph_args=last["args"]):  # the graph the last trace ran, alone
             with torch.no_grad():
                 return call_graph(run, graph_args)
