@@ -358,6 +358,16 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
     return fn
 
 
+@functools.cache
+def uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's ``mode`` records CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``).
+
+    A CUDA graph's outputs live in memory its next replay writes over, so a value saved from one trace would
+    change (or refuse to be read) after the next: the runner hands out copies of them.
+    """
+    return bool(mode) and bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False))
+
+
 def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.fx.Node],
                 model_inputs: list[torch.Tensor], values: dict,
                 compile: bool | str = False, grad: bool = False,
@@ -377,9 +387,16 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     feeds = _feeds(program, values)
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
     state = model.state_values(mode)
-    run = compiled(gm, compile if isinstance(compile, str) else None, dynamic) if compile else gm
+    mode_ = compile if isinstance(compile, str) else None
+    run = compiled(gm, mode_, dynamic) if compile else gm
+    graphs = compile and uses_cuda_graphs(mode_) and any(t.is_cuda for t in model_inputs)
+    if graphs:
+        # a run replays into memory the last run's outputs live in: begin a new step, and give out copies
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.set_grad_enabled(grad):
         out = call_graph(run, (state, *model_inputs, *feeds))
+        if graphs:
+            out = [o.clone() if isinstance(o, torch.Tensor) else o for o in out]
     n = 0 if mode in WITHOUT_MODEL_OUTPUTS else len(sg.outputs)
     values.update(zip(outputs, out[n:]))
     return list(out[:n]), gm
