@@ -602,7 +602,9 @@ def generate(tracer: GenerateTracer) -> None:
                 cache = StaticKV(model._model.config).wrap(list(keys), list(kv_values), written, functional=False)
             else:
                 cache = DynamicKV(model._model.config).wrap(list(keys), list(kv_values))
-            result = GenerateDecoderOnlyOutput(sequences=ids, scores=all_scores, logits=all_logits, cache=cache)
+            # transformers before 5.2x names the field past_key_values
+            field = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+            result = GenerateDecoderOnlyOutput(sequences=ids, scores=all_scores, logits=all_logits, **{field: cache})
         values[tracer._result.node] = result
         run_detached(result_program, phase_outputs(tracer, RESULT_PHASE), values)
     bind_values(tracer, values)
