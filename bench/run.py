@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one timed run per contender after one warm-up, fxpatch compiled left out")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5; 1 quick)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (the older cases; the suite runs on the CPU)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda (the gpu case and the older cases; the suite runs on the CPU)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for the compiled cases (reduce-overhead: CUDA graphs)")

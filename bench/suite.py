@@ -83,15 +83,15 @@ def tl_bridge(hf, tok):
     return TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=tok)
 
 
-def left_padded(rows: list[list[int]], pad: int = 0):
-    """The batch HF by hand runs: left-padded ids, attention mask and position ids."""
+def left_padded(rows: list[list[int]], pad: int = 0, device: str | torch.device = "cpu"):
+    """The batch HF by hand runs: left-padded ids, attention mask and position ids (on ``device``)."""
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, row in enumerate(rows):
         ids[r, width - len(row):] = torch.tensor(row)
         mask[r, width - len(row):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
 
 
 def compare(results: dict[str, torch.Tensor], rtol: float = 1e-4) -> dict[str, str]:
@@ -247,7 +247,7 @@ def last_positions_of_4_into_4(module, inputs, output: torch.Tensor) -> torch.Te
 
 def eight_by_hand(hf, rows: list[list[int]], layer: int):
     """HF by hand: the 8 prompts as one left-padded batch, a forward hook doing the patch."""
-    ids, mask, positions = left_padded(rows)
+    ids, mask, positions = left_padded(rows, device=hf.device)
     handle = hf.transformer.h[layer].register_forward_hook(last_positions_of_4_into_4)
     try:
         with torch.no_grad():
@@ -453,6 +453,34 @@ def generation_case(args) -> list[Measurement]:
     rows_out = [first_of(contenders, "generation", workload)]
     return rows_out + measure("generation", workload, contenders, args, targets=targets,
                               repeats=max(1, args.repeats // 2))
+
+
+# -- on a GPU ----------------------------------------------------------------------------------------
+
+CUDA_GRAPHS = "fxpatch compiled, CUDA graphs"
+
+
+@case("gpu")
+def gpu_case(args) -> list[Measurement]:
+    """8 invokes on the GPT-2-small shape on ``--device`` in ``--dtype``: HF by hand, fxpatch eager, compiled
+    and compiled with CUDA graphs (``compile="reduce-overhead"``), NNsight. Results are checked against HF by
+    hand's with a tolerance for the dtype (half precision: 3% of the largest logit)."""
+    from fxpatch import LanguageModel
+
+    tok = tokenizer()
+    hf = gpt2_small().to(device=args.device, dtype=args.dtype)
+    name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else str(args.device)
+    workload = f"8 invokes, GPT-2-small shape, {str(args.dtype).removeprefix('torch.')}, {name}"
+    rows, layer = prompts(8, 1024), hf.config.n_layer // 2
+    models = {EAGER: LanguageModel(hf, tokenizer=tok), COMPILED: LanguageModel(hf, tokenizer=tok, compile=True),
+              CUDA_GRAPHS: LanguageModel(hf, tokenizer=tok, compile="reduce-overhead")}
+    contenders = {HF: lambda: eight_by_hand(hf, rows, layer)}
+    contenders.update({k: (lambda m=m: eight_invokes(m, rows, layer)) for k, m in models.items()})
+    nn = nnsight_model(hf, tok)
+    contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: eight_invokes(nn, rows, layer))
+    firsts = [first_call("gpu", workload, k, contenders[k]) for k in models]
+    rtol = 1e-4 if args.dtype == torch.float32 else 3e-2
+    return firsts + measure("gpu", workload, contenders, args, warmup=3, rtol=rtol)
 
 
 SUITE = ["patch", "invokes8", "sweep", "generation"]
