@@ -5,7 +5,9 @@ each, three things: the reference page's patch (or the 8-invoke trace) through f
 rewritten graph that trace ran called alone on the same arguments, and HF by hand (the batch
 with a forward hook). The overhead is fxpatch's time minus the graph's: recording the block,
 tokenizing, the model's fingerprint, the program's key and cache lookup, binding saved values.
-The issue's target is at most 0.3 ms.
+The issue's target is at most 0.3 ms. A third row runs the patch with a notebook-sized dataset
+(9,000 rows of a few fields) in the calling module's globals, which a trace looks through for
+traced values put into containers made before it (NNsight's ``acts.append(h)`` idiom).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 
 import torch
 
+import bench.suite
 import fxpatch.runner
 from bench.cases import prompts
 from bench.suite import eight_by_hand, eight_invokes, patch_by_hand, reference_patch, tiny_gpt2, tokenizer
@@ -45,7 +48,10 @@ def main() -> None:
              "8 invokes": (lambda: eight_invokes(model, rows, 1), lambda: eight_by_hand(hf, rows, 1))}
     print(f"tiny GPT-2, {'compiled' if args.compile else 'eager'}, {args.threads} threads, "
           f"{args.rounds} rounds of 10 calls (medians, ms)")
+    cases["reference page's patch, a 9,000-row dataset in scope"] = cases["reference page's patch"]
     for name, (trace, by_hand) in cases.items():
+        if "dataset" in name:  # reference_patch's module is where its trace looks
+            bench.suite.dataset = [{"prompt": f"p{i}", "label": i, "tokens": [1, 2, 3, 4]} for i in range(9000)]
         for _ in range(5):
             trace()
             by_hand()

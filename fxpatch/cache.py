@@ -137,7 +137,7 @@ class Cache:
             entries: dict[str, list[Entry]] = {}
             for path, reads in self._reads.items():
                 key = f"{ROOT}.{path}" if path else ROOT
-                entries[key] = [Entry(**{kind: self._transform(_replace_saved(v, set(), set()))
+                entries[key] = [Entry(**{kind: self._transform(_replace_saved(v, {}, set()))
                                          for kind, v in values.items()})
                                 for step, values in reads if step in ran]
             self._entries = entries

@@ -21,6 +21,7 @@ import ctypes
 import gc
 import sys
 import threading
+from itertools import compress
 from typing import Any
 
 from .active import active_tracer
@@ -115,7 +116,12 @@ def unmount_save(tracer: Any) -> None:
 
 
 _SCAN_LIMIT = 10_000  # containers larger than this are searched only if fxpatch.save() registered them
-_VISIT_LIMIT = 100_000  # elements looked at when noting the containers that exist before a trace
+_VISIT_LIMIT = 100_000  # elements looked at, in all, for traced values put into containers made before a trace
+
+
+_WALKED = frozenset((list, dict, tuple))  # looked into at once (subclasses: if not a SiteContainer)
+_ATOMS = frozenset((int, float, str, bool, bytes, type(None)))
+_TUPLE = frozenset((tuple,))
 
 
 def _is_container(value: Any) -> bool:
@@ -123,45 +129,67 @@ def _is_container(value: Any) -> bool:
 
 
 def outside_containers(frame) -> list:
-    """The lists and dicts reachable from ``frame``'s variables (and its module's) when a trace
-    starts: what NNsight's users fill inside a trace without ``.save()`` (``acts.append(h)``).
+    """The lists, dicts and tuples that ``frame``'s variables (and its module's) are bound to when a trace
+    starts: the containers NNsight's users fill inside a trace without ``.save()`` (``acts.append(h)``), and
+    through them every container they hold.
 
-    Strong references, so that no container made inside the trace can take one's id.
+    Only the variables are looked at, not what the containers hold: a notebook's globals may hold a
+    dataset of many thousands of rows, and a trace must not cost a walk over it to start. Strong
+    references, so that no container made inside the trace can take one's id.
     """
-    found: dict[int, Any] = {}
-    budget = [_VISIT_LIMIT]
-
-    def visit(value: Any) -> None:
-        if not (_is_container(value) or type(value) is tuple) or id(value) in found or budget[0] <= 0:
-            return
-        if len(value) > _SCAN_LIMIT:
-            return
-        found[id(value)] = value
-        budget[0] -= len(value)
-        for v in (value.values() if isinstance(value, dict) else value):
-            visit(v)
-
     if frame is None:
         return []
+    found: dict[int, Any] = {}
     scopes = [frame.f_locals] + ([frame.f_globals] if frame.f_globals is not frame.f_locals else [])
     for scope in scopes:
         for name, value in list(scope.items()):
-            if not name.startswith("__"):  # __builtins__ and the like
-                visit(value)
-    return [c for c in found.values() if _is_container(c)]
+            if (_is_container(value) or type(value) is tuple) and not name.startswith("__"):  # not __builtins__
+                found[id(value)] = value
+    return list(found.values())
 
 
 def keep_appended(tracer, containers: list) -> list:
-    """Keep the traced values of ``tracer`` put into ``containers`` (made before the trace);
-    returns the containers that hold any, to fill after the run."""
+    """Keep the traced values of ``tracer`` put into ``containers`` (made before the trace) or into what they
+    hold; returns the containers that hold any, to fill after the run.
+
+    A walk over everything they hold, each list and dict looked at once, within the limits of
+    ``_SCAN_LIMIT`` (longer containers are passed over) and ``_VISIT_LIMIT`` (elements in all). The
+    containers may be a notebook's dataset, walked at every trace, so the walk goes a level at a time
+    with the per-element work in C: one ``gc.get_referents`` call gathers a level's elements, and the
+    next level is picked from them by their types.
+    """
     kept = []
-    for container in containers:
-        found = [p for p in proxies_in(container) if p.tracer is tracer]
-        for proxy in found:
-            if not proxy.saved:
-                proxy.save()
+    seen: set[int] = set()
+    budget = _VISIT_LIMIT
+    for top in containers:
+        found = False
+        level = [top] if len(top) <= _SCAN_LIMIT else []
+        while level and budget > 0:
+            budget -= sum(map(len, level))
+            items = gc.get_referents(*level)  # a list's and a tuple's items, a dict's keys and values
+            kinds = list(map(type, items))
+            types = set(kinds)
+            if Proxy in types:
+                for v in items:
+                    if type(v) is Proxy and v.tracer is tracer:
+                        found = True
+                        if not v.saved:
+                            v.save()
+            mutable = {list, dict} | {t for t in types - _WALKED - _ATOMS
+                                      if issubclass(t, (list, dict)) and not issubclass(t, SiteContainer)}
+            inner = list(compress(items, map(mutable.__contains__, kinds)))
+            # a list or dict is looked into once (and changed in place); a tuple is rebuilt in what holds it
+            by_id = dict(zip(map(id, inner), inner))
+            if seen:
+                for i in seen.intersection(by_id):
+                    del by_id[i]
+            seen.update(by_id)
+            level = list(by_id.values())
+            if tuple in types:
+                level += compress(items, map(_TUPLE.__contains__, kinds))
+            level = list(compress(level, map(_SCAN_LIMIT.__ge__, map(len, level))))
         if found:
-            kept.append(container)
+            kept.append(top)
     return kept
 
 
@@ -188,8 +216,11 @@ def proxies_in(value: Any, seen: set | None = None, limit: int | None = None) ->
     return out
 
 
-def _replace_saved(value: Any, seen: set, registered: set) -> Any:
-    """``value`` with saved proxies replaced by their values; lists and dicts are changed in place."""
+def _replace_saved(value: Any, seen: dict, registered: set) -> Any:
+    """``value`` with saved proxies replaced by their values; lists and dicts are changed in place, a tuple
+    is rebuilt. ``seen`` maps the id of each container done to ``(container, what replaces it)``, so that a
+    tuple held in several places is rebuilt once and replaced in all of them (and kept alive, so that no
+    new object takes its id)."""
     if isinstance(value, Proxy):
         return value.value if value.value is not _UNSET else value
     if isinstance(value, SiteContainer):  # a module's tuple/dict value becomes a plain one of real values
@@ -198,11 +229,14 @@ def _replace_saved(value: Any, seen: set, registered: set) -> Any:
         if isinstance(value, SiteDict):
             return getattr(value, "_bound", SiteDict)(new)  # a ModelOutput is bound as its own class
         return (list if isinstance(value, list) else tuple)(v for _, v in new)
-    if not (_is_container(value) or type(value) is tuple) or id(value) in seen:
+    if not (_is_container(value) or type(value) is tuple):
         return value
+    done = seen.get(id(value))
+    if done is not None:
+        return done[1]
     if len(value) > _SCAN_LIMIT and id(value) not in registered:
         return value
-    seen.add(id(value))
+    seen[id(value)] = (value, value)  # a cycle back to it finds it as it is
     if isinstance(value, dict):
         for k, v in value.items():
             new = _replace_saved(v, seen, registered)
@@ -213,18 +247,21 @@ def _replace_saved(value: Any, seen: set, registered: set) -> Any:
     if all(a is b for a, b in zip(new, value)):
         return value
     if type(value) is tuple:
-        return tuple(new)
+        seen[id(value)] = (value, tuple(new))
+        return seen[id(value)][1]
     value[:] = new
     return value
 
 
-def bind_saved(frame, saved: list[Proxy], containers: list[Any] = ()) -> None:
+def bind_saved(frame, saved: list[Proxy], containers: list[Any] = (), untouched: list[Any] = ()) -> None:
     """Replace saved proxies by their values in the variables of the trace's frame.
 
-    ``containers`` (registered with ``fxpatch.save``) get their values wherever they are.
+    ``containers`` (registered with ``fxpatch.save``, or made before the trace and filled in it) get their
+    values wherever they are; ``untouched`` (made before the trace, found holding none of its values)
+    are not looked through again.
     """
-    seen: set = set()
     registered = {id(c) for c in containers}
+    seen: dict = {id(c): (c, c) for c in untouched if id(c) not in registered}
     for container in containers:
         _replace_saved(container, seen, registered)
     if frame is None or not saved:

@@ -263,7 +263,8 @@ class Tracer:
             self._close()
             return False
         frame = sys._getframe(1)  # the frame running the `with` statement
-        kept = keep_appended(self, self._outside)
+        outside = self._outside
+        kept = keep_appended(self, outside)
         session = active_session()
         if session is not None:  # in a session every value the block's variables hold flows on
             session.keep(self, frame)
@@ -271,7 +272,7 @@ class Tracer:
             self._execute()
         finally:
             self._close()
-        bind_saved(frame, self.saved, [*self.saved_containers, *kept])
+        bind_saved(frame, self.saved, [*self.saved_containers, *kept], outside)
         return stopped
 
     def _close(self) -> None:

@@ -332,6 +332,39 @@ def test_dicts_made_outside_are_filled(lm):
     close(cache["logits"][0], ref.logits[-1])
 
 
+# a module-level dataset, as a notebook holds one: every trace in this module looks through it
+DATASET = [{"prompt": f"row {i}", "label": i, "tokens": [1, 2, 3, 4], "acts": []} for i in range(3000)]
+
+
+def test_containers_made_outside_in_every_shape_are_filled(lm):
+    """A defaultdict, a tuple made in the trace and put into two lists, a list deep in a module-level
+    dataset of 3,000 rows: each holds real values after the trace, equal to the hooked model's; the
+    dataset's other rows are the same objects, unchanged."""
+    from collections import defaultdict
+
+    p = paths(lm)
+    by_layer = defaultdict(list)
+    first, second = [], []
+    before = [(row, dict(row), list(row["tokens"])) for row in DATASET[:5]]
+    with lm.trace(PROMPT_1):
+        for i in range(p.n_layers):
+            by_layer[i].append(envoy(lm, p.layer(i)).output[:, -1])
+        pair = (envoy(lm, p.layer(0)).output[:, -1], lm.lm_head.output[:, -1])
+        first.append(pair)
+        second.append(pair)
+        DATASET[-1]["acts"].append(lm.lm_head.output[:, -1])
+    ref = run_alone(lm, PROMPT_1, capture=[p.layer(i) for i in range(p.n_layers)])
+    for i in range(p.n_layers):
+        close(by_layer[i][0], ref.outputs[p.layer(i)][:, -1], f"layer {i}")
+    for holder in (first, second):
+        assert type(holder[0]) is tuple
+        close(holder[0][0], ref.outputs[p.layer(0)][:, -1], "the tuple's layer 0")
+        close(holder[0][1][0], ref.logits[-1], "the tuple's logits")
+    close(DATASET[-1]["acts"].pop()[0], ref.logits[-1], "the dataset's last row")
+    for row, fields, tokens in before:
+        assert row == fields and row["tokens"] == tokens and row["acts"] == []
+
+
 def test_list_made_outside_is_filled_at_every_generation_step(lm):
     """``hs = []`` before ``model.generate``, appended to at each step: each step's last-position
     hidden state, as plain HF ``generate`` computes it."""
