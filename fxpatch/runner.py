@@ -142,7 +142,7 @@ def root_specs(sg, model_inputs: list) -> tuple[dict[str, TensorSpec], dict]:
 
 
 def _shape_key(values: list) -> tuple:
-    return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else
+    return tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else
                  _shape_key(v) if isinstance(v, (list, tuple)) else repr(v) for v in values)
 
 

@@ -241,6 +241,29 @@ def test_value_of_other_rows_assigned_between_invokes(lm):
     assert tracer.graph is None
 
 
+@pytest.mark.parametrize("other", ["dtype", "device"])
+def test_value_of_other_dtype_or_device_assigned_to_site(lm, other):
+    """``m.output = value`` hands ``value`` on as it is in eager PyTorch: in float64 (the layers after it
+    would compute in float64 for this prompt) or on another device (they would fail) it is refused before
+    the run, not converted."""
+    width = lm.config.hidden_size
+    elsewhere = "meta" if lm.device.type == "cpu" else "cpu"  # on a GPU run: a CPU tensor, the usual slip
+    value = (torch.zeros(1, 10, width, dtype=torch.float64, device=lm.device) if other == "dtype"
+             else torch.zeros(1, 10, width, device=elsewhere))
+    with raises_cleanly(lm, ShapeError) as info:
+        with lm.trace(PROMPT_1) as tracer:
+            embed(lm).output = value  # line: other-dtype
+    want = ("of dtype torch.float64", "of dtype torch.float32", "value.to(torch.float32)") if other == "dtype" \
+        else (f"on {elsewhere}", f"on {lm.device}", f'value.to("{lm.device}")')
+    check_message(info.value, "other-dtype", *want)
+    assert tracer.graph is None
+    # converted by the user, or written into the module's value (a copy converts), it runs
+    with lm.trace(PROMPT_1):
+        embed(lm).output[:] = torch.zeros(1, 10, width, dtype=torch.float64, device=lm.device)
+        zeroed = embed(lm).output.save()
+    assert zeroed.dtype == torch.float32 and not zeroed.any()
+
+
 # -- Python values of proxies ------------------------------------------------------------------------------
 @pytest.mark.parametrize("what", ["if", "item", "len", "int"])
 def test_python_value_of_a_proxy(lm, what):

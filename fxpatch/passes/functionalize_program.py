@@ -355,6 +355,18 @@ def _basic_index(x: torch.Tensor, index: tuple) -> torch.Tensor:
 
 
 def _check_fits(value: torch.Tensor, rows: torch.Tensor, name: str, node: torch.fx.Node) -> None:
+    """A tensor assigned as a module's value (``m.output = value``) has the shape (up to broadcasting), dtype
+    and device of the rows it replaces. In eager PyTorch the module would hand ``value`` itself on: the
+    layers after it would compute in its dtype, or fail on its device, for this invoke's rows only,
+    which one batched pass cannot do; a 0-dim tensor acts as a number there and is converted."""
+    if value.dim() and (value.device != rows.device or value.dtype != rows.dtype):
+        what, have, want = (("on", value.device, rows.device) if value.device != rows.device
+                            else ("of dtype", value.dtype, rows.dtype))
+        raise ShapeError(f"a value {what} {have} is assigned to {name}, whose values for this invoke are "
+                         f"{what} {want}: eager PyTorch would carry it into the layers after it as it is",
+                         at=location_of(node),
+                         hint=f"Convert it first: value.to({_repr_target(want)}) (or assign into the module's "
+                         f"value, m.output[:] = value, which converts as a copy does).")
     try:
         fits = torch.broadcast_shapes(tuple(value.shape), tuple(rows.shape)) == tuple(rows.shape)
     except RuntimeError:
@@ -363,6 +375,10 @@ def _check_fits(value: torch.Tensor, rows: torch.Tensor, name: str, node: torch.
         raise ShapeError(f"a value of shape {tuple(value.shape)} does not fit {name}, whose rows for this invoke "
                          f"have shape {tuple(rows.shape)}", at=location_of(node),
                          hint="Assign a value of that shape (or one that broadcasts to it).")
+
+
+def _repr_target(target) -> str:
+    return f'"{target}"' if isinstance(target, torch.device) else str(target)
 
 
 _IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
