@@ -88,7 +88,7 @@ def test_an_integer_scalar_stays_a_python_int(gpt2):
     with gpt2.trace(PROMPTS[0]):
         ids = (gpt2.transformer.wte.input * 2).save()
     assert ids.dtype == torch.long
-    assert torch.equal(ids[0], 2 * torch.tensor(PROMPTS[0]))
+    assert torch.equal(ids[0], 2 * torch.tensor(PROMPTS[0], device=ids.device))
 
 
 def test_a_position_out_of_range_is_refused_after_a_graph_was_reused(gpt2):

@@ -94,7 +94,7 @@ def test_set_output_constant(lm):
     p = paths(lm)
     hidden = lm._model.config.hidden_size
     torch.manual_seed(1)
-    const = torch.randn(1, 10, hidden) * 0.1  # PROMPT_2 has 10 tokens: the batch width
+    const = torch.randn(1, 10, hidden).to(lm.device) * 0.1  # PROMPT_2 has 10 tokens: the batch width
     with lm.trace() as tracer:
         with tracer.invoke(PROMPT_1):
             a = envoy(lm, p.head).output.save()

@@ -25,7 +25,7 @@ def test_print_shows_the_module_tree(gpt2):
 
 
 def test_calling_an_envoy_outside_a_trace_runs_the_module(gpt2):
-    x = torch.randn(1, 2, gpt2.config.n_embd)
+    x = torch.randn(1, 2, gpt2.config.n_embd, device=gpt2.device)
     torch.testing.assert_close(gpt2.transformer.ln_f(x), gpt2._model.transformer.ln_f(x))
 
 
