@@ -21,7 +21,8 @@ import ctypes
 import gc
 import sys
 import threading
-from itertools import compress
+from bisect import bisect_right
+from itertools import accumulate, compress
 from typing import Any
 
 from .active import active_tracer
@@ -148,9 +149,10 @@ def outside_containers(frame) -> list:
     return list(found.values())
 
 
-def keep_appended(tracer, containers: list) -> list:
+def keep_appended(tracer, containers: list) -> tuple[list, list]:
     """Keep the traced values of ``tracer`` put into ``containers`` (made before the trace) or into what they
-    hold; returns the containers that hold any, to fill after the run.
+    hold. Returns the containers that hold any, to fill after the run, and those walked to the end that
+    hold none, which need no second look.
 
     A walk over everything they hold, each list and dict looked at once, within the limits of
     ``_SCAN_LIMIT`` (longer containers are passed over) and ``_VISIT_LIMIT`` (elements in all). The
@@ -158,14 +160,19 @@ def keep_appended(tracer, containers: list) -> list:
     with the per-element work in C: one ``gc.get_referents`` call gathers a level's elements, and the
     next level is picked from them by their types.
     """
-    kept = []
+    kept, untouched = [], []
     seen: set[int] = set()
     budget = _VISIT_LIMIT
     for top in containers:
-        found = False
-        level = [top] if len(top) <= _SCAN_LIMIT else []
-        while level and budget > 0:
-            budget -= sum(map(len, level))
+        found, complete = False, len(top) <= _SCAN_LIMIT
+        level = [top] if complete else []
+        while level:
+            sizes = list(accumulate(map(len, level)))
+            if sizes[-1] > budget:  # the budget ends inside this level: look at the containers it covers
+                level, complete = level[:bisect_right(sizes, budget)], False
+                if not level:
+                    break
+            budget -= sizes[len(level) - 1]
             items = gc.get_referents(*level)  # a list's and a tuple's items, a dict's keys and values
             kinds = list(map(type, items))
             types = set(kinds)
@@ -187,10 +194,14 @@ def keep_appended(tracer, containers: list) -> list:
             level = list(by_id.values())
             if tuple in types:
                 level += compress(items, map(_TUPLE.__contains__, kinds))
-            level = list(compress(level, map(_SCAN_LIMIT.__ge__, map(len, level))))
+            small = list(compress(level, map(_SCAN_LIMIT.__ge__, map(len, level))))
+            complete = complete and len(small) == len(level)
+            level = small
         if found:
             kept.append(top)
-    return kept
+        elif complete:
+            untouched.append(top)
+    return kept, untouched
 
 
 def proxies_in(value: Any, seen: set | None = None, limit: int | None = None) -> list[Proxy]:
@@ -257,8 +268,8 @@ def bind_saved(frame, saved: list[Proxy], containers: list[Any] = (), untouched:
     """Replace saved proxies by their values in the variables of the trace's frame.
 
     ``containers`` (registered with ``fxpatch.save``, or made before the trace and filled in it) get their
-    values wherever they are; ``untouched`` (made before the trace, found holding none of its values)
-    are not looked through again.
+    values wherever they are; ``untouched`` (made before the trace, walked to the end by ``keep_appended``
+    and found holding none of its values) are not looked through again.
     """
     registered = {id(c) for c in containers}
     seen: dict = {id(c): (c, c) for c in untouched if id(c) not in registered}

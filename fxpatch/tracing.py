@@ -263,8 +263,7 @@ class Tracer:
             self._close()
             return False
         frame = sys._getframe(1)  # the frame running the `with` statement
-        outside = self._outside
-        kept = keep_appended(self, outside)
+        kept, untouched = keep_appended(self, self._outside)
         session = active_session()
         if session is not None:  # in a session every value the block's variables hold flows on
             session.keep(self, frame)
@@ -272,7 +271,7 @@ class Tracer:
             self._execute()
         finally:
             self._close()
-        bind_saved(frame, self.saved, [*self.saved_containers, *kept], outside)
+        bind_saved(frame, self.saved, [*self.saved_containers, *kept], untouched)
         return stopped
 
     def _close(self) -> None:

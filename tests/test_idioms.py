@@ -365,6 +365,22 @@ def test_containers_made_outside_in_every_shape_are_filled(lm):
         assert row == fields and row["tokens"] == tokens and row["acts"] == []
 
 
+def test_past_the_walk_limit_saved_values_are_bound_and_unsaved_ones_say_so(gpt2):
+    """Containers made before the trace are looked through up to 100,000 elements in all. Past that, a
+    value put into one is bound only if ``.save()``d; an unsaved one is a clear error when used, never a
+    stale or wrong value."""
+    from fxpatch.errors import ProxyScopeError
+
+    data = [[]] + [list(range(9000)) for _ in range(12)]  # 108,000 numbers; CPython walks lists from the end
+    with gpt2.trace(PROMPT_1):
+        data[0].append(gpt2.lm_head.output[:, -1].save())
+        data[0].append(gpt2.lm_head.output[:, -1] * 2)
+    close(data[0][0][0], run_alone(gpt2, PROMPT_1).logits[-1], "saved")
+    with pytest.raises(ProxyScopeError, match="not saved"):
+        data[0][1] + 1
+    assert [len(row) for row in data[1:]] == [9000] * 12
+
+
 def test_list_made_outside_is_filled_at_every_generation_step(lm):
     """``hs = []`` before ``model.generate``, appended to at each step: each step's last-position
     hidden state, as plain HF ``generate`` computes it."""
