@@ -595,21 +595,32 @@ def model_fingerprint(model: torch.nn.Module) -> tuple:
     items: list = []
     add = items.append
     stack = [model]
-    while stack:
-        module = stack.pop()
-        add((id(module), module.training))
-        for name, p in module._parameters.items():
-            add(name)
-            if p is not None:
-                add((id(p), p.dtype, p.device, p.shape))
-        for name, b in module._buffers.items():
-            add(name)
-            if b is not None:
-                add((b.dtype, b.device, b.shape))
-        for name, child in module._modules.items():
-            add(name)
-            if child is not None:
-                stack.append(child)
+    pop, push = stack.pop, stack.append
+    while stack:  # every trace starts with this walk: flat appends, each dict's names as one tuple
+        module = pop()
+        d = module.__dict__  # nn.Module keeps these three dicts in its instance dict
+        params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
+        add(id(module))
+        add(module.training)
+        if params:
+            add(("parameters", *params))
+            for p in params.values():
+                if p is None:
+                    add(None)
+                else:
+                    add(id(p)); add(p.dtype); add(p.device); add(p.shape)  # noqa: E702
+        if buffers:
+            add(("buffers", *buffers))
+            for b in buffers.values():
+                if b is None:
+                    add(None)
+                else:
+                    add(b.dtype); add(b.device); add(b.shape)  # noqa: E702
+        if children:
+            add(("modules", *children))
+            for child in children.values():
+                if child is not None:
+                    push(child)
     return tuple(items)
 
 
