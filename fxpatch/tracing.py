@@ -457,9 +457,13 @@ class Tracer:
                                  lambda v: self._input(phase, object(), loc, value=v))
         # arguments set after creation: create_node's own walk over them (torch 2.13 looks for raw SymInts,
         # which recorded values never are) costs ~45 us a node, most of a recorded op's time
-        args, kwargs = self._graph_arg(args, loc, phase), self._graph_arg(kwargs, loc, phase)  # inputs go first
+        args = self._graph_arg(args, loc, phase)  # inputs go first
+        kwargs = self._graph_arg(kwargs, loc, phase) if kwargs else kwargs
         node = self.program_of(phase).create_node(op, target, name=_node_name(target))
-        node.args, node.kwargs = args, kwargs
+        if args:  # each assignment also re-files the node in the graph's lookup table: skip empty ones
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
         node.meta["fxpatch_loc"] = loc
         node.meta["fxpatch_invoke"] = self.current_invoke.index if self.current_invoke else None
         node.meta["fxpatch_phase"] = phase
