@@ -208,15 +208,14 @@ def proxies_in(value: Any, seen: set | None = None, limit: int | None = None) ->
     """The proxies in ``value`` and the lists, dicts and tuples it holds, each container looked at once
     (``seen``: ids of containers already looked at; ``limit``: containers longer than this are passed over).
 
-    Every trace looks through the containers its frame held when it started (``outside_containers``), often
-    lists of token ids: numbers and strings are passed over without a call each."""
+    A session looks through its frame's variables with it at every trace, often lists of token ids:
+    numbers and strings are passed over without a call each."""
     seen = set() if seen is None else seen
     out: list[Proxy] = []
     stack = [value]
     while stack:
         v = stack.pop()
-        t = type(v)
-        if t is int or t is float or t is str or t is bool:
+        if type(v) in _ATOMS:
             continue
         if isinstance(v, Proxy):
             out.append(v)

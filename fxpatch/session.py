@@ -31,9 +31,8 @@ from . import active
 from .errors import FxpatchError, user_location
 from .passes.diagnostics import Location
 from .proxy import _UNSET, Proxy
-from .saving import proxies_in
+from .saving import _SCAN_LIMIT, proxies_in  # larger containers are not searched for traced values
 
-_SCAN_LIMIT = 10_000  # larger containers are not searched for traced values (as saving.py's)
 _SESSIONS: contextvars.ContextVar[tuple[Session, ...]] = contextvars.ContextVar("fxpatch_sessions", default=())
 
 
