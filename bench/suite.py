@@ -256,6 +256,16 @@ def eight_by_hand(hf, rows: list[list[int]], layer: int):
         handle.remove()
 
 
+def eight_invoke_contenders(hf, tok, models: dict, rows: list[list[int]], layer: int) -> dict:
+    """HF by hand, each of ``models`` (fxpatch) and NNsight running the 8-invoke patch (NNsight: the reason it
+    cannot run, if it cannot)."""
+    contenders = {HF: lambda: eight_by_hand(hf, rows, layer)}
+    contenders.update({k: (lambda m=m: eight_invokes(m, rows, layer)) for k, m in models.items()})
+    nn = nnsight_model(hf, tok)
+    contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: eight_invokes(nn, rows, layer))
+    return contenders
+
+
 @case("invokes8")
 def invokes8_case(args) -> list[Measurement]:
     """8 invokes on the tiny GPT-2 and on the GPT-2-small shape."""
@@ -268,10 +278,7 @@ def _invokes8(args, tok, label: str, hf) -> list[Measurement]:
     rows = prompts(8, 1024)
     layer = hf.config.n_layer // 2
     models = fxpatch_models(hf, tok, compiled=not args.quick)
-    contenders = {HF: lambda: eight_by_hand(hf, rows, layer)}
-    contenders.update({k: (lambda m=m: eight_invokes(m, rows, layer)) for k, m in models.items()})
-    nn = nnsight_model(hf, tok)
-    contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: eight_invokes(nn, rows, layer))
+    contenders = eight_invoke_contenders(hf, tok, models, rows, layer)
     contenders[TL] = "n/a: no cross-prompt patch API"
     if label.startswith("tiny"):
         targets = {COMPILED: ("<= 0.7x HF", lambda t: t[COMPILED] <= 0.7 * t[HF]),
@@ -472,12 +479,8 @@ def gpu_case(args) -> list[Measurement]:
     name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else str(args.device)
     workload = f"8 invokes, GPT-2-small shape, {str(args.dtype).removeprefix('torch.')}, {name}"
     rows, layer = prompts(8, 1024), hf.config.n_layer // 2
-    models = {EAGER: LanguageModel(hf, tokenizer=tok), COMPILED: LanguageModel(hf, tokenizer=tok, compile=True),
-              CUDA_GRAPHS: LanguageModel(hf, tokenizer=tok, compile="reduce-overhead")}
-    contenders = {HF: lambda: eight_by_hand(hf, rows, layer)}
-    contenders.update({k: (lambda m=m: eight_invokes(m, rows, layer)) for k, m in models.items()})
-    nn = nnsight_model(hf, tok)
-    contenders[NNSIGHT] = nn if isinstance(nn, str) else (lambda: eight_invokes(nn, rows, layer))
+    models = {**fxpatch_models(hf, tok), CUDA_GRAPHS: LanguageModel(hf, tokenizer=tok, compile="reduce-overhead")}
+    contenders = eight_invoke_contenders(hf, tok, models, rows, layer)
     firsts = [first_call("gpu", workload, k, contenders[k]) for k in models]
     rtol = 1e-4 if args.dtype == torch.float32 else 3e-2
     return firsts + measure("gpu", workload, contenders, args, warmup=3, rtol=rtol)
