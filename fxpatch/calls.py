@@ -118,22 +118,23 @@ def pick_call(tracer: Tracer, path: str, kind: str, per_call: list[ModuleSites],
     ``per_call`` is ``SiteGraph.calls[path][kind]``; ``loc`` the user's line, when the caller has it.
     """
     sg = tracer.model.site_graph(tracer.mode)
-    where = f"{path}.{kind}" if path else kind
-    if path in sg.aliases:
-        where += f" (the same module as {sg.aliases[path]})"
-    runs = "once" if len(per_call) == 1 else f"{len(per_call)} times"
-    loc = loc or user_location()
     if tracer.phase > 0 and len(per_call) > 1:
+        where, runs = _naming(sg, path, kind, per_call)
         # NNsight counts occurrences across generation steps: its tracer.iter[k] is step k // n, call k % n
         raise FxpatchError(
             f"{where} comes from a module that runs {runs} per generation step; NNsight numbers its calls "
-            "across the steps (tracer.iter[k] is not step k for it), which fxpatch does not do", at=loc,
+            "across the steps (tracer.iter[k] is not step k for it), which fxpatch does not do",
+            at=loc or user_location(),
             hint="Read that module in the prompt pass (outside tracer.iter), or in model.trace(...) with "
             "tracer.iter[k] for its call k.")
     pin = tracer.pin
     if pin.first is None:
         pin.first = per_call
-    positions = [_position(tracer, sites) for sites in per_call]
+    if pin.call == 0:
+        return 0  # outside tracer.iter (or in its step 0) every read is of call 0, and never relaxes to another
+    where, runs = _naming(sg, path, kind, per_call)
+    loc = loc or user_location()
+    positions = _positions(tracer, sg, per_call)
     if pin.call is not None:
         call = pin.call
         if call >= len(per_call):
@@ -155,6 +156,23 @@ def pick_call(tracer: Tracer, path: str, kind: str, per_call: list[ModuleSites],
     if positions[call] is not None:
         pin.anchor, pin.anchor_name = positions[call], f"call {call} of {where}"
     return call
+
+
+def _naming(sg, path: str, kind: str, per_call: list) -> tuple[str, str]:
+    """How errors name a module's value and how often the module runs."""
+    where = f"{path}.{kind}" if path else kind
+    if path in sg.aliases:
+        where += f" (the same module as {sg.aliases[path]})"
+    return where, "once" if len(per_call) == 1 else f"{len(per_call)} times"
+
+
+def _positions(tracer: Tracer, sg, per_call: list) -> list[int | None]:
+    """``_position`` of each call, made once per site graph and module value."""
+    cache = sg.__dict__.setdefault("_call_positions", {})
+    entry = cache.get(id(per_call))
+    if entry is None or entry[0] is not per_call:
+        entry = cache[id(per_call)] = (per_call, [_position(tracer, sites) for sites in per_call])
+    return entry[1]
 
 
 def _position(tracer: Tracer, sites: ModuleSites) -> int | None:

@@ -46,6 +46,11 @@ _VALUE_OPS[torch.Tensor.masked_fill] = ((2,), ("value",))
 _VALUE_OPS[torch.Tensor.masked_fill_] = ((2,), ("value",))
 
 
+# what may lift a number: the rest are recorded as they are without asking (most ops of a program)
+LIFTING_FUNCTIONS = frozenset((operator.getitem, operator.setitem, *_VALUE_OPS))
+LIFTING_METHODS = frozenset(_VALUE_METHODS)
+
+
 def _is_float(v: Any) -> bool:
     return type(v) is float
 
@@ -70,7 +75,9 @@ def lift_data(op: str, target: Any, args: tuple, kwargs: dict, is_traced: Callab
         positions, names = _VALUE_OPS.get(target, ((), ()))
     else:
         return args, kwargs
-    if not positions or not any(is_traced(a) for a in (*args, *kwargs.values())):
+    if not positions or not (any(type(a) is float for a in args) or any(type(v) is float for v in kwargs.values())):
+        return args, kwargs  # no float: nothing to lift (most arithmetic is of two traced values)
+    if not any(is_traced(a) for a in (*args, *kwargs.values())):
         return args, kwargs
     args = tuple(lift(a) if i in positions and _is_float(a) else a for i, a in enumerate(args))
     kwargs = {k: lift(v) if k in names and _is_float(v) else v for k, v in kwargs.items()}

@@ -88,6 +88,15 @@ def _rows(inputs, tokenizer, loc: Location) -> list[list[int]]:
         if inputs.dim() == 2:
             return [r.tolist() for r in inputs]
         raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}", at=loc)
+    if isinstance(inputs, (list, tuple)):  # before Mapping: an ABC's isinstance costs more
+        if not inputs:
+            return []
+        if all(isinstance(x, str) for x in inputs):
+            return _tokenize(list(inputs), tokenizer, loc)
+        if all(isinstance(x, int) for x in inputs):
+            return [list(inputs)]
+        if all(isinstance(x, (list, tuple)) and all(isinstance(t, int) for t in x) for x in inputs):
+            return [list(x) for x in inputs]
     if isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
             raise InputError(f"a dict of inputs needs 'input_ids'; it has {sorted(inputs)}", at=loc)
@@ -102,15 +111,6 @@ def _rows(inputs, tokenizer, loc: Location) -> list[list[int]]:
                 hint="Pass an attention_mask of the same shape as input_ids (as the tokenizer returns them), or "
                 "leave it out.")
         return [r[m.bool()].tolist() for r, m in zip(ids, mask)]
-    if isinstance(inputs, (list, tuple)):
-        if not inputs:
-            return []
-        if all(isinstance(x, str) for x in inputs):
-            return _tokenize(list(inputs), tokenizer, loc)
-        if all(isinstance(x, int) for x in inputs):
-            return [list(inputs)]
-        if all(isinstance(x, (list, tuple)) and all(isinstance(t, int) for t in x) for x in inputs):
-            return [list(x) for x in inputs]
     raise InputError(f"cannot use {type(inputs).__name__} as model input", at=loc,
                      hint="Pass a string, a list of strings, token ids (list[int] or a LongTensor) or a "
                      "tokenizer's BatchEncoding.")

@@ -53,7 +53,7 @@ class Proxy:
 
     def save(self) -> Proxy:
         """Keep this value: after the trace, the variable holding it is the real value."""
-        self.tracer.check_live(self, user_location())
+        self.tracer.check_live(self)
         object.__setattr__(self, "saved", True)
         self.tracer.saved.append(self)
         return self

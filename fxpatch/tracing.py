@@ -34,6 +34,8 @@ from . import active
 from .active import active_tracer
 from .calls import CallLoop, CallSelection, Pin, pick_call
 from .control import finish_program, is_stop
+from .data_inputs import LIFTING_FUNCTIONS as _LIFTING_FUNCTIONS
+from .data_inputs import LIFTING_METHODS as _LIFTING_METHODS
 from .data_inputs import lift_data
 from .errors import (
     BarrierError,
@@ -386,12 +388,14 @@ class Tracer:
                                   also=[("its trace started at", self.loc)],
                                   hint=".save() it in its own trace; the saved tensor can be used anywhere.")
 
-    def check_live(self, proxy: Proxy, loc: Location) -> Any:
-        """``proxy`` as something this trace's program can use: a node, or the saved value."""
+    def check_live(self, proxy: Proxy, loc: Location | None = None) -> Any:
+        """``proxy`` as something this trace's program can use: a node, or the saved value. ``loc``: the
+        user's line for an error (found when one is raised, if not given)."""
         if proxy.tracer is self and not self.finished:
             return proxy.node
         if proxy.value is not _UNSET:
             return proxy.value
+        loc = loc or user_location()
         if proxy.tracer.finished:
             session = proxy.tracer.__dict__.get("session_loc")  # set by model.session() when it ends
             raise ProxyScopeError(
@@ -417,6 +421,20 @@ class Tracer:
             return v
         return map_aggregate(value, convert)
 
+    def _graph_args(self, args: tuple, loc: Location, phase: int) -> tuple:
+        """``_graph_arg`` of each argument, with numbers, strings and proxies of this phase handled in
+        place: most recorded ops take nothing else, and a callback per leaf costs more than the op."""
+        out = []
+        for v in args:
+            t = type(v)
+            if t in _PLAIN:
+                out.append(v)
+            elif t is Proxy and v.tracer is self and not self.finished and v.node.meta["fxpatch_phase"] == phase:
+                out.append(v.node)
+            else:
+                out.append(self._graph_arg(v, loc, phase))
+        return tuple(out)
+
     def _input(self, phase: int, key: Any, loc: Location, value: Any = None, carry=None) -> torch.fx.Node:
         """A placeholder of ``phase``'s program for an outside tensor or an earlier phase's value.
 
@@ -435,6 +453,9 @@ class Tracer:
             entry = self._constants[(phase, id(key))] = (key, node)
         return entry[1]
 
+    def _lift(self, phase: int, loc: Location):
+        return lambda v: self._input(phase, object(), loc, value=v)
+
     def record(self, op: str, target: Any, args: tuple, kwargs: dict, *, site=None,
                phase: int | None = None, at: int = -1, loc: Location | None = None) -> Proxy:
         """Add one operation to the program and return its ``Proxy``.
@@ -448,35 +469,46 @@ class Tracer:
         loc = loc or user_location()
         if self.finished:
             return self._after_trace(op, target, args, kwargs, loc)
-        self._check_recording(loc)
+        if active_tracer() is not self:
+            self._check_recording(loc)
         if self.backward_open is not None and target in (read_site, write_site):
             refuse_module_access(self, "the model's output" if site is not None else "a module value")
         if phase is None:
-            phase = max([self.phase] + [_phase_of(v) for v in _proxies((args, kwargs))])
-        args, kwargs = lift_data(op, target, args, kwargs, lambda v: isinstance(v, Proxy),
-                                 lambda v: self._input(phase, object(), loc, value=v))
+            if self.phase == 0 and len(self.programs) <= 1:  # a trace: every value is of phase 0
+                phase = 0
+            else:
+                phase = max([self.phase] + [_phase_of(v) for v in _proxies((args, kwargs))])
+        if target in _LIFTING_FUNCTIONS if op == "call_function" else target in _LIFTING_METHODS:
+            args, kwargs = lift_data(op, target, args, kwargs, _is_proxy, self._lift(phase, loc))
         # arguments set after creation: create_node's own walk over them (torch 2.13 looks for raw SymInts,
         # which recorded values never are) costs ~45 us a node, most of a recorded op's time
-        args = self._graph_arg(args, loc, phase)  # inputs go first
+        args = self._graph_args(args, loc, phase)  # inputs go first
         kwargs = self._graph_arg(kwargs, loc, phase) if kwargs else kwargs
         node = self.program_of(phase).create_node(op, target, name=_node_name(target))
         if args:  # each assignment also re-files the node in the graph's lookup table: skip empty ones
             node.args = args
         if kwargs:
             node.kwargs = kwargs
-        node.meta["fxpatch_loc"] = loc
-        node.meta["fxpatch_invoke"] = self.current_invoke.index if self.current_invoke else None
-        node.meta["fxpatch_phase"] = phase
-        # the time, and the read that set it (for errors that name why an op runs where it does)
-        sources = [(at, (site[0], loc) if site is not None else None)]
-        sources += [(a.meta.get("fxpatch_time", -1), a.meta.get("fxpatch_time_source")) for a in node.all_input_nodes]
-        if self.current_invoke is not None:
-            sources.append(self.current_invoke.clock.get(phase, (-1, None)))
-        time, source = max(sources, key=lambda s: s[0])
-        if self.current_invoke is not None:
-            self.current_invoke.clock[phase] = (time, source)
-        node.meta["fxpatch_time"] = time
-        node.meta["fxpatch_time_source"] = source
+        invoke = self.current_invoke
+        meta = node.meta
+        meta["fxpatch_loc"] = loc
+        meta["fxpatch_invoke"] = invoke.index if invoke is not None else None
+        meta["fxpatch_phase"] = phase
+        # the time, and the read that set it (for errors that name why an op runs where it does): the
+        # latest of the site's position, the values used and the invoke's previous op
+        time, source = at, (site[0], loc) if site is not None else None
+        for a in node._input_nodes:
+            m = a.meta
+            t = m.get("fxpatch_time", -1)
+            if t > time:
+                time, source = t, m.get("fxpatch_time_source")
+        if invoke is not None:
+            t, s = invoke.clock.get(phase, (-1, None))
+            if t > time:
+                time, source = t, s
+            invoke.clock[phase] = (time, source)
+        meta["fxpatch_time"] = time
+        meta["fxpatch_time_source"] = source
         return Proxy(node, self, site=site)
 
     def _after_trace(self, op: str, target: Any, args: tuple, kwargs: dict, loc: Location) -> Any:
@@ -608,6 +640,15 @@ def _node_name(target: Any) -> str | None:
         return torch.fx.Graph._target_to_str(None, target)
     except Exception:  # noqa: BLE001 - torch's private helper changed: let create_node name it
         return None
+
+
+# argument types recorded as they are (a bool is an int, and torch's small value types are leaves too)
+_PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device, torch.layout,
+                    torch.memory_format))
+
+
+def _is_proxy(value: Any) -> bool:
+    return isinstance(value, Proxy)
 
 
 def _proxies(value: Any) -> list[Proxy]:
