@@ -71,6 +71,8 @@ class Proxy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
+        if name in _TENSOR_METHODS and not self.tracer.finished:
+            return MethodProxy(self, name, user_location())
         attribute = self._record("call_function", getattr, (self, name))
         object.__setattr__(attribute, "_owner", self)  # so h.add_(1) can write back into h
         return attribute
@@ -208,6 +210,61 @@ class Proxy:
 
     def __hash__(self):
         return id(self)
+
+
+class MethodProxy(Proxy):
+    """``h.sum``, a tensor method read from a traced value: calling it (``h.sum(-1)``) records one method
+    call, as reading the attribute and then calling it would after the read is dropped. The attribute
+    itself (a ``getattr``) is recorded only if it is used as a value, at its line.
+    """
+
+    __slots__ = ("_name", "_loc")
+
+    def __init__(self, owner: Proxy, name: str, loc):
+        for slot, value in (("tracer", owner.tracer), ("site", None), ("saved", False), ("value", _UNSET),
+                            ("_owner", owner), ("_name", name), ("_loc", loc)):
+            object.__setattr__(self, slot, value)
+
+    @property
+    def node(self) -> torch.fx.Node:
+        try:
+            return _NODE.__get__(self)
+        except AttributeError:  # first used as a value: the attribute read is recorded now
+            node = self.tracer.record("call_function", getattr, (self._owner, self._name), {}, loc=self._loc).node
+            _NODE.__set__(self, node)
+            return node
+
+    def __call__(self, *args, **kwargs) -> Proxy:
+        try:
+            _NODE.__get__(self)
+        except AttributeError:
+            owner, name = self._owner, self._name
+            if name.endswith("_") and not name.endswith("__"):
+                return owner._in_place(name, args, kwargs)
+            return owner._record("call_method", name, (owner, *args), kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+_NODE = Proxy.node  # the slot holding a proxy's node
+
+
+def _tensor_methods() -> frozenset[str]:
+    """Names of ``torch.Tensor``'s methods (not its properties), less those a proxy defines itself."""
+    import inspect
+    import types
+
+    names = set()
+    for name in dir(torch.Tensor):
+        if name.startswith("__"):
+            continue
+        static = inspect.getattr_static(torch.Tensor, name, None)
+        if isinstance(static, (types.FunctionType, types.MethodDescriptorType, types.BuiltinFunctionType,
+                               types.WrapperDescriptorType, types.BuiltinMethodType)):
+            names.add(name)
+    return frozenset(names - set(dir(Proxy)))
+
+
+_TENSOR_METHODS = _tensor_methods()
 
 
 def _find_tracer(args, kwargs):

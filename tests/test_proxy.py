@@ -64,3 +64,24 @@ def test_unpacking_says_what_to_do_instead(lm):
     with pytest.raises(ControlFlowError, match=r"unpacking[\s\S]*padded sequence width[\s\S]*chunk"):
         with lm.trace(PROMPT_1):
             first, second = lm.lm_head.output.split(4, dim=1)
+
+
+def test_methods_called_and_held_as_values(lm):
+    """``h.norm(dim=-1)`` records one method call; a method held in a variable (``f = h.softmax``) and
+    called after an in-place change of ``h`` sees the change, as the bound method does in eager PyTorch."""
+    envoys, _ = layers(lm)
+    with lm.trace(PROMPT_1) as tracer:
+        h = envoys[0].output
+        before = len(tracer.program_of(0).nodes)
+        norm = h.norm(dim=-1).save()
+        assert len(tracer.program_of(0).nodes) == before + 1  # the call alone, no attribute read
+        softmax = h.softmax          # bound to h: it sees the change below when called
+        h.mul_(2.0)
+        doubled = softmax(-1).save()
+        unused = lm.lm_head.output.argmax  # a method read and never called records nothing
+        # norm, mul_ and its 2.0 (a graph input), softmax, the read of lm_head's output
+        assert len(tracer.program_of(0).nodes) == before + 5 and callable(unused)
+    ref = run_alone(lm, PROMPT_1, capture=[envoys[0]._path], outputs={envoys[0]._path: lambda x: x * 2.0})
+    plain = run_alone(lm, PROMPT_1, capture=[envoys[0]._path])
+    torch.testing.assert_close(norm, plain.outputs[envoys[0]._path].norm(dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(doubled, ref.outputs[envoys[0]._path].softmax(-1), atol=1e-6, rtol=1e-5)
