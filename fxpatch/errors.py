@@ -81,5 +81,13 @@ def user_location(depth: int = 1) -> Location:
         frame = frame.f_back
     if frame is None:
         return Location("<unknown>", 0)
-    filename, lineno = frame.f_code.co_filename, frame.f_lineno
-    return Location(filename, lineno, linecache.getline(filename, lineno).strip())
+    key = (frame.f_code.co_filename, frame.f_lineno)
+    loc = _LOCATIONS.get(key)
+    if loc is None:  # a program's lines come back every trace of a loop: read each line once
+        if len(_LOCATIONS) >= 10_000:
+            _LOCATIONS.clear()
+        loc = _LOCATIONS[key] = Location(key[0], key[1], linecache.getline(*key).strip())
+    return loc
+
+
+_LOCATIONS: dict[tuple[str, int], Location] = {}  # (file, line) -> its Location (immutable)

@@ -50,32 +50,55 @@ def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) ->
     With ``sites`` (site name -> number), the sites programs read and write count by that number only:
     programs that do the same at other sites get the same key (``site_pattern`` says how those sites
     must relate for them to have the same functional form), and a node's time (the graph position it
-    waits for) by its rank among the program's times, the order being what interpretation uses."""
+    waits for) by its rank among the program's times, the order being what interpretation uses.
+
+    The key is one flat tuple: per node its op, target, invoke and time, then its arguments as type
+    tags and values, with brackets around containers (made every trace, a cache hit too, so without a
+    tuple per argument)."""
     index = {}
     times = None
     if sites is not None:
         times = {t: i for i, t in enumerate(sorted({n.meta.get("fxpatch_time", -1) for n in program.nodes},
                                                    key=lambda t: -1 if t is None else t))}
-    key = []
+    key: list = []
+    add = key.append
     Node = torch.fx.Node
 
-    def norm(a):  # made every trace (a cache hit too): the common kinds of argument come first
+    def norm(a):  # the common kinds of argument first
         t = type(a)
-        if t is int or t is str or t is bool or a is None:
-            return (t, a)
         if t is Node:
-            return ("node", index[a])
-        if t is tuple or t is list:
-            return (t.__name__, tuple([norm(x) for x in a]))
-        if t is slice:
-            return ("slice", norm(a.start), norm(a.stop), norm(a.step))
-        if isinstance(a, Node):
-            return ("node", index[a])
-        if isinstance(a, (tuple, list)):
-            return (t.__name__, tuple([norm(x) for x in a]))
-        if isinstance(a, dict):
-            return ("dict", tuple((k, norm(v)) for k, v in a.items()))
-        return (t.__name__, repr(a))
+            add(_NODE_TAG)
+            add(index[a])
+        elif t is int or t is str or t is bool or a is None:
+            add(t)
+            add(a)
+        elif t is tuple or t is list:
+            add(t)
+            for x in a:
+                norm(x)
+            add(_END)
+        elif t is slice:
+            add(slice)
+            norm(a.start)
+            norm(a.stop)
+            norm(a.step)
+        elif isinstance(a, Node):
+            add(_NODE_TAG)
+            add(index[a])
+        elif isinstance(a, (tuple, list)):
+            add(t)
+            for x in a:
+                norm(x)
+            add(_END)
+        elif isinstance(a, dict):
+            add(dict)
+            for k, v in a.items():
+                add(k)
+                norm(v)
+            add(_END)
+        else:
+            add(t)
+            add(repr(a))
 
     for i, node in enumerate(program.nodes):
         index[node] = i
@@ -83,10 +106,30 @@ def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) ->
         args = node.args
         if sites is not None and node.target in (read_site, write_site):
             args = (("site", sites[args[0]]), *args[1:])
-        time = meta.get("fxpatch_time") if times is None else times[meta.get("fxpatch_time", -1)]
-        key.append((op, "" if op == "placeholder" else _target_key(node.target), norm(args),
-                    norm(node.kwargs) if node.kwargs else (), meta.get("fxpatch_invoke"), time))
+        add(_NODE_START)
+        add(op)
+        add("" if op == "placeholder" else _target_key(node.target))
+        add(meta.get("fxpatch_invoke"))
+        add(meta.get("fxpatch_time") if times is None else times[meta.get("fxpatch_time", -1)])
+        norm(args)
+        if node.kwargs:
+            norm(node.kwargs)
     return tuple(key)
+
+
+class _Tag:
+    """A marker in a program key that no argument value equals."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_NODE_TAG, _NODE_START, _END = _Tag("node"), _Tag("start"), _Tag("end")
 
 
 @functools.lru_cache(maxsize=4096)

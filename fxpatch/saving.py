@@ -86,8 +86,11 @@ def _type_dict(cls: type) -> dict:
     return gc.get_referents(cls.__dict__)[0]
 
 
+_TYPE_DICTS = {cls: _type_dict(cls) for cls in _MOUNTED_ON}  # a type's dict object lives as long as the type
+
+
 def _set_save(cls: type, value: Any) -> None:
-    d = _type_dict(cls)
+    d = _TYPE_DICTS[cls]
     if value is _ABSENT:
         d.pop("save", None)
     else:
@@ -100,7 +103,7 @@ def mount_save(tracer: Any) -> None:
     with _MOUNT_LOCK:
         if not _RECORDING:
             for cls in _MOUNTED_ON:
-                _previous[cls] = _type_dict(cls).get("save", _ABSENT)
+                _previous[cls] = _TYPE_DICTS[cls].get("save", _ABSENT)
                 _set_save(cls, _object_save)
         _RECORDING.add(id(tracer))
 

@@ -443,7 +443,8 @@ class Tracer:
         """
         entry = self._constants.get((phase, id(key)))
         if entry is None:
-            node = self.program_of(phase).placeholder(f"input_{len(self._constants)}")
+            name = f"input_{len(self._constants)}"  # given as the name too: fx would snake_case the target
+            node = self.program_of(phase).create_node("placeholder", name, name=name)
             node.meta.update(fxpatch_loc=loc, fxpatch_invoke=None, fxpatch_phase=phase)
             if carry is not None:
                 node.meta["fxpatch_carry"] = carry
