@@ -162,16 +162,21 @@ def chains_of(sg) -> Chains:
 def root_specs(sg, model_inputs: list) -> tuple[dict[str, TensorSpec], dict]:
     """Every chain root's ``TensorSpec`` (sizes as the export's symbolic expressions) and the values
     the export's size symbols have for a run on ``model_inputs``."""
-    vals = getattr(sg, "_input_vals", None)
-    if vals is None:  # once per graph: a dict of all its nodes costs ~0.5 ms a trace
+    symbols = getattr(sg, "_input_symbols", None)
+    if symbols is None:  # once per graph: which dim of which input each size symbol is
         nodes = {n.name: n for n in sg.graph_module.graph.nodes}
-        vals = sg._input_vals = [nodes[name].meta.get("val") for name in sg.inputs]
+        symbols = []
+        for i, name in enumerate(sg.inputs):
+            val = nodes[name].meta.get("val")
+            if isinstance(val, torch.Tensor):
+                symbols += [(i, d, dim.node.expr) for d, dim in enumerate(val.shape)
+                            if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol]
+        sg._input_symbols = symbols
     sizes = {}
-    for val, value in zip(vals, model_inputs):
-        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor):
-            for dim, real in zip(val.shape, value.shape):
-                if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
-                    sizes[dim.node.expr] = real
+    for i, d, symbol in symbols:
+        value = model_inputs[i] if i < len(model_inputs) else None
+        if isinstance(value, torch.Tensor) and d < value.dim():
+            sizes[symbol] = value.shape[d]
     specs = getattr(sg, "_root_specs", None)
     if specs is None:
         specs = {}
