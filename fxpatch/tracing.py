@@ -498,7 +498,7 @@ class Tracer:
         # the time, and the read that set it (for errors that name why an op runs where it does): the
         # latest of the site's position, the values used and the invoke's previous op
         time, source = at, (site[0], loc) if site is not None else None
-        for a in node._input_nodes:
+        for a in node.all_input_nodes:
             m = a.meta
             t = m.get("fxpatch_time", -1)
             if t > time:
@@ -643,7 +643,7 @@ def _node_name(target: Any) -> str | None:
         return None
 
 
-# argument types recorded as they are (a bool is an int, and torch's small value types are leaves too)
+# argument types recorded as they are: numbers, strings, None and torch's small value types
 _PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format))
 
