@@ -249,7 +249,8 @@ _NODE = Proxy.node  # the slot holding a proxy's node
 
 
 def _tensor_methods() -> frozenset[str]:
-    """Names of ``torch.Tensor``'s methods (not its properties), less those a proxy defines itself."""
+    """Names of ``torch.Tensor``'s methods (not its properties), less those a proxy defines itself and the
+    fields of torch's named tuples (``x.max(-1).values`` reads a field, though ``Tensor.values`` is a method)."""
     import inspect
     import types
 
@@ -261,7 +262,9 @@ def _tensor_methods() -> frozenset[str]:
         if isinstance(static, (types.FunctionType, types.MethodDescriptorType, types.BuiltinFunctionType,
                                types.WrapperDescriptorType, types.BuiltinMethodType)):
             names.add(name)
-    return frozenset(names - set(dir(Proxy)))
+    fields = {name for kind in vars(torch.return_types).values() if isinstance(kind, type) and issubclass(kind, tuple)
+              for name in dir(kind) if not name.startswith(("_", "n_")) and not hasattr(tuple, name)}
+    return frozenset(names - set(dir(Proxy)) - fields)
 
 
 _TENSOR_METHODS = _tensor_methods()

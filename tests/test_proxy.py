@@ -81,7 +81,9 @@ def test_methods_called_and_held_as_values(lm):
         unused = lm.lm_head.output.argmax  # a method read and never called records nothing
         # norm, mul_ and its 2.0 (a graph input), softmax, the read of lm_head's output
         assert len(tracer.program_of(0).nodes) == before + 5 and callable(unused)
+        top = lm.lm_head.output.max(-1).values.save()  # a named tuple's field, though Tensor.values is a method
     ref = run_alone(lm, PROMPT_1, capture=[envoys[0]._path], outputs={envoys[0]._path: lambda x: x * 2.0})
     plain = run_alone(lm, PROMPT_1, capture=[envoys[0]._path])
     torch.testing.assert_close(norm, plain.outputs[envoys[0]._path].norm(dim=-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(doubled, ref.outputs[envoys[0]._path].softmax(-1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(top[0], ref.logits.max(-1).values, atol=1e-5, rtol=1e-5)
