@@ -75,7 +75,7 @@ def lift_data(op: str, target: Any, args: tuple, kwargs: dict, is_traced: Callab
         positions, names = _VALUE_OPS.get(target, ((), ()))
     else:
         return args, kwargs
-    if not positions or not (any(type(a) is float for a in args) or any(type(v) is float for v in kwargs.values())):
+    if not positions or not (any(map(_is_float, args)) or any(map(_is_float, kwargs.values()))):
         return args, kwargs  # no float: nothing to lift (most arithmetic is of two traced values)
     if not any(is_traced(a) for a in (*args, *kwargs.values())):
         return args, kwargs

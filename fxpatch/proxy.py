@@ -85,11 +85,17 @@ class Proxy:
             if not node.users:
                 node.graph.erase_node(node)
             name = node.args[1]
-            if owner is not None and name.endswith("_") and not name.endswith("__"):
-                return owner._in_place(name, args, kwargs)
-            base = owner if owner is not None else Proxy(node.args[0], self.tracer)
-            return self._record("call_method", name, (base, *args), kwargs)
+            if owner is not None:
+                return owner._method_call(name, args, kwargs)
+            return self._record("call_method", name, (Proxy(node.args[0], self.tracer), *args), kwargs)
         return self._record("call_function", operator.call, (self, *args), kwargs)
+
+    def _method_call(self, name: str, args: tuple, kwargs: dict) -> Proxy:
+        """``self.name(*args, **kwargs)`` recorded as a method call; an in-place one (``add_``) writes into
+        this value and returns it."""
+        if name.endswith("_") and not name.endswith("__"):
+            return self._in_place(name, args, kwargs)
+        return self._record("call_method", name, (self, *args), kwargs)
 
     def _in_place(self, name: str, args: tuple, kwargs: dict) -> Proxy:
         """``h.add_(1)``, ``h.zero_()``: recorded as the in-place op it is; returns ``h``, as torch does."""
@@ -238,10 +244,7 @@ class MethodProxy(Proxy):
         try:
             _NODE.__get__(self)
         except AttributeError:
-            owner, name = self._owner, self._name
-            if name.endswith("_") and not name.endswith("__"):
-                return owner._in_place(name, args, kwargs)
-            return owner._record("call_method", name, (owner, *args), kwargs)
+            return self._owner._method_call(self._name, args, kwargs)
         return super().__call__(*args, **kwargs)
 
 

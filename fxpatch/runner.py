@@ -72,7 +72,7 @@ def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) ->
         elif t is int or t is str or t is bool or a is None:
             add(t)
             add(a)
-        elif t is tuple or t is list:
+        elif t is tuple or t is list or isinstance(a, (tuple, list)):
             add(t)
             for x in a:
                 norm(x)
@@ -85,11 +85,6 @@ def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) ->
         elif isinstance(a, Node):
             add(_NODE_TAG)
             add(index[a])
-        elif isinstance(a, (tuple, list)):
-            add(t)
-            for x in a:
-                norm(x)
-            add(_END)
         elif isinstance(a, dict):
             add(dict)
             for k, v in a.items():
