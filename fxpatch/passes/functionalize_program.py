@@ -524,6 +524,9 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
     symbols: dict = {}
     env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    # the dispatch cache files symbolic results under this fresh shape env only: no later trace can hit
+    # them, and filing each costs more than the op (a quarter of a new program's functionalization)
+    mode.cache_enabled = not symbolic
     flat = [_fake(mode, fake_roots[r], symbols if symbolic else None, sizes) for r in interp.roots]
     numbers = feed_numbers(feeds)
     for i, v in enumerate(feeds):
