@@ -26,6 +26,7 @@ from .passes.functionalize_program import (
     TensorSpec,
     _Interpreter,
     check_program,
+    check_program_symbolic,
     feed_numbers,
     functionalize_program,
     rebind,
@@ -222,18 +223,18 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
             shape_of = (mode, program_key(program, {n: i for i, n in enumerate(names)}), pattern)
         return shape_of
 
+    numbers = {**sizes, **feed_numbers(feeds)}
     mutating = model._checked.get((key, shapes))
     if mutating is None:
         # the same program at other sites (a sweep over layers) checks and functionalizes the same way
         mutating = model._checked.get((same_shape(), shapes))
         if mutating is None:
-            mutating = model._checked[(same_shape(), shapes)] = check_program(program, chains, modules, specs,
-                                                                              feeds, sizes)
+            mutating = model._checked[(same_shape(), shapes)] = _check(model, same_shape(), program, chains,
+                                                                       modules, specs, feeds, sizes, numbers)
         model._checked[(key, shapes)] = mutating
     # a program that writes in place is functionalized per feed shapes, for all sizes and index
     # numbers its guards allow
     gkey = (key, _feed_key(feeds)) if mutating else key
-    numbers = {**sizes, **feed_numbers(feeds)}
     gm = model._patched.find(gkey, lambda fp: fp.holds_for(numbers))  # counts a hit or a miss
     if gm is not None:
         return gm
@@ -259,6 +260,48 @@ def _patched_graph(model, mode, program, model_inputs, feeds):
     make_differentiable(gm)
     model._patched.add(gkey, fp, gm)
     return gm
+
+
+# symbolic checks kept per program shape: a program whose guards pin a size (an op that specializes it)
+# would otherwise pay one at each new size
+_SYMBOLIC_CHECKS = 2
+
+
+class _Checks:
+    """The checks of one program shape (at any sites) with one kind of inputs: how many ran for sizes of
+    their own, and those made with symbolic sizes (``CheckedProgram``), or ``None`` once that failed."""
+
+    def __init__(self):
+        self.concrete = 0
+        self.symbolic: list | None = []
+
+
+def _check(model, shape_key, program, chains, modules, specs, feeds, sizes, numbers) -> bool:
+    """Whether ``program`` writes in place, once it is known to run on inputs of this run's shapes (it
+    raises ``ShapeError`` at the user's line if not).
+
+    The first sizes a program shape meets are checked as they are (fake tensors of those shapes, a few
+    milliseconds). From the second on (a loop over prompts of other lengths, a sweep over positions),
+    one check with symbolic sizes and index numbers serves every run its guards allow; it costs about
+    what a functionalization does, and a check per size costs that again every few sizes."""
+    state = model._checked.get(("checks", shape_key, _feed_key(feeds)))
+    if state is None:
+        state = model._checked[("checks", shape_key, _feed_key(feeds))] = _Checks()
+    for checked in state.symbolic or ():
+        if checked.holds_for(numbers):
+            return checked.mutating
+    symbolic_failed = False
+    if state.concrete and state.symbolic is not None and len(state.symbolic) < _SYMBOLIC_CHECKS:
+        checked = check_program_symbolic(program, chains, modules, specs, feeds, sizes)
+        if checked is not None and checked.holds_for(numbers):
+            state.symbolic.append(checked)
+            return checked.mutating
+        symbolic_failed = True
+    mutating = check_program(program, chains, modules, specs, feeds, sizes)  # raises where the program fails
+    state.concrete += 1
+    if symbolic_failed:
+        state.symbolic = None  # it runs at these sizes, not with symbolic ones: each size is checked as it is
+    return mutating
 
 
 def _functional(model, key, program, chains, modules, specs, feeds, sizes, numbers):

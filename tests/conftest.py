@@ -95,3 +95,15 @@ def assert_state_unchanged(lm: LanguageModel, before: dict) -> None:
     assert after["weights"].keys() == before["weights"].keys()
     for k, v in before["weights"].items():
         torch.testing.assert_close(after["weights"][k], v, rtol=0, atol=0)
+
+
+def count_checks(monkeypatch) -> list[str]:
+    """The shape checks traces run from now on, in order, by kind: ``check_program`` (at the run's own
+    sizes) or ``check_program_symbolic`` (with symbolic sizes and positions)."""
+    import fxpatch.runner as runner
+
+    calls: list[str] = []
+    for name in ("check_program", "check_program_symbolic"):
+        real = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls

@@ -32,7 +32,7 @@ from fxpatch.errors import (
     ShapeError,
 )
 from fxpatch.proxy import Proxy
-from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, layers, state
+from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, count_checks, layers, state
 from tests.reference import run_alone
 
 SHORT = "_ _ _"  # 3 tokens; PROMPT_1 and PROMPT_2 have 10
@@ -226,6 +226,34 @@ def test_saved_value_of_other_length_assigned_to_site(lm):
     check_message(info.value, "shape-later", f"(1, 10, {width})", f"(1, 3, {width})", "does not fit",
                   "assign a value of that shape")
     assert tracer.graph is None  # set only once the shape check passed, right before the real run
+
+
+@pytest.mark.parametrize("what", ["position", "length"])
+def test_a_run_outside_the_symbolic_checks_guards_is_refused(lm, monkeypatch, what):
+    """After a program shape has run at two sizes or positions, one check with symbolic ones stands for
+    the later runs its guards allow. A position past the end of the prompt (or a prompt too short for
+    the position) is outside them: that run is checked at its own shapes and refused before the model runs,
+    at the user's line, as on a first run."""
+    envoys, _ = layers(lm)
+    calls = count_checks(monkeypatch)
+    runs = [(PROMPT_1, 3), (PROMPT_2, 4), (PROMPT_1, 5)] if what == "position" else \
+        [(PROMPT_1, 5), ("one two three four five six seven", 5), (PROMPT_2, 5)]
+    for prompt, position in runs:
+        calls.clear()
+        with lm.trace(prompt):
+            envoys[0].output[:, position] = 0
+    # the third run was let through by a check with symbolic sizes (made by the second run, or by an
+    # earlier test with this model), not checked at its own
+    assert "check_program" not in calls, calls
+    assert any(getattr(v, "symbolic", None) for v in lm._checked.values())
+    prompt, position = (PROMPT_1, 12) if what == "position" else (SHORT, 5)
+    calls.clear()
+    with raises_cleanly(lm, ShapeError) as info:
+        with lm.trace(prompt):
+            envoys[0].output[:, position] = 0  # line: shape-guards
+    assert calls[-1] == "check_program", calls
+    check_message(info.value, "shape-guards", "fails on values of the shapes the run will have",
+                  f"index {position} is out of bounds")
 
 
 def test_value_of_other_rows_assigned_between_invokes(lm):

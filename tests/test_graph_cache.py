@@ -18,7 +18,7 @@ import fxpatch
 from fxpatch import LanguageModel
 from fxpatch.errors import InputError
 from fxpatch.model import DEFAULT_CACHE_SIZE, CacheInfo
-from tests.conftest import PROMPT_1, PROMPT_2
+from tests.conftest import PROMPT_1, PROMPT_2, count_checks
 from tests.reference import run_alone
 
 PROMPTS = [PROMPT_1, "The Eiffel Tower is in Paris", "_ _ _", PROMPT_2]
@@ -66,6 +66,22 @@ def test_same_program_on_other_prompts_is_a_hit():
     check(lm, PROMPTS[1], 1, 0.5, layer=1)  # another module is another program
     assert lm.cache_info() == CacheInfo(5, 2, DEFAULT_CACHE_SIZE, 2)
     assert isinstance(lm.cache_info(), tuple) and lm.cache_info().currsize == 2
+
+
+def test_other_lengths_and_positions_are_checked_once_with_symbolic_sizes(monkeypatch):
+    """A loop over prompts of other lengths and over positions checks its program at the first run's
+    shapes, then once with symbolic sizes and positions, whose guards let every later run through
+    without a check of its own; every run's values are the hooked model's."""
+    lm = LanguageModel(fxpatch.TINY_GPT2)
+    calls = count_checks(monkeypatch)
+    for prompt in PROMPTS:
+        for position in (1, 2, -1):
+            check(lm, prompt, position, 0.5)
+    # positions from the end are outside the first symbolic check's guards: a second one serves them
+    assert calls == ["check_program", "check_program_symbolic", "check_program_symbolic"], calls
+    # one rewritten graph for the positions from the start, one for those from the end (its functional
+    # form's guards tell them apart)
+    assert lm.cache_info().misses == 2
 
 
 def test_least_recently_used_graph_goes_first_at_maxsize():
@@ -123,9 +139,9 @@ def test_the_same_program_at_other_layers_is_traced_once():
 def test_cache_clear_forgets_graphs_checks_and_counts():
     lm = LanguageModel(fxpatch.TINY_GPT2)
     check(lm, PROMPT_1, 1, 0.5)
-    check(lm, PROMPTS[1], 1, 0.5)  # another length: checked again for its shapes, the same graph
-    # checked twice, each kept under the program and under its shape at any sites
-    assert lm.cache_info() == CacheInfo(1, 1, DEFAULT_CACHE_SIZE, 1) and len(lm._checked) == 4
+    check(lm, PROMPTS[1], 1, 0.5)  # another length: checked again (with symbolic sizes), the same graph
+    # checked twice, each kept under the program and under its shape at any sites, and the shape's checks
+    assert lm.cache_info() == CacheInfo(1, 1, DEFAULT_CACHE_SIZE, 1) and len(lm._checked) == 5
     lm.cache_clear()
     assert lm.cache_info() == CacheInfo(0, 0, DEFAULT_CACHE_SIZE, 0) and len(lm._checked) == 0
     check(lm, PROMPT_1, 1, 0.5)  # built again, and still right

@@ -6,8 +6,15 @@ fake tensors), ``InlineProgram`` puts it into an exported graph and
 ``StripSites`` removes the site markers and dead code.
 """
 
-from .functionalize_program import FunctionalProgram, check_program, functionalize_program
+from .functionalize_program import (
+    CheckedProgram,
+    FunctionalProgram,
+    check_program,
+    check_program_symbolic,
+    functionalize_program,
+)
 from .inline_program import InlineProgram
 from .strip_sites import StripSites
 
-__all__ = ["FunctionalProgram", "InlineProgram", "StripSites", "check_program", "functionalize_program"]
+__all__ = ["CheckedProgram", "FunctionalProgram", "InlineProgram", "StripSites", "check_program",
+           "check_program_symbolic", "functionalize_program"]

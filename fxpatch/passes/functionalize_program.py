@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.fx.node import map_aggregate
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._sympy.printers import PythonPrinter
 
 from .diagnostics import Location, ShapeError, location_of
 from .ops import capture, read_site, scatter, write_site
@@ -107,8 +109,48 @@ class Event:
     waited_for: tuple | None = None  # (site, line) of the read that made the write wait until ``time``
 
 
+class _Guarded:
+    """A result that holds for the runs whose size symbols and index numbers satisfy ``self.guards``."""
+
+    guards: list
+
+    def holds_for(self, sizes: dict) -> bool:
+        """Whether this holds for a run whose export size symbols (and program numbers) have the values
+        ``sizes``.
+
+        Answers are remembered per ``sizes`` (sympy's substitution costs milliseconds per run for a program
+        with many indices; a sweep asks the same question again and again)."""
+        key = frozenset(sizes.items())
+        memo = self.__dict__.setdefault("_holds", {})
+        answer = memo.get(key)
+        if answer is None:
+            if len(memo) >= 1024:
+                memo.clear()
+            answer = memo[key] = self._test(sizes)
+        return answer
+
+    def _test(self, sizes: dict) -> bool:
+        # sympy takes ~0.2 ms a guard (tens of ms for a program's guards at each new size or position); the
+        # guards as one Python expression take microseconds. Its first answer is checked against sympy's,
+        # and any doubt (a name it lacks, a different answer) goes back to sympy for good.
+        exact = None
+        test = self.__dict__.get("_compiled", False)
+        if test is False:
+            test = self.__dict__["_compiled"] = _compile_guards(self.guards)
+            exact = all(bool(g.xreplace(sizes)) for g in self.guards)
+        if test is not None:
+            try:
+                fast = bool(test(*[sizes[sym] for sym in test.symbols]))
+            except Exception:  # noqa: BLE001 - a function the printer names and Python lacks: sympy decides
+                fast = None
+            if fast is not None and (exact is None or fast == exact):
+                return fast
+            self.__dict__["_compiled"] = None
+        return exact if exact is not None else all(bool(g.xreplace(sizes)) for g in self.guards)
+
+
 @dataclass
-class FunctionalProgram:
+class FunctionalProgram(_Guarded):
     """A program as a functional graph, ready to inline (see the module docstring)."""
 
     graph: torch.fx.GraphModule
@@ -135,19 +177,45 @@ class FunctionalProgram:
             if value is not previous:
                 yield ev, value
 
-    def holds_for(self, sizes: dict) -> bool:
-        """Whether this graph serves a run whose export size symbols have the values ``sizes``.
 
-        Answers are remembered per ``sizes`` (sympy's substitution costs milliseconds per run for a program
-        with many indices; a sweep asks the same question again and again)."""
-        key = frozenset(sizes.items())
-        memo = self.__dict__.setdefault("_holds", {})
-        answer = memo.get(key)
-        if answer is None:
-            if len(memo) >= 1024:
-                memo.clear()
-            answer = memo[key] = all(bool(g.xreplace(sizes)) for g in self.guards)
-        return answer
+_GUARD_NAMES = {"__builtins__": {}, "math": math, "max": max, "min": min, "abs": abs, "int": int, "float": float,
+                "round": round}
+
+
+def _compile_guards(guards: list):
+    """``guards`` as one Python function of their free symbols (in ``.symbols`` order), printed as torch
+    prints shape guards; ``None`` where they cannot be printed."""
+    try:
+        if not all(_integral(g) for g in guards):
+            return None  # a fraction or a float would be compared in floating point: sympy's exact answer
+        symbols = sorted({sym for g in guards for sym in getattr(g, "free_symbols", ())}, key=str)
+        printer = PythonPrinter()
+        body = " and ".join(f"({printer.doprint(g)})" for g in guards) or "True"
+        names = [str(sym) for sym in symbols]
+        if len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+            return None
+        test = eval(f"lambda {', '.join(names)}: {body}", dict(_GUARD_NAMES))  # noqa: S307 - torch's guards
+    except Exception:  # noqa: BLE001 - an expression the printer does not know: sympy decides
+        return None
+    test.symbols = symbols
+    return test
+
+
+def _integral(expr) -> bool:
+    """Whether ``expr`` has only integer numbers and no division (a power with a negative exponent)."""
+    if isinstance(expr, bool) or not isinstance(expr, sympy.Basic):
+        return isinstance(expr, bool)
+    return (all(n.is_Integer for n in expr.atoms(sympy.Number))
+            and all(e.exp.is_Integer and e.exp >= 0 for e in expr.atoms(sympy.Pow)))
+
+
+@dataclass
+class CheckedProgram(_Guarded):
+    """What ``check_program_symbolic`` found: the program runs, and writes in place or not (``mutating``),
+    in every run whose sizes and index numbers satisfy ``guards``."""
+
+    mutating: bool
+    guards: list
 
 
 class _Obj:
@@ -444,6 +512,34 @@ def check_program(program: torch.fx.Graph, chains: Chains, modules: dict, fake_r
     return probe.mutated
 
 
+def check_program_symbolic(program: torch.fx.Graph, chains: Chains, modules: dict, fake_roots: dict[str, Any],
+                           feeds: list, sizes: dict) -> CheckedProgram | None:
+    """``check_program`` once for many runs: on fake tensors whose sizes, and the program's index numbers
+    and scalars, are symbols (with this run's values as hints). Every size-dependent decision on the way
+    (an index in range, shapes that broadcast, a value that fits its rows) becomes a guard, so the program
+    runs in every run that satisfies them (``CheckedProgram.holds_for``). ``None`` where the program does
+    not run this way (an op without symbolic sizes, or one that fails): ``check_program`` then tells.
+
+    Example::
+
+        checked = check_program_symbolic(program, chains, modules, specs, feeds, sizes)
+        if checked is not None and checked.holds_for({**other_sizes, **feed_numbers(other_feeds)}):
+            ...   # that run needs no check of its own
+    """
+    interp = _Interpreter(program, chains, snapshots=False, modules=modules)
+    env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    mode.cache_enabled = False  # results filed on this shape env alone: see _make_functional
+    probe = _MutationProbe()
+    try:
+        flat, symbols = _fake_inputs(mode, interp, fake_roots, feeds, sizes, symbolic=True)
+        with _quiet_fake_log(), mode, probe, torch.no_grad():
+            interp(*flat)
+    except Exception:  # noqa: BLE001 - whatever stops it, the check for this run's sizes raises or passes
+        return None
+    return CheckedProgram(probe.mutated, _guards(env, symbols))
+
+
 def functionalize_program(program: torch.fx.Graph, chains: Chains, root_module: torch.nn.Module,
                           modules: dict, fake_roots: dict[str, Any], feeds: list,
                           mutating: bool, sizes: dict | None = None) -> FunctionalProgram:
@@ -521,23 +617,12 @@ def site_pattern(program: torch.fx.Graph, chains: Chains, specs: dict) -> tuple[
 
 def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes: dict, symbolic: bool):
     """``make_fx(functionalize(interp))`` on fake inputs; returns the graph and the guards it needs."""
-    symbols: dict = {}
     env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     # the dispatch cache files symbolic results under this fresh shape env only: no later trace can hit
     # them, and filing each costs more than the op (a quarter of a new program's functionalization)
     mode.cache_enabled = not symbolic
-    flat = [_fake(mode, fake_roots[r], symbols if symbolic else None, sizes) for r in interp.roots]
-    numbers = feed_numbers(feeds)
-    for i, v in enumerate(feeds):
-        sym = _feed_symbol(i, v)
-        if symbolic and sym in numbers:  # an index or a scalar: a graph input, not a constant
-            symbols[sym] = env.create_symbol(v, ConstantSource(str(sym)), dynamic_dim=DimDynamic.DYNAMIC,
-                                             positive=None)
-            flat.append(env.create_symintnode(symbols[sym], hint=v) if type(v) is int
-                        else env.create_symfloatnode(symbols[sym], hint=v))
-        else:
-            flat.append(_fake(mode, v))
+    flat, symbols = _fake_inputs(mode, interp, fake_roots, feeds, sizes, symbolic)
     with _quiet_fake_log(), fx_traceback.preserve_node_meta(), mode:
         try:
             gm = make_fx(torch.func.functionalize(interp, remove="mutations"), tracing_mode="real")(*flat)
@@ -549,9 +634,35 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
             _raise_at(interp.current, e)
     _drop_snapshot_copies(gm, len(interp.roots))
     if not symbolic:  # valid for exactly these sizes and numbers
-        return gm, [sympy.Eq(sym, value) for sym, value in {**sizes, **numbers}.items()]
+        return gm, [sympy.Eq(sym, value) for sym, value in {**sizes, **feed_numbers(feeds)}.items()]
+    return gm, _guards(env, symbols)
+
+
+def _fake_inputs(mode: FakeTensorMode, interp: _Interpreter, fake_roots: dict, feeds: list, sizes: dict,
+                 symbolic: bool) -> tuple[list, dict]:
+    """The interpreter's inputs as fake tensors (and numbers) of ``mode``; with ``symbolic``, the roots'
+    size symbols and the program's index numbers and scalars are symbols of its shape env. Returns them
+    and the symbols (export or feed symbol -> the shape env's)."""
+    env, symbols = mode.shape_env, {}
+    flat = [_fake(mode, fake_roots[r], symbols if symbolic else None, sizes) for r in interp.roots]
+    numbers = feed_numbers(feeds)
+    for i, v in enumerate(feeds):
+        sym = _feed_symbol(i, v)
+        if symbolic and sym in numbers:  # an index or a scalar: a graph input, not a constant
+            symbols[sym] = env.create_symbol(v, ConstantSource(str(sym)), dynamic_dim=DimDynamic.DYNAMIC,
+                                             positive=None)
+            flat.append(env.create_symintnode(symbols[sym], hint=v) if type(v) is int
+                        else env.create_symfloatnode(symbols[sym], hint=v))
+        else:
+            flat.append(_fake(mode, v))
+    return flat, symbols
+
+
+def _guards(env: ShapeEnv, symbols: dict) -> list:
+    """``env``'s guards, and its runtime asserts, on the export's size symbols and the feed symbols."""
     inverse = {new: old for old, new in symbols.items()}
-    return gm, [g.expr.xreplace(inverse) for g in env.guards]
+    asserts = [ra.expr for ras in env.deferred_runtime_asserts.values() for ra in ras]
+    return [g.expr.xreplace(inverse) for g in env.guards] + [a.xreplace(inverse) for a in asserts]
 
 
 def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int) -> None:

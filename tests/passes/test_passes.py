@@ -157,3 +157,35 @@ def test_ops_capture_and_scatter():
     out = scatter(base, 0.0, 1, 3)
     assert out[1:].eq(0).all() and out[0].eq(base[0]).all() and base[1].ne(0).all()
     torch.testing.assert_close(scatter(base, torch.ones(4), 0, None), torch.ones(3, 4))
+
+
+def test_guards_as_python_agree_with_sympy():
+    """``holds_for`` answers from the guards printed as one Python expression; sympy's answer is the
+    reference, for the functions torch's shape guards use, at sizes on both sides of each guard."""
+    import sympy
+    from torch.utils._sympy.functions import CleanDiv, FloorDiv, Max, Min, Mod, PythonMod
+
+    from fxpatch.passes.functionalize_program import CheckedProgram
+
+    s0, s1 = sympy.symbols("s0 s1", integer=True, positive=True)
+    p = sympy.Symbol("fxpatch_feed_0", integer=True)
+    guards = [sympy.Ne(Mod(s0, 2), 1), FloorDiv(s1, 3) >= 1, s1 + p > 0, sympy.Lt(-s1, p), PythonMod(p, s1) < 5,
+              Max(s0, s1) > 2, Min(s0, s1) <= 9, sympy.Eq(CleanDiv(s1 * 4, 4), s1), sympy.Ne(s0 * s1, 12), p < s1]
+    seen = set()
+    for a in range(1, 5):
+        for b in (1, 2, 3, 5, 6, 9, 12, 13):
+            for c in (-14, -13, -6, -1, 0, 1, 4, 5, 12, 13):
+                sizes = {s0: a, s1: b, p: c}
+                expected = all(bool(g.xreplace(sizes)) for g in guards)
+                assert CheckedProgram(False, guards).holds_for(sizes) == expected, sizes
+                seen.add(expected)
+                for g in guards:  # each guard alone, so every one of them is seen failing and holding
+                    assert CheckedProgram(False, [g]).holds_for(sizes) == bool(g.xreplace(sizes)), (g, sizes)
+    assert seen == {True, False}
+    checked = CheckedProgram(False, guards)
+    checked.holds_for({s0: 2, s1: 6, p: 1})
+    assert checked.__dict__["_compiled"] is not None  # the printed form was used, not only sympy
+    # a fraction is left to sympy: in floating point (1/3)*s1 <= 4 could differ at the boundary
+    fraction = CheckedProgram(False, [sympy.Rational(1, 3) * s1 <= 4])
+    assert [fraction.holds_for({s1: n}) for n in (11, 12, 13)] == [True, True, False]
+    assert fraction.__dict__["_compiled"] is None
