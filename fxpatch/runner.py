@@ -284,9 +284,10 @@ def _check(model, shape_key, program, chains, modules, specs, feeds, sizes, numb
     milliseconds). From the second on (a loop over prompts of other lengths, a sweep over positions),
     one check with symbolic sizes and index numbers serves every run its guards allow; it costs about
     what a functionalization does, and a check per size costs that again every few sizes."""
-    state = model._checked.get(("checks", shape_key, _feed_key(feeds)))
+    key = ("checks", shape_key, _feed_key(feeds))  # beside the per-shape answers, under the same bound
+    state = model._checked.get(key)
     if state is None:
-        state = model._checked[("checks", shape_key, _feed_key(feeds))] = _Checks()
+        state = model._checked[key] = _Checks()
     for checked in state.symbolic or ():
         if checked.holds_for(numbers):
             return checked.mutating

@@ -501,7 +501,7 @@ def check_program(program: torch.fx.Graph, chains: Chains, modules: dict, fake_r
     interp = _Interpreter(program, chains, snapshots=False, modules=modules)
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     probe = _MutationProbe()
-    flat = [_fake(mode, fake_roots[r], sizes=sizes or {}) for r in interp.roots] + [_fake(mode, v) for v in feeds]
+    flat, _ = _fake_inputs(mode, interp, fake_roots, feeds, sizes or {}, symbolic=False)
     with _quiet_fake_log(), mode, probe, torch.no_grad():
         try:
             interp(*flat)
