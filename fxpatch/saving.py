@@ -161,50 +161,67 @@ def keep_appended(tracer, containers: list) -> tuple[list, list]:
     ``_SCAN_LIMIT`` (longer containers are passed over) and ``_VISIT_LIMIT`` (elements in all). The
     containers may be a notebook's dataset, walked at every trace, so the walk goes a level at a time
     with the per-element work in C: one ``gc.get_referents`` call gathers a level's elements, and the
-    next level is picked from them by their types.
+    next level is picked from them by their types. It goes breadth first over all the containers
+    together (their elements, then what those hold, ...), so that a deep dataset that comes first in
+    the scope cannot spend the limit before ``acts = []`` next to it is looked at.
     """
-    kept, untouched = [], []
+    walks = [_Walk(top) for top in containers]
     seen: set[int] = set()
     budget = _VISIT_LIMIT
-    for top in containers:
-        found, complete = False, len(top) <= _SCAN_LIMIT
-        level = [top] if complete else []
-        while level:
-            sizes = list(accumulate(map(len, level)))
-            if sizes[-1] > budget:  # the budget ends inside this level: look at the containers it covers
-                level, complete = level[:bisect_right(sizes, budget)], False
-                if not level:
-                    break
-            budget -= sizes[len(level) - 1]
-            items = gc.get_referents(*level)  # a list's and a tuple's items, a dict's keys and values
-            kinds = list(map(type, items))
-            types = set(kinds)
-            if Proxy in types:
-                for v in items:
-                    if type(v) is Proxy and v.tracer is tracer:
-                        found = True
-                        if not v.saved:
-                            v.save()
-            mutable = {list, dict} | {t for t in types - _WALKED - _ATOMS
-                                      if issubclass(t, (list, dict)) and not issubclass(t, SiteContainer)}
-            inner = list(compress(items, map(mutable.__contains__, kinds)))
-            # a list or dict is looked into once (and changed in place); a tuple is rebuilt in what holds it
-            by_id = dict(zip(map(id, inner), inner))
-            if seen:
-                for i in seen.intersection(by_id):
-                    del by_id[i]
-            seen.update(by_id)
-            level = list(by_id.values())
-            if tuple in types:
-                level += compress(items, map(_TUPLE.__contains__, kinds))
-            small = list(compress(level, map(_SCAN_LIMIT.__ge__, map(len, level))))
-            complete = complete and len(small) == len(level)
-            level = small
-        if found:
-            kept.append(top)
-        elif complete:
-            untouched.append(top)
+    frontier = [w for w in walks if w.level]
+    while frontier:
+        for w in frontier:
+            budget = w.step(tracer, seen, budget)
+        frontier = [w for w in frontier if w.level]
+    kept = [w.top for w in walks if w.found]
+    untouched = [w.top for w in walks if w.complete and not w.found]
     return kept, untouched
+
+
+class _Walk:
+    """One container's part of ``keep_appended``'s walk: the containers it reaches at the current depth."""
+
+    __slots__ = ("top", "level", "found", "complete")
+
+    def __init__(self, top: Any):
+        self.top, self.found, self.complete = top, False, len(top) <= _SCAN_LIMIT
+        self.level = [top] if self.complete else []
+
+    def step(self, tracer, seen: set[int], budget: int) -> int:
+        """Look at the elements of this depth's containers, within ``budget`` elements; returns what is left."""
+        level = self.level
+        sizes = list(accumulate(map(len, level)))
+        if sizes[-1] > budget:  # the budget ends inside this level: look at the containers it covers
+            level, self.complete = level[:bisect_right(sizes, budget)], False
+            if not level:
+                self.level = []
+                return budget
+        budget -= sizes[len(level) - 1]
+        items = gc.get_referents(*level)  # a list's and a tuple's items, a dict's keys and values
+        kinds = list(map(type, items))
+        types = set(kinds)
+        if Proxy in types:
+            for v in items:
+                if type(v) is Proxy and v.tracer is tracer:
+                    self.found = True
+                    if not v.saved:
+                        v.save()
+        mutable = {list, dict} | {t for t in types - _WALKED - _ATOMS
+                                  if issubclass(t, (list, dict)) and not issubclass(t, SiteContainer)}
+        inner = list(compress(items, map(mutable.__contains__, kinds)))
+        # a list or dict is looked into once (and changed in place); a tuple is rebuilt in what holds it
+        by_id = dict(zip(map(id, inner), inner))
+        if seen:
+            for i in seen.intersection(by_id):
+                del by_id[i]
+        seen.update(by_id)
+        level = list(by_id.values())
+        if tuple in types:
+            level += compress(items, map(_TUPLE.__contains__, kinds))
+        small = list(compress(level, map(_SCAN_LIMIT.__ge__, map(len, level))))
+        self.complete = self.complete and len(small) == len(level)
+        self.level = small
+        return budget
 
 
 def proxies_in(value: Any, seen: set | None = None, limit: int | None = None) -> list[Proxy]:

@@ -381,6 +381,18 @@ def test_past_the_walk_limit_saved_values_are_bound_and_unsaved_ones_say_so(gpt2
     assert [len(row) for row in data[1:]] == [9000] * 12
 
 
+def test_a_large_container_first_in_scope_does_not_hide_one_filled_in_the_trace(gpt2):
+    """The walk's limit is spent breadth first over all the containers in scope: a large one bound before
+    ``acts`` (as a notebook's dataset is) cannot use it up before ``acts`` itself is looked at."""
+    data = [[0] * 10 for _ in range(10_000)]  # 110,000 elements: the walk's 100,000 end inside its rows
+    acts = []
+    with gpt2.trace(PROMPT_1):
+        acts.append(gpt2.lm_head.output[:, -1])
+    assert type(acts[0]) is torch.Tensor, type(acts[0])
+    close(acts[0][0], run_alone(gpt2, PROMPT_1).logits[-1], "filled")
+    assert len(data) == 10_000 and all(row == [0] * 10 for row in data)
+
+
 def test_list_made_outside_is_filled_at_every_generation_step(lm):
     """``hs = []`` before ``model.generate``, appended to at each step: each step's last-position
     hidden state, as plain HF ``generate`` computes it."""
