@@ -198,8 +198,10 @@ class _Walk:
                 return budget
         budget -= sizes[len(level) - 1]
         items = gc.get_referents(*level)  # a list's and a tuple's items, a dict's keys and values
-        kinds = list(map(type, items))
-        types = set(kinds)
+        types = set(map(type, items))
+        if types <= _ATOMS:  # numbers and strings only (a dataset's token lists): nothing below
+            self.level = []
+            return budget
         if Proxy in types:
             for v in items:
                 if type(v) is Proxy and v.tracer is tracer:
@@ -208,7 +210,11 @@ class _Walk:
                         v.save()
         mutable = {list, dict} | {t for t in types - _WALKED - _ATOMS
                                   if issubclass(t, (list, dict)) and not issubclass(t, SiteContainer)}
-        inner = list(compress(items, map(mutable.__contains__, kinds)))
+        if types <= mutable:  # containers only (a dataset's rows): all of them are looked into
+            inner, kinds = items, None
+        else:
+            kinds = list(map(type, items))
+            inner = list(compress(items, map(mutable.__contains__, kinds)))
         # a list or dict is looked into once (and changed in place); a tuple is rebuilt in what holds it
         by_id = dict(zip(map(id, inner), inner))
         if seen:
@@ -217,7 +223,7 @@ class _Walk:
         seen.update(by_id)
         level = list(by_id.values())
         if tuple in types:
-            level += compress(items, map(_TUPLE.__contains__, kinds))
+            level += compress(items, map(_TUPLE.__contains__, kinds or map(type, items)))
         small = list(compress(level, map(_SCAN_LIMIT.__ge__, map(len, level))))
         self.complete = self.complete and len(small) == len(level)
         self.level = small
