@@ -125,7 +125,6 @@ _VISIT_LIMIT = 100_000  # elements looked at, in all, for traced values put into
 
 _WALKED = frozenset((list, dict, tuple))  # looked into at once (subclasses: if not a SiteContainer)
 _ATOMS = frozenset((int, float, str, bool, bytes, type(None)))
-_TUPLE = frozenset((tuple,))
 
 
 def _is_container(value: Any) -> bool:
@@ -210,20 +209,23 @@ class _Walk:
                         v.save()
         mutable = {list, dict} | {t for t in types - _WALKED - _ATOMS
                                   if issubclass(t, (list, dict)) and not issubclass(t, SiteContainer)}
+        # a tuple, and a module's tuple or dict value (``acts.append(attn.output)``), is rebuilt in what holds
+        # it when bound (as a plain tuple or dict of real values): looked into under every holder
+        rebuilt = {t for t in types if t is tuple or issubclass(t, SiteContainer)}
         if types <= mutable:  # containers only (a dataset's rows): all of them are looked into
             inner, kinds = items, None
         else:
             kinds = list(map(type, items))
             inner = list(compress(items, map(mutable.__contains__, kinds)))
-        # a list or dict is looked into once (and changed in place); a tuple is rebuilt in what holds it
+        # a list or dict is looked into once (and changed in place)
         by_id = dict(zip(map(id, inner), inner))
         if seen:
             for i in seen.intersection(by_id):
                 del by_id[i]
         seen.update(by_id)
         level = list(by_id.values())
-        if tuple in types:
-            level += compress(items, map(_TUPLE.__contains__, kinds or map(type, items)))
+        if rebuilt:
+            level += compress(items, map(rebuilt.__contains__, kinds or map(type, items)))
         small = list(compress(level, map(_SCAN_LIMIT.__ge__, map(len, level))))
         self.complete = self.complete and len(small) == len(level)
         self.level = small

@@ -393,6 +393,29 @@ def test_a_large_container_first_in_scope_does_not_hide_one_filled_in_the_trace(
     assert len(data) == 10_000 and all(row == [0] * 10 for row in data)
 
 
+def test_a_modules_tuple_value_put_into_containers_made_outside_is_a_tuple_of_real_values(lm):
+    """``acts.append(attn.output)``: the module's tuple value, held by a list and a dict made before the
+    trace and by a tuple in the list, is a plain tuple of real values in each after it (as the module
+    returned it in the hooked model), not the trace's view of it."""
+    p = paths(lm)
+    acts, by_name = [], {}
+    with lm.trace(PROMPT_1):
+        out = envoy(lm, p.attn(0)).output
+        acts.append(out)
+        by_name["attn"] = out
+        acts.append((out, "label"))
+    want = run_alone(lm, PROMPT_1, capture=[p.attn(0)]).outputs[p.attn(0)]
+    assert type(want) is tuple
+    for got in (acts[0], by_name["attn"], acts[1][0]):
+        assert type(got) is tuple and len(got) == len(want), type(got)
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None
+            else:
+                close(g[0], w[0], "the attention output")
+    assert acts[1][1] == "label"
+
+
 def test_list_made_outside_is_filled_at_every_generation_step(lm):
     """``hs = []`` before ``model.generate``, appended to at each step: each step's last-position
     hidden state, as plain HF ``generate`` computes it."""
