@@ -450,7 +450,7 @@ class Tracer:
                 node.meta["fxpatch_carry"] = carry
                 self.carries.setdefault(carry.meta["fxpatch_phase"], []).append(carry)
             else:
-                node.meta["fxpatch_value"] = value
+                node.meta["fxpatch_value"], node.meta["fxpatch_version"] = _as_used(value)
             entry = self._constants[(phase, id(key))] = (key, node)
         return entry[1]
 
@@ -601,9 +601,27 @@ class Tracer:
         from .edit import drop_edits_after_stop
 
         drop_edits_after_stop(self)  # model.edit()'s ops past a tracer.stop() never run
+        self._check_outside_tensors()
         finish_program(self)
         check_before_run(self)
         self._run()
+
+    def _check_outside_tensors(self) -> None:
+        """Refuse a tensor from outside the trace that the block changed in place after using it.
+
+        The block's code runs as it is recorded and the program at its end, so the program would see
+        the tensor as the block left it; eager PyTorch (and NNsight, interleaved with the model) uses
+        the value it had at the line that used it. Each use notes the tensor's version counter."""
+        for program in self.programs.values():
+            for node in program.find_nodes(op="placeholder"):
+                version = node.meta.get("fxpatch_version")
+                if version is not None and node.meta["fxpatch_value"]._version != version:
+                    raise FlowError(
+                        "a tensor from outside the trace was changed in place after this line used it: the "
+                        "trace runs when its block ends, so it would use the changed value, not the one it "
+                        "had here", at=node.meta["fxpatch_loc"],
+                        hint="Use a copy of it here (x.clone()) to keep the value it has at this line, or "
+                        "change it after the block.")
 
     def _run(self) -> None:
         run_trace(self)
@@ -646,6 +664,17 @@ def _node_name(target: Any) -> str | None:
 # argument types recorded as they are: numbers, strings, None and torch's small value types
 _PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format))
+
+
+def _as_used(value: Any) -> tuple[Any, int | None]:
+    """A value from outside the trace as the program will take it, and the version counter to check it by
+    (``Tracer._check_outside_tensors``). An inference tensor has no version counter (and can only be
+    changed in place in inference mode): a copy of it is taken at its use."""
+    if not isinstance(value, torch.Tensor):
+        return value, None
+    if value.is_inference():
+        return value.clone(), None
+    return value, value._version
 
 
 def _is_proxy(value: Any) -> bool:

@@ -204,6 +204,28 @@ def test_value_flowing_backwards_between_invokes(lm, with_barrier):
     check_message(info.value, "back-write", "backwards", "save()", also=("back-read",))
 
 
+@pytest.mark.parametrize("change", ["iadd", "copy_", "view"])
+def test_outside_tensor_changed_in_place_after_its_use_is_refused(lm, change):
+    """The block's code runs as it is recorded, the program at its end: a tensor from outside the trace
+    changed in place after a line used it (also through a view of it) would give the program the changed
+    value, where eager PyTorch and NNsight use the value at that line."""
+    envoys, _ = layers(lm)
+    v = torch.zeros(lm._model.config.hidden_size)
+    with raises_cleanly(lm, FlowError) as info:
+        with lm.trace(PROMPT_1):
+            envoys[0].output[:, -1] = v  # line: outside-use
+            envoys[-1].output.save()
+            if change == "iadd":
+                v += 1
+            elif change == "copy_":
+                v.copy_(torch.ones_like(v))
+            else:
+                v[:4].fill_(2.0)
+    check_message(info.value, "outside-use", "changed in place after this line used it", "x.clone()",
+                  "after the block")
+    assert torch.count_nonzero(v) > 0  # the user's own change stands
+
+
 def test_write_upstream_of_a_site_already_read(lm):
     envoys, _ = layers(lm)
     with raises_cleanly(lm, FlowError) as info:

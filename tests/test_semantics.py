@@ -165,3 +165,40 @@ def test_a_saved_shape_beside_an_in_place_write(gpt2):
         after = gpt2.transformer.h[0].output.save()
     assert tuple(shape) == tuple(after.shape) == (1, 10, gpt2.config.hidden_size)
     assert after[0, -1].abs().sum() == 0 and after[0, 0].abs().sum() > 0
+
+
+def test_outside_tensors_are_used_with_the_value_they_have_at_their_line(lm):
+    """A tensor from outside the trace changed before the line that uses it gives the changed value there;
+    a ``.clone()`` at the line keeps that line's value through later changes; under
+    ``torch.inference_mode()`` (inference tensors have no version counter to check) the value at the line is
+    the one used, as eager PyTorch runs it."""
+    from tests.reference import set_last
+
+    p = paths(lm)
+    hidden = lm._model.config.hidden_size
+    ones, twos = torch.ones(hidden), torch.full((hidden,), 2.0)
+    want = {k: run_alone(lm, PROMPT_1, outputs={p.layer(0): set_last(v)}).logits[-1]
+            for k, v in (("ones", ones), ("twos", twos))}
+
+    v = torch.zeros(hidden)
+    with lm.trace(PROMPT_1):
+        v += 1  # before its use: the use sees ones
+        envoy(lm, p.layer(0)).output[:, -1] = v
+        before = lm.lm_head.output[:, -1].save()
+    close(before[0], want["ones"], "changed before its use")
+
+    v = torch.ones(hidden)
+    with lm.trace(PROMPT_1):
+        envoy(lm, p.layer(0)).output[:, -1] = v.clone()
+        cloned = lm.lm_head.output[:, -1].save()
+        v += 1
+    close(cloned[0], want["ones"], "a clone at the use")
+
+    with torch.inference_mode():
+        v = torch.full((hidden,), 2.0)
+        with lm.trace(PROMPT_1):
+            envoy(lm, p.layer(0)).output[:, -1] = v
+            inference = lm.lm_head.output[:, -1].save()
+            v += 1
+    assert v.is_inference() and bool((v == 3).all())
+    close(inference[0], want["twos"], "an inference tensor changed after its use")
