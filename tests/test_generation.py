@@ -263,6 +263,37 @@ def test_values_saved_per_step(lm):
     assert not torch.allclose(hs1[0], hs1[1])
 
 
+def test_an_outside_tensor_changed_between_steps(gpt2):
+    """``v += direction`` after each step's write: with ``v.clone()`` at the write each step writes ``v``'s
+    value at that step, as NNsight's interleaved steps do (HF ``generate`` with a hook writing it gives the
+    same tokens, which differ from writing step 0's value throughout); without the copy the program would
+    see only the last value, so the generation is refused before it runs."""
+    envoys, modules = layers(gpt2)
+    direction = torch.linspace(-3.0, 3.0, gpt2._model.config.hidden_size)  # not constant: LayerNorm keeps it
+
+    def run(copy: bool):
+        v = torch.zeros_like(direction)
+        with gpt2.generate(PROMPT_1, max_new_tokens=N) as tracer:
+            tokens = gpt2.generator.output.save()
+            for _ in tracer.all():
+                envoys[0].output[:, -1] = v.clone() if copy else v  # line: step-use
+                v += direction
+        return tokens
+
+    def set_step(output, step):
+        output = output.clone()
+        output[:, -1] = step * direction
+        return output
+
+    got = run(copy=True)
+    want = hf_generate(gpt2, PROMPT_1, N, edits=[(modules[0], set_step)])
+    assert got[0].tolist() == want, (got, want)
+    assert want != hf_generate(gpt2, PROMPT_1, N, edits=[(modules[0], lambda out, step: set_step(out, 0))])
+    with pytest.raises(FxpatchError) as info:
+        run(copy=False)
+    check_message(info.value, "step-use", "changed in place after this line used it", "x.clone()")
+
+
 def test_result_and_generator_output(lm):
     """``tracer.result`` is the whole left-padded batch, prompt + new tokens; each invoke's
     ``model.generator.output`` is its rows of it. No intervention: HF's greedy tokens per prompt."""
