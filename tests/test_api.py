@@ -251,6 +251,14 @@ def test_scan_checks_shapes_without_running(lm):
             envoy(lm, p.layer(0)).output = torch.zeros(3, 4)  # line: scan-shape
     check_at(err.value, "scan-shape", "does not fit")
     assert tracer.graph is None
+    # a scan runs on fake tensors: an outside tensor changed after its use is no reason to refuse it, as a
+    # trace is refused (its program would see the changed value)
+    v = torch.zeros(lm._model.config.hidden_size)
+    with lm.scan(PROMPT_1):
+        envoy(lm, p.layer(0)).output[:, -1] = v
+        shape = envoy(lm, p.layer(0)).output.shape.save()
+        v += 1
+    assert shape[-1] == v.shape[0]
 
 
 # -- stop ------------------------------------------------------------------------------------------------
