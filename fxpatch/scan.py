@@ -41,7 +41,8 @@ class ScanTracer(Tracer):
     kind = "scan"
 
     def _check_outside_tensors(self) -> None:
-        """Nothing to refuse: a scan runs on fake tensors, so only shapes matter, not values changed since."""
+        """Nothing to refuse: a scan runs on fake tensors, so only shapes matter, not values changed since
+        (of outside tensors or of the model's weights)."""
 
     def _run(self) -> None:
         with self.model._lock:

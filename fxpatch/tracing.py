@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import operator
 import sys
 from typing import Any
 
@@ -217,6 +218,7 @@ class Tracer:
         self.shortcut = inputs is not NO_INPUTS
         self._shortcut_invoke = Invoker(self, inputs, self.loc) if self.shortcut else None
         self._constants: dict[tuple[int, int], tuple[Any, torch.fx.Node]] = {}
+        self._weights: tuple | None = None  # at the block's first use of the model: (line, mode, versions)
         self.batch = None
         self.pin = Pin(0)  # outside tracer.iter every read is a module's first call
         self.iter = CallSelection(self)
@@ -551,6 +553,8 @@ class Tracer:
         refuse_module_access(self, f"module {path or 'model'}.{kind}")
         loc = user_location()  # one walk up the stack for the checks and the reads below
         invoke = self._require_invoke(f"module {path or 'model'}.{kind}", loc)
+        if self._weights is None:
+            self.note_weights(loc)
         per_call = self.module_sites(path, kind, kind)
         sites = per_call[pick_call(self, path, kind, per_call, loc)]
         leaves = [self._read_leaf(name, invoke, loc) if is_site else name
@@ -573,6 +577,8 @@ class Tracer:
         loc = user_location()
         invoke = self._require_invoke("a module assignment", loc)
         name, start, stop = ref
+        if self._weights is None:
+            self.note_weights(loc)
         if (start, stop) != (invoke.start, invoke.stop):
             raise FxpatchError("a module value read in one invoke was assigned in another", at=loc,
                                hint="Read the value again in this invoke (m.output) and assign to that.")
@@ -606,6 +612,14 @@ class Tracer:
         check_before_run(self)
         self._run()
 
+    def note_weights(self, loc: Location) -> None:
+        """The block's first use of the model (``loc``): note the version counters of the tensors its graph
+        takes (parameters, buffers), so that ``_check_outside_tensors`` can refuse an in-place change of them
+        after it. Before that line a change is the same for eager PyTorch and the trace (the whole forward
+        pass runs with it); after, NNsight's forward pass has already used the weights of the modules it ran."""
+        mode = self.mode  # a generation's mode is the step being recorded: the same one is compared
+        self._weights = (loc, mode, _versions(self.model.state_values(mode)))
+
     def _check_outside_tensors(self) -> None:
         """Refuse a tensor from outside the trace that the block changed in place after using it.
 
@@ -622,6 +636,15 @@ class Tracer:
                         "had here", at=node.meta["fxpatch_loc"],
                         hint="Use a copy of it here (x.clone()) to keep the value it has at this line, or "
                         "change it after the block.")
+        if self._weights is not None and self._weights[2] is not None:
+            loc, mode, versions = self._weights
+            if _versions(self.model.state_values(mode)) != versions:
+                raise FlowError(
+                    "the model's weights or buffers were changed in place inside the block after this line "
+                    "used the model: the trace runs when its block ends, so every module would run with the "
+                    "changed weights, also those the forward pass had already run by then", at=loc,
+                    hint="Change them before the block's first use of the model, or after the block "
+                    "(model.edit() keeps an intervention for every later trace).")
 
     def _run(self) -> None:
         run_trace(self)
@@ -664,6 +687,18 @@ def _node_name(target: Any) -> str | None:
 # argument types recorded as they are: numbers, strings, None and torch's small value types
 _PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format))
+
+
+def _versions(values: tuple) -> list | None:
+    """The version counters of the tensors among ``values`` (``None`` if one is an inference tensor, which has
+    none: such a model cannot be changed in place outside inference mode)."""
+    try:
+        return list(map(_VERSION, [v for v in values if isinstance(v, torch.Tensor)]))
+    except RuntimeError:
+        return None
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def _as_used(value: Any) -> tuple[Any, int | None]:

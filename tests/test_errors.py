@@ -226,6 +226,29 @@ def test_outside_tensor_changed_in_place_after_its_use_is_refused(lm, change):
     assert torch.count_nonzero(v) > 0  # the user's own change stands
 
 
+def test_weights_changed_in_place_after_the_blocks_first_use_of_the_model_are_refused(lm):
+    """NNsight runs the block interleaved with the forward pass, so a weight changed after a module value
+    was read is changed after the modules before it ran; the trace's one pass at the block's end would run
+    every module with the changed weight. Refused, at the block's first use of the model, before it runs."""
+    envoys, modules = layers(lm)
+    weight = next(modules[0].parameters())
+    original = weight.detach().clone()
+    reference_logits(lm)  # exported before runs are counted
+    try:
+        with count_runs() as runs:
+            with pytest.raises(FlowError) as info:
+                with torch.no_grad(), lm.trace(PROMPT_1):
+                    h = envoys[1].output.save()  # line: weights-use
+                    lm.lm_head(h).save()
+                    weight.mul_(0.5)
+        assert runs == []
+        check_message(info.value, "weights-use", "weights or buffers", "changed in place",
+                      "before the block's first use of the model")
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+
+
 def test_write_upstream_of_a_site_already_read(lm):
     envoys, _ = layers(lm)
     with raises_cleanly(lm, FlowError) as info:

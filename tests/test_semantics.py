@@ -202,3 +202,22 @@ def test_outside_tensors_are_used_with_the_value_they_have_at_their_line(lm):
             v += 1
     assert v.is_inference() and bool((v == 3).all())
     close(inference[0], want["twos"], "an inference tensor changed after its use")
+
+
+def test_weights_changed_before_the_blocks_first_use_of_the_model_run_in_the_whole_pass(lm):
+    """A weight changed in place inside the block before any module value is used: the forward pass runs
+    with it, as NNsight's (which starts the model's modules only once the block waits for a value) and as
+    the plain model with the changed weight does."""
+    p = paths(lm)
+    weight = next(lm._model.get_submodule(p.layer(0)).parameters())
+    original = weight.detach().clone()
+    try:
+        with torch.no_grad(), lm.trace(PROMPT_1):
+            weight.mul_(0.5)
+            logits = lm.lm_head.output[:, -1].save()
+        want = run_alone(lm, PROMPT_1).logits[-1]  # the weight is still halved
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    close(logits[0], want, "halved weight")
+    assert not torch.allclose(want, run_alone(lm, PROMPT_1).logits[-1])
