@@ -40,7 +40,7 @@ class ScanTracer(Tracer):
 
     kind = "scan"
 
-    def _check_outside_tensors(self) -> None:
+    def _check_changes_after_use(self) -> None:
         """Nothing to refuse: a scan runs on fake tensors, so only shapes matter, not values changed since
         (of outside tensors or of the model's weights)."""
 

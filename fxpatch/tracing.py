@@ -553,9 +553,9 @@ class Tracer:
         refuse_module_access(self, f"module {path or 'model'}.{kind}")
         loc = user_location()  # one walk up the stack for the checks and the reads below
         invoke = self._require_invoke(f"module {path or 'model'}.{kind}", loc)
-        if self._weights is None:
-            self.note_weights(loc)
         per_call = self.module_sites(path, kind, kind)
+        if self._weights is None:
+            self._note_weights(loc)
         sites = per_call[pick_call(self, path, kind, per_call, loc)]
         leaves = [self._read_leaf(name, invoke, loc) if is_site else name
                   for name, is_site in zip(sites.leaves, sites.is_site)]
@@ -577,8 +577,8 @@ class Tracer:
         loc = user_location()
         invoke = self._require_invoke("a module assignment", loc)
         name, start, stop = ref
-        if self._weights is None:
-            self.note_weights(loc)
+        if self._weights is None:  # a module's .skip(value) writes with no read before it
+            self._note_weights(loc)
         if (start, stop) != (invoke.start, invoke.stop):
             raise FxpatchError("a module value read in one invoke was assigned in another", at=loc,
                                hint="Read the value again in this invoke (m.output) and assign to that.")
@@ -607,21 +607,22 @@ class Tracer:
         from .edit import drop_edits_after_stop
 
         drop_edits_after_stop(self)  # model.edit()'s ops past a tracer.stop() never run
-        self._check_outside_tensors()
+        self._check_changes_after_use()
         finish_program(self)
         check_before_run(self)
         self._run()
 
-    def note_weights(self, loc: Location) -> None:
+    def _note_weights(self, loc: Location) -> None:
         """The block's first use of the model (``loc``): note the version counters of the tensors its graph
-        takes (parameters, buffers), so that ``_check_outside_tensors`` can refuse an in-place change of them
+        takes (parameters, buffers), so that ``_check_changes_after_use`` can refuse an in-place change of them
         after it. Before that line a change is the same for eager PyTorch and the trace (the whole forward
         pass runs with it); after, NNsight's forward pass has already used the weights of the modules it ran."""
         mode = self.mode  # a generation's mode is the step being recorded: the same one is compared
         self._weights = (loc, mode, _versions(self.model.state_values(mode)))
 
-    def _check_outside_tensors(self) -> None:
-        """Refuse a tensor from outside the trace that the block changed in place after using it.
+    def _check_changes_after_use(self) -> None:
+        """Refuse a tensor from outside the trace, or one of the model's weights, that the block changed in
+        place after using it (the model: after its first use).
 
         The block's code runs as it is recorded and the program at its end, so the program would see
         the tensor as the block left it; eager PyTorch (and NNsight, interleaved with the model) uses
@@ -703,7 +704,7 @@ _VERSION = operator.attrgetter("_version")
 
 def _as_used(value: Any) -> tuple[Any, int | None]:
     """A value from outside the trace as the program will take it, and the version counter to check it by
-    (``Tracer._check_outside_tensors``). An inference tensor has no version counter (and can only be
+    (``Tracer._check_changes_after_use``). An inference tensor has no version counter (and can only be
     changed in place in inference mode): a copy of it is taken at its use."""
     if not isinstance(value, torch.Tensor):
         return value, None
