@@ -117,8 +117,8 @@ def pick_call(tracer: Tracer, path: str, kind: str, per_call: list[ModuleSites],
 
     ``per_call`` is ``SiteGraph.calls[path][kind]``; ``loc`` the user's line, when the caller has it.
     """
-    sg = tracer.model.site_graph(tracer.mode)
     if tracer.phase > 0 and len(per_call) > 1:
+        sg = tracer.model.site_graph(tracer.mode)
         where, runs = _naming(sg, path, kind, per_call)
         # NNsight counts occurrences across generation steps: its tracer.iter[k] is step k // n, call k % n
         raise FxpatchError(
@@ -132,6 +132,7 @@ def pick_call(tracer: Tracer, path: str, kind: str, per_call: list[ModuleSites],
         pin.first = per_call
     if pin.call == 0:
         return 0  # outside tracer.iter (or in its step 0) every read is of call 0, and never relaxes to another
+    sg = tracer.model.site_graph(tracer.mode)
     where, runs = _naming(sg, path, kind, per_call)
     loc = loc or user_location()
     positions = _positions(tracer, sg, per_call)

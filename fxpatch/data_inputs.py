@@ -75,8 +75,9 @@ def lift_data(op: str, target: Any, args: tuple, kwargs: dict, is_traced: Callab
         positions, names = _VALUE_OPS.get(target, ((), ()))
     else:
         return args, kwargs
-    if not positions or not (any(map(_is_float, args)) or any(map(_is_float, kwargs.values()))):
-        return args, kwargs  # no float: nothing to lift (most arithmetic is of two traced values)
+    # ``float in map(type, ...)``: the test in C, as most arithmetic is of two traced values (nothing to lift)
+    if not positions or not (float in map(type, args) or (kwargs and float in map(type, kwargs.values()))):
+        return args, kwargs
     if not any(is_traced(a) for a in (*args, *kwargs.values())):
         return args, kwargs
     args = tuple(lift(a) if i in positions and _is_float(a) else a for i, a in enumerate(args))

@@ -40,8 +40,16 @@ class Envoy:
     # -- the module tree -------------------------------------------------------------
     def _child(self, name: str) -> Envoy:
         module = self._module._modules[name]
-        path = f"{self._path}.{name}" if self._path else name
-        return Envoy(self._lm, module, path)
+        # kept, as NNsight keeps its envoy tree: every read walks the path again (model.transformer.h[3])
+        children = self.__dict__.get("_children")
+        if children is None:
+            children = {}
+            object.__setattr__(self, "_children", children)
+        child = children.get(name)
+        if child is None or child._module is not module:  # a module replaced since is wrapped anew
+            path = f"{self._path}.{name}" if self._path else name
+            child = children[name] = Envoy(self._lm, module, path)
+        return child
 
     def _alias(self, name: str) -> Envoy | None:
         """The module ``name`` names here through the model's ``rename=`` aliases, if it does."""

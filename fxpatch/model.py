@@ -18,6 +18,7 @@ import os
 import threading
 from collections import OrderedDict, namedtuple
 from collections.abc import Callable, Hashable, Mapping
+from operator import getitem
 from typing import Any
 
 import torch
@@ -246,8 +247,12 @@ class TransformersModel(Envoy):
         sg = self.site_graph(mode)
         access = self._state_access.get(mode)
         if access is None or access[0] is not sg:
-            access = self._state_access[mode] = (sg, sg.state_access(self._model))
-        return tuple(table[name] if table is not None else name for table, name in access[1])
+            where = sg.state_access(self._model)
+            # a constant is looked up in a dict of its own, so that every value is one getitem (in C, each call)
+            tables = [table if table is not None else {0: name} for table, name in where]
+            keys = [name if table is not None else 0 for table, name in where]
+            access = self._state_access[mode] = (sg, tables, keys)
+        return tuple(map(getitem, access[1], access[2]))
 
     def _export(self, mode: str) -> SiteGraph:
         if mode in ("prefill", "decode", "prefill_static", "decode_static"):

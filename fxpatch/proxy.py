@@ -40,12 +40,14 @@ class Proxy:
     __slots__ = ("node", "tracer", "site", "saved", "value", "_owner", "__weakref__")
 
     def __init__(self, node: torch.fx.Node, tracer, site=None):
-        object.__setattr__(self, "node", node)
-        object.__setattr__(self, "tracer", tracer)
-        object.__setattr__(self, "site", site)
-        object.__setattr__(self, "saved", False)
-        object.__setattr__(self, "value", _UNSET)
-        object.__setattr__(self, "_owner", None)
+        # through the slots' own setters: a recorded op makes one proxy, and object.__setattr__ costs
+        # twice as much
+        _NODE_SET(self, node)
+        _TRACER_SET(self, tracer)
+        _SITE_SET(self, site)
+        _SAVED_SET(self, False)
+        _VALUE_SET(self, _UNSET)
+        _OWNER_SET(self, None)
 
     # -- recording -----------------------------------------------------------------
     def _record(self, op: str, target: Any, args: tuple, kwargs: dict | None = None, **extra) -> Proxy:
@@ -249,6 +251,8 @@ class MethodProxy(Proxy):
 
 
 _NODE = Proxy.node  # the slot holding a proxy's node
+_NODE_SET, _TRACER_SET, _SITE_SET, _SAVED_SET, _VALUE_SET, _OWNER_SET = (
+    vars(Proxy)[slot].__set__ for slot in ("node", "tracer", "site", "saved", "value", "_owner"))
 
 
 def _tensor_methods() -> frozenset[str]:

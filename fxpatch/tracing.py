@@ -218,6 +218,7 @@ class Tracer:
         self.shortcut = inputs is not NO_INPUTS
         self._shortcut_invoke = Invoker(self, inputs, self.loc) if self.shortcut else None
         self._constants: dict[tuple[int, int], tuple[Any, torch.fx.Node]] = {}
+        self._inputs = 0  # placeholders made, for their names
         self._weights: tuple | None = None  # at the block's first use of the model: (line, mode, versions)
         self.batch = None
         self.pin = Pin(0)  # outside tracer.iter every read is a module's first call
@@ -433,21 +434,24 @@ class Tracer:
                 out.append(v)
             elif t is Proxy and v.tracer is self and not self.finished and v.node.meta["fxpatch_phase"] == phase:
                 out.append(v.node)
+            elif t is tuple and _is_plain_index(v, phase):
+                out.append(v)
+            elif t is torch.fx.Node and v.meta["fxpatch_phase"] == phase:  # a number lifted to an input
+                out.append(v)
             else:
                 out.append(self._graph_arg(v, loc, phase))
         return tuple(out)
 
     def _input(self, phase: int, key: Any, loc: Location, value: Any = None, carry=None) -> torch.fx.Node:
-        """A placeholder of ``phase``'s program for an outside tensor or an earlier phase's value.
+        """A placeholder of ``phase``'s program for an outside tensor or an earlier phase's value (one per
+        ``key`` and phase).
 
         Tensors from outside are program inputs, not baked-in constants, so a
         rewritten graph can be reused for runs that differ only in values.
         """
         entry = self._constants.get((phase, id(key)))
         if entry is None:
-            name = f"input_{len(self._constants)}"  # given as the name too: fx would snake_case the target
-            node = self.program_of(phase).create_node("placeholder", name, name=name)
-            node.meta.update(fxpatch_loc=loc, fxpatch_invoke=None, fxpatch_phase=phase)
+            node = self._placeholder(phase, loc)
             if carry is not None:
                 node.meta["fxpatch_carry"] = carry
                 self.carries.setdefault(carry.meta["fxpatch_phase"], []).append(carry)
@@ -456,8 +460,21 @@ class Tracer:
             entry = self._constants[(phase, id(key))] = (key, node)
         return entry[1]
 
+    def _placeholder(self, phase: int, loc: Location) -> torch.fx.Node:
+        name = f"input_{self._inputs}"  # given as the name too: fx would snake_case the target
+        self._inputs += 1
+        node = self.program_of(phase).create_node("placeholder", name, name=name)
+        meta = node.meta
+        meta["fxpatch_loc"], meta["fxpatch_invoke"], meta["fxpatch_phase"] = loc, None, phase
+        return node
+
     def _lift(self, phase: int, loc: Location):
-        return lambda v: self._input(phase, object(), loc, value=v)
+        """A number that is data (``data_inputs.py``) as a placeholder of its own, fed its value at each run."""
+        def lift(value):
+            node = self._placeholder(phase, loc)
+            node.meta["fxpatch_value"], node.meta["fxpatch_version"] = value, None
+            return node
+        return lift
 
     def record(self, op: str, target: Any, args: tuple, kwargs: dict, *, site=None,
                phase: int | None = None, at: int = -1, loc: Location | None = None) -> Proxy:
@@ -488,10 +505,12 @@ class Tracer:
         args = self._graph_args(args, loc, phase)  # inputs go first
         kwargs = self._graph_arg(kwargs, loc, phase) if kwargs else kwargs
         node = self.program_of(phase).create_node(op, target, name=_node_name(target))
-        if args:  # each assignment also re-files the node in the graph's lookup table: skip empty ones
-            node.args = args
+        # through the properties' setters: Node.__setattr__ would also re-file the node in the graph's
+        # lookup table, which is keyed by op and target alone (a third of the assignment's cost)
+        if args:
+            _SET_ARGS(node, args)
         if kwargs:
-            node.kwargs = kwargs
+            _SET_KWARGS(node, kwargs)
         invoke = self.current_invoke
         meta = node.meta
         meta["fxpatch_loc"] = loc
@@ -550,9 +569,12 @@ class Tracer:
     def read(self, path: str, kind: str) -> Any:
         """A module's ``output`` or ``inputs`` for the current invoke, as proxies, of the call ``tracer.iter``
         picks (an alias path of a shared module reads the module)."""
-        refuse_module_access(self, f"module {path or 'model'}.{kind}")
+        if self.backward_open is not None:
+            refuse_module_access(self, f"module {path or 'model'}.{kind}")
         loc = user_location()  # one walk up the stack for the checks and the reads below
-        invoke = self._require_invoke(f"module {path or 'model'}.{kind}", loc)
+        invoke = self.current_invoke
+        if invoke is None or self.finished or active_tracer() is not self:  # the message only when it is needed
+            invoke = self._require_invoke(f"module {path or 'model'}.{kind}", loc)
         per_call = self.module_sites(path, kind, kind)
         if self._weights is None:
             self._note_weights(loc)
@@ -685,9 +707,32 @@ def _node_name(target: Any) -> str | None:
         return None
 
 
+_SET_ARGS, _SET_KWARGS = torch.fx.Node.args.fset, torch.fx.Node.kwargs.fset
+
 # argument types recorded as they are: numbers, strings, None and torch's small value types
 _PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format))
+_PLAIN_OR_NODE = _PLAIN | {torch.fx.Node}
+
+
+def _is_plain_index(index: tuple, phase: int) -> bool:
+    """Whether a tuple argument holds only numbers, slices of numbers and this phase's placeholders (an index
+    ``h[:, -1]`` after its numbers were lifted): it goes into the program as it is."""
+    for x in index:
+        t = type(x)
+        if t is slice:
+            if not (type(x.start) in _PLAIN_OR_NODE and type(x.stop) in _PLAIN_OR_NODE
+                    and type(x.step) in _PLAIN_OR_NODE):
+                return False
+            for bound in (x.start, x.stop, x.step):
+                if type(bound) is torch.fx.Node and bound.meta["fxpatch_phase"] != phase:
+                    return False
+        elif t is torch.fx.Node:
+            if x.meta["fxpatch_phase"] != phase:
+                return False
+        elif t not in _PLAIN:
+            return False
+    return True
 
 
 def _versions(values: tuple) -> list | None:
