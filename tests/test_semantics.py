@@ -221,3 +221,37 @@ def test_weights_changed_before_the_blocks_first_use_of_the_model_run_in_the_who
             weight.copy_(original)
     close(logits[0], want, "halved weight")
     assert not torch.allclose(want, run_alone(lm, PROMPT_1).logits[-1])
+
+
+def test_a_tensor_assigned_as_the_whole_batchs_module_value_is_the_value_the_model_goes_on_with(lm):
+    """``m.output = x`` over every row hands ``x`` itself to the model, as a hook returning ``x`` does in eager
+    torch: a later in-place write into ``x`` reaches the model, and one into ``m.output`` reaches ``x``."""
+    p = paths(lm)
+    with lm.trace(PROMPT_1):
+        x = envoy(lm, p.layer(1)).output * 2
+        envoy(lm, p.layer(1)).output = x
+        x[:, -1] = 0
+        through_x = lm.lm_head.output[:, -1].save()
+    with lm.trace(PROMPT_1):
+        y = envoy(lm, p.layer(1)).output * 2
+        envoy(lm, p.layer(1)).output = y
+        envoy(lm, p.layer(1)).output[:, 0] = 1
+        kept = y.save()
+        through_output = lm.lm_head.output[:, -1].save()
+
+    given = {}
+
+    def doubled(then):
+        def edit(out):
+            x = out * 2
+            then(x)
+            given["x"] = x
+            return x
+        return edit
+
+    ref = run_alone(lm, PROMPT_1, outputs={p.layer(1): doubled(lambda x: x[:, -1].zero_())})
+    close(through_x[0], ref.logits[-1], "write into x after the assignment")
+    ref = run_alone(lm, PROMPT_1, outputs={p.layer(1): doubled(lambda x: x[:, 0].fill_(1))})
+    close(through_output[0], ref.logits[-1], "write into m.output after the assignment")
+    close(kept, given["x"], "x seen after a write into m.output")
+    assert bool((kept[:, 0] == 1).all())

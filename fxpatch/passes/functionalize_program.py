@@ -45,7 +45,7 @@ from torch.fx.node import map_aggregate
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._sympy.printers import PythonPrinter
 
-from .diagnostics import Location, ShapeError, location_of
+from .diagnostics import FlowError, Location, ShapeError, location_of
 from .ops import capture, read_site, scatter, write_site
 
 
@@ -268,6 +268,7 @@ class _Interpreter:
         self.roots = roots
         self.current: Location | None = None
         self.events: list = []
+        self.copied: list = []  # (tensor assigned to some rows of a site, its version then, the assignment)
 
     def _emit(self, op: str, target, args, kwargs, source: torch.fx.Node | None = None, role: str | None = None):
         if self.graph is None:
@@ -282,6 +283,7 @@ class _Interpreter:
         return node
 
     def __call__(self, *flat):
+        self.copied = []
         roots = dict(zip(self.roots, flat[:len(self.roots)]))
         env = dict(zip(self.placeholders, flat[len(self.roots):]))
         objs: list[_Obj] = []
@@ -329,10 +331,24 @@ class _Interpreter:
                 env[node] = self._run(node, env, get, objs, at, events)
         if self.snapshots and bucket is not None:
             snapshot(bucket, writer)
+        self._check_copies()
         out = self.output.args[0] if self.output else ()
         saved = [env[a] if isinstance(a, torch.fx.Node) else a for a in out]
         self.events = [(o, t, members, loc, waited) for o, t, members, _, loc, waited in events]
         return (*saved, *[e[3] for e in events])
+
+    def _check_copies(self) -> None:
+        """Refuse a tensor assigned to some rows of a module's value and changed in place after: eager PyTorch
+        hands the tensor itself to the model (so the model sees the change), where one batched pass holds a
+        copy of it in those rows. (Assigned to every row, the module's value is the tensor itself.)"""
+        for value, version, node in self.copied:
+            if value._version != version:
+                raise FlowError(
+                    f"a tensor assigned to {node.args[0]} for this invoke's rows is changed in place after the "
+                    "assignment: in eager PyTorch the model would go on with the changed tensor, but the "
+                    "batched pass holds a copy of it in this invoke's rows", at=location_of(node),
+                    hint="Change the tensor before assigning it, or change the module's value after the "
+                    "assignment (m.output[...] = ...), which the model goes on with.")
 
     def _run(self, node, env, get, objs, at, events):
         args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
@@ -354,11 +370,16 @@ class _Interpreter:
                 _check_fits(value, capture(old.tensor, start, stop), name, node)
             if self.bookkeeping:
                 tensor = None
-            elif (self.snapshots and start == 0 and stop is None and isinstance(value, torch.Tensor)
+            elif (self.snapshots and start == 0 and isinstance(value, torch.Tensor)
+                    and (stop is None or stop == old.tensor.shape[0])
                     and value.shape == old.tensor.shape and value.dtype == old.tensor.dtype):
-                tensor = value  # the module's value *is* the assigned tensor, as in eager
+                # the invoke's rows are the whole batch: the module's value *is* the assigned tensor, as in
+                # eager (a later write into either is seen through the other)
+                tensor = value
             else:
                 tensor = self._emit("call_function", scatter, (old.tensor, value, start, stop), {}, node)
+                if self.graph is None and not self.snapshots and isinstance(value, torch.Tensor):  # the check's run
+                    self.copied.append((value, value._version, node))
             moved = {name} | {d for d in self.chains.descendants(name) if at.get(d, old) is old}
             new = _Obj(len(objs), tensor, moved, self.chains.position[name], old.root, location_of(node), name)
             new.over = (old, start, stop)
@@ -505,7 +526,7 @@ def check_program(program: torch.fx.Graph, chains: Chains, modules: dict, fake_r
     with _quiet_fake_log(), mode, probe, torch.no_grad():
         try:
             interp(*flat)
-        except ShapeError:
+        except (ShapeError, FlowError):
             raise
         except Exception as e:  # noqa: BLE001 - any failure is the user's op, reported at its line
             _raise_at(interp.current, e)
