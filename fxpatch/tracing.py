@@ -246,6 +246,7 @@ class Tracer:
             raise FxpatchError("a trace was opened inside another trace of the same model", at=self.loc,
                                hint="Use several tracer.invoke(...) blocks in one trace instead.")
         active.push(self)
+        self._grad = torch.is_grad_enabled()  # the program runs in one grad mode: this one (see record)
         self._outside = outside_containers(sys._getframe(1))  # filled in after the run when used (NNsight's idiom)
         mount_save(self)  # x.save() on any object while recording
         try:
@@ -493,6 +494,8 @@ class Tracer:
             self._check_recording(loc)
         if self.backward_open is not None and target in (read_site, write_site):
             refuse_module_access(self, "the model's output" if site is not None else "a module value")
+        if torch.is_grad_enabled() is not self._grad and target is not read_site:
+            _refuse_grad_mode_change(self._grad, loc)
         if phase is None:
             if self.phase == 0 and len(self.programs) <= 1:  # a trace: every value is of phase 0
                 phase = 0
@@ -617,6 +620,8 @@ class Tracer:
 
     def _execute(self) -> None:
         """Check what can be checked without the model, then run."""
+        if torch.is_grad_enabled() is not self._grad:
+            _refuse_grad_mode_change(self._grad, user_location())
         for b in self.barriers:
             b.check()
         if not any(i.rows for i in self.invokes):
@@ -713,6 +718,19 @@ _SET_ARGS, _SET_KWARGS = torch.fx.Node.args.fset, torch.fx.Node.kwargs.fset
 _PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format))
 _PLAIN_OR_NODE = _PLAIN | {torch.fx.Node}
+
+
+def _refuse_grad_mode_change(at_start: bool, loc: Location) -> None:
+    """An op recorded (or the run begun) in another grad mode than the block's: eager PyTorch would record no
+    autograd graph for the ops under ``torch.no_grad()`` only, where the whole program runs in one mode."""
+    now = "off" if at_start else "on"
+    raise FxpatchError(
+        f"gradients are {now} here but were {'on' if at_start else 'off'} when the trace began "
+        "(torch.no_grad(), torch.enable_grad() or torch.inference_mode() inside the block): fxpatch runs the "
+        "whole program in the grad mode the block began in, so this op would get gradients where eager "
+        "PyTorch gives it none, or the other way round", at=loc,
+        hint="Put the grad-mode context around the whole `with model.trace(...)` block; inside it, .detach() "
+        "a value to stop gradients through it. Reading module values (m.output) is fine in either mode.")
 
 
 def _is_plain_index(index: tuple, phase: int) -> bool:

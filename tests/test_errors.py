@@ -25,6 +25,7 @@ from fxpatch.errors import (
     BarrierError,
     ControlFlowError,
     FlowError,
+    FxpatchError,
     InputError,
     ModuleNotRunError,
     ModulePathError,
@@ -526,3 +527,36 @@ def test_user_exception_propagates_unchanged(lm):
             raise boom
     assert info.value is boom
     assert isinstance(h, Proxy)  # nothing ran, so nothing was bound
+
+
+def test_a_tensor_assigned_to_one_invokes_rows_and_changed_after_is_refused(lm):
+    """``m.output = x`` in an invoke of some rows puts a copy of ``x`` into the batch, where a prompt run alone
+    goes on with ``x`` itself: a later in-place write into ``x`` would be lost. Refused at the assignment."""
+    envoys, _ = layers(lm)
+    with raises_cleanly(lm, FlowError) as info:
+        with lm.trace() as tracer:
+            with tracer.invoke(PROMPT_1):
+                x = envoys[1].output * 2
+                envoys[1].output = x  # line: assigned-rows
+                x[:, -1] = 0
+            with tracer.invoke(SHORT):
+                lm.lm_head.output.save()
+    check_message(info.value, "assigned-rows", "changed in place after the assignment", "copy",
+                  "before assigning")
+
+
+@pytest.mark.parametrize("context", ["no_grad", "enable_grad", "inference_mode"])
+def test_an_op_under_another_grad_mode_than_the_blocks_is_refused(lm, context):
+    """One program runs in one grad mode; eager PyTorch records no autograd graph for the ops under
+    ``torch.no_grad()`` only. An op recorded in another mode than the block's is refused at its line; reading
+    a module value there is fine (it records nothing autograd would)."""
+    envoys, _ = layers(lm)
+    outer = torch.no_grad() if context == "enable_grad" else contextlib.nullcontext()
+    inner = {"no_grad": torch.no_grad, "enable_grad": torch.enable_grad, "inference_mode": torch.inference_mode}
+    with raises_cleanly(lm, FxpatchError) as info:
+        with outer, lm.trace(PROMPT_1):
+            with inner[context]():
+                h = envoys[1].output
+                h[:, -1] *= 2  # line: other-grad-mode
+            lm.lm_head.output.save()
+    check_message(info.value, "other-grad-mode", "grad mode", "around the whole", ".detach()")
