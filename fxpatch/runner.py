@@ -9,6 +9,7 @@ writes in place is functionalized, and cached, per shape of its inputs.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from typing import Any
 
@@ -142,7 +143,7 @@ def chains_of(sg) -> Chains:
     """Site positions and identity chains of a site graph (computed once per graph)."""
     chains = getattr(sg, "_chains", None)
     if chains is None:
-        position, root, parent = {}, {}, {}
+        position, root, parent, aliasing = {}, {}, {}, {}
         for i, n in enumerate(sg.graph_module.graph.nodes):
             if is_site(n) and n.args[1] not in position:
                 name, source = n.args[1], n.args[0]
@@ -151,8 +152,67 @@ def chains_of(sg) -> Chains:
                 while is_site(source):
                     source = source.args[0]
                 root[name] = source.name
-        chains = sg._chains = Chains(position, root, parent)
+                if source.name not in aliasing:
+                    seen_by = _alias_observers(source)
+                    if seen_by is not None:
+                        aliasing[source.name] = seen_by
+        chains = sg._chains = Chains(position, root, parent, aliasing=aliasing)
     return chains
+
+
+def _alias_observers(node: torch.fx.Node) -> frozenset[str] | None:
+    """For a model op that returns its input itself or a view of it: what else sees that tensor, so a write
+    into the op's value would show there in eager PyTorch. ``None``: nothing does (the op makes a new tensor,
+    or its input is a temporary only it uses, as Conv1D's ``addmm(...).view(...)``); else the sites the
+    tensor passes through, with ``"<model>"`` among them when the model itself uses it again (a residual,
+    a weight)."""
+    if not _aliases_its_input(node):
+        return None
+    sites: set[str] = set()
+    base = node.args[0]
+    while isinstance(base, torch.fx.Node):
+        if base.op == "placeholder" or len(base.users) > 1:
+            sites.add("<model>")
+        if is_site(base):
+            sites.add(base.args[1])
+            base = base.args[0]
+        elif "<model>" not in sites and _aliases_its_input(base):
+            base = base.args[0]
+        else:
+            break
+    return frozenset(sites) or None
+
+
+def _aliases_its_input(node: torch.fx.Node) -> bool:
+    """Whether the model op ``node`` returns its input itself or a view of it: as its schema says
+    (``Tensor(a)``), for the ops that alias only when they have nothing to do (``to``, ``contiguous``,
+    ``reshape``) as the export's shapes and dtypes say, and dropout outside training."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if node.target is operator.getitem:  # an element of split()'s or unbind()'s list of views
+        return _aliases_its_input(node.args[0])
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet in _DROPOUTS:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is False
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    info = schema.returns[0].alias_info
+    if info is None or info.is_write:
+        return False
+    out, base = node.meta.get("val"), node.args[0].meta.get("val")
+    if not isinstance(out, torch.Tensor) or not isinstance(base, torch.Tensor):
+        return True
+    if packet is torch.ops.aten.to:
+        return out.dtype == base.dtype and out.device == base.device
+    if packet in (torch.ops.aten.contiguous, torch.ops.aten.reshape):
+        return base.is_contiguous()
+    return True
+
+
+_DROPOUTS = (torch.ops.aten.dropout, torch.ops.aten.feature_dropout, torch.ops.aten.alpha_dropout,
+             torch.ops.aten.feature_alpha_dropout)
 
 
 def root_specs(sg, model_inputs: list) -> tuple[dict[str, TensorSpec], dict]:

@@ -560,3 +560,38 @@ def test_an_op_under_another_grad_mode_than_the_blocks_is_refused(lm, context):
                 h[:, -1] *= 2  # line: other-grad-mode
             lm.lm_head.output.save()
     check_message(info.value, "other-grad-mode", "grad mode", "around the whole", ".detach()")
+
+
+def test_an_in_place_write_into_a_no_op_to_of_the_residual_stream_is_refused(llama):
+    """In a float32 Llama, ``hidden_states.to(torch.float32)`` in the norm's forward returns the residual stream
+    itself: a write into that ``.source`` value writes the residual in eager PyTorch (and NNsight), which the
+    model adds again after attention. fxpatch's sites hold it apart, so the write is refused at its read."""
+    norm = llama.model.layers[0].input_layernorm
+    with raises_cleanly(llama, FlowError) as info:
+        with llama.trace(PROMPT_1):
+            norm.source.hidden_states_to_0.output[:, -1] = 0  # line: no-op-to
+            llama.lm_head.output.save()
+    check_message(info.value, "no-op-to", "same tensor as", "would change that value too", "assign a new value")
+
+
+def test_an_in_place_write_into_a_dropouts_output_with_its_input_read_is_refused(gpt2):
+    """Dropout outside training returns its input itself: writing into GPT-2's ``mlp.output`` writes
+    ``mlp.c_proj.output`` in eager PyTorch. Where the program reads that value too, the write is refused;
+    where it does not, the write runs and matches eager (nothing else sees the tensor)."""
+    mlp = gpt2.transformer.h[0].mlp
+    with raises_cleanly(gpt2, FlowError) as info:
+        with gpt2.trace(PROMPT_1):
+            mlp.c_proj.output.save()
+            mlp.output[:, -1] = 1.0  # line: dropout-write
+            gpt2.lm_head.output.save()
+    check_message(info.value, "dropout-write", "mlp.output", "same tensor as")
+    with gpt2.trace(PROMPT_1):
+        mlp.output[:, -1] = 1.0
+        logits = gpt2.lm_head.output[:, -1].save()
+
+    def last_to_one(out):
+        out[:, -1] = 1.0
+        return out
+
+    want = run_alone(gpt2, PROMPT_1, outputs={"transformer.h.0.mlp": last_to_one}).logits[-1]
+    torch.testing.assert_close(logits[0], want, rtol=1e-5, atol=1e-5)

@@ -58,12 +58,17 @@ class Chains:
     passes on unchanged (its chain's root: a layer's output, the next
     layer's input and that layer's first module's input share one root),
     ``parent[name]`` the site it is an identity of (``None`` at the root).
+    ``aliasing`` maps the roots that are the same tensor as, or a view of, a tensor the model computed
+    before them (``x.view(...)``, a no-op ``x.to(dtype)`` in ``.source``, dropout in eval) to what else sees
+    that tensor: the sites it passes through, and ``"<model>"`` when the model uses it again. A write into
+    one would show there in eager PyTorch, which interpretation does not follow (``_Interpreter`` refuses it).
     """
 
     position: dict[str, int]
     root: dict[str, str]
     parent: dict[str, str | None]
     children: dict[str, list[str]] = field(default_factory=dict)
+    aliasing: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.children:
@@ -269,6 +274,7 @@ class _Interpreter:
         self.current: Location | None = None
         self.events: list = []
         self.copied: list = []  # (tensor assigned to some rows of a site, its version then, the assignment)
+        self.alias_reads: list = []  # (a read of an aliasing site, its version then, the read)
 
     def _emit(self, op: str, target, args, kwargs, source: torch.fx.Node | None = None, role: str | None = None):
         if self.graph is None:
@@ -283,7 +289,7 @@ class _Interpreter:
         return node
 
     def __call__(self, *flat):
-        self.copied = []
+        self.copied, self.alias_reads = [], []
         roots = dict(zip(self.roots, flat[:len(self.roots)]))
         env = dict(zip(self.placeholders, flat[len(self.roots):]))
         objs: list[_Obj] = []
@@ -341,6 +347,16 @@ class _Interpreter:
         """Refuse a tensor assigned to some rows of a module's value and changed in place after: eager PyTorch
         hands the tensor itself to the model (so the model sees the change), where one batched pass holds a
         copy of it in those rows. (Assigned to every row, the module's value is the tensor itself.)"""
+        read = {n.args[0] for n in self.order if n.target in (read_site, write_site)}
+        for value, version, node, seen_by in self.alias_reads:
+            # a write shows in eager where the model goes on with the tensor, or where the program reads it
+            if value._version != version and ("<model>" in seen_by or seen_by & read):
+                raise FlowError(
+                    f"{node.args[0]} is a view of (or the same tensor as) a value the model computed before it, "
+                    "and it is written in place after this read: in eager PyTorch the write would change that "
+                    "value too, which fxpatch does not follow", at=location_of(node),
+                    hint="Write into the value it is a view of (the operation's input, or the module value "
+                    "before it), or assign a new value to this one (.output = ...), which changes it alone.")
         for value, version, node in self.copied:
             if value._version != version:
                 raise FlowError(
@@ -361,25 +377,29 @@ class _Interpreter:
                 o.first, o.read_loc, o.target = pos, location_of(node), name
             if self.bookkeeping:
                 return None
-            return self._emit("call_function", capture, (o.rows(start, stop) if not self.snapshots else o.tensor,
-                                                         start, stop), {}, node)
+            value = self._emit("call_function", capture, (o.rows(start, stop) if not self.snapshots else o.tensor,
+                                                          start, stop), {}, node)
+            if self.graph is None and not self.snapshots and self.chains.root[name] in self.chains.aliasing:
+                self.alias_reads.append((value, value._version, node, self.chains.aliasing[self.chains.root[name]]))
+            return value
         if node.target is write_site:
             name, start, stop, value = args
             old = get(name)
             if self.graph is None and isinstance(value, torch.Tensor):
                 _check_fits(value, capture(old.tensor, start, stop), name, node)
+            # the invoke's rows are the whole batch: the module's value *is* the assigned tensor, as in eager (a
+            # later write into either is seen through the other); else the batch holds a copy in those rows
+            whole = (not self.bookkeeping and start == 0 and isinstance(value, torch.Tensor)
+                     and (stop is None or stop == old.tensor.shape[0])
+                     and value.shape == old.tensor.shape and value.dtype == old.tensor.dtype)
             if self.bookkeeping:
                 tensor = None
-            elif (self.snapshots and start == 0 and isinstance(value, torch.Tensor)
-                    and (stop is None or stop == old.tensor.shape[0])
-                    and value.shape == old.tensor.shape and value.dtype == old.tensor.dtype):
-                # the invoke's rows are the whole batch: the module's value *is* the assigned tensor, as in
-                # eager (a later write into either is seen through the other)
+            elif self.snapshots and whole:
                 tensor = value
             else:
                 tensor = self._emit("call_function", scatter, (old.tensor, value, start, stop), {}, node)
-                if self.graph is None and not self.snapshots and isinstance(value, torch.Tensor):  # the check's run
-                    self.copied.append((value, value._version, node))
+                if self.graph is None and not self.snapshots and not whole and isinstance(value, torch.Tensor):
+                    self.copied.append((value, value._version, node))  # the check's run
             moved = {name} | {d for d in self.chains.descendants(name) if at.get(d, old) is old}
             new = _Obj(len(objs), tensor, moved, self.chains.position[name], old.root, location_of(node), name)
             new.over = (old, start, stop)
