@@ -491,6 +491,17 @@ class _BackwardRun:
             self.taps.setdefault(id(base), (base, False))
         return id(base), geometry
 
+    def _on_the_pass(self, inputs: Any) -> Any:
+        """``backward(inputs=...)`` with each module value read in the trace (an invoke's rows: a view of the
+        batch's tensor, which the forward pass did not use) replaced by the batch's tensor the pass went
+        through, whose hook gives that value's ``.grad``, as the tensor itself is in a prompt's eager run."""
+        def on_the_pass(t):
+            base = t._base if isinstance(t, torch.Tensor) else None
+            return base if base is not None and id(base) in self.taps else t
+        if isinstance(inputs, torch.Tensor):
+            return on_the_pass(inputs)
+        return [on_the_pass(t) for t in inputs]
+
     def run(self) -> None:
         block = self.block
         loss = self.env[block.loss_node]
@@ -506,6 +517,8 @@ class _BackwardRun:
             if node.target in (grad_of, set_grad):
                 keys[node] = self._tap(node)
         self.keys = keys
+        if inputs is not None:
+            inputs = self._on_the_pass(inputs)
         handles = []
         try:
             for key, (tensor, _) in self.taps.items():

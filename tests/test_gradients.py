@@ -539,6 +539,27 @@ def test_retain_graph_and_a_second_backward(gpt2):
         q.grad = None
 
 
+def test_backward_inputs_restrict_the_pass_to_module_values_as_torch_does(lm):
+    """``loss.backward(inputs=[h])`` on module values of two invokes: each ``h.grad`` is its prompt's gradient
+    alone, and no parameter gets a ``.grad``, as ``torch.autograd.backward(inputs=...)`` gives on one prompt."""
+    p = paths(lm)
+    with fresh_param_grads(lm):
+        with lm.trace() as tracer:
+            with tracer.invoke(LONG):
+                a = envoy(lm, p.layer(0)).output
+                loss_a = lm.lm_head.output[:, -1].logsumexp(-1).sum()
+            with tracer.invoke(SHORT):
+                b = envoy(lm, p.layer(1)).output
+                loss_b = lm.lm_head.output[:, -1].logsumexp(-1).sum()
+            with (loss_a + loss_b).backward(inputs=[a, b]):
+                gb, ga = b.grad.save(), a.grad.save()
+        assert param_grads(lm) == {}
+    ref_a = torch_reference(lm, LONG, logsumexp_last, outputs=[p.layer(0)])
+    ref_b = torch_reference(lm, SHORT, logsumexp_last, outputs=[p.layer(1)])
+    close(unpad(ga, 0, ref_a["n"]), ref_a["grads"][p.layer(0)][0], "a")
+    close(unpad(gb, 0, ref_b["n"]), ref_b["grads"][p.layer(1)][0], "b")
+
+
 def test_compiled_trace_is_differentiable(gpt2):
     """A compiled trace's saved values carry grad_fn and ``backward()`` after it gives torch's parameter
     grads; ``.grad`` inside it is refused before anything runs."""
