@@ -412,8 +412,9 @@ class GenerateTracer(Tracer):
             raise _rejected(e, loc) from e
         return config
 
-    def invoke(self, inputs: Any = None, **kwargs: Any) -> Invoker:
-        """Add ``inputs`` as rows of the batch, each repeated ``num_return_sequences`` times."""
+    def invoke(self, inputs: Any = NO_INPUTS, **kwargs: Any) -> Invoker:
+        """Add ``inputs`` as rows of the batch, each repeated ``num_return_sequences`` times; with none, an invoke
+        of every row."""
         invoker = super().invoke(inputs, **kwargs)
         return RepeatedInvoker(self, invoker.inputs, invoker.loc)
 
@@ -433,11 +434,18 @@ class GenerateTracer(Tracer):
 
     @property
     def result(self) -> Proxy:
-        """The whole batch's token ids after generation (prompt and new tokens), or its
-        ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``."""
+        """The token ids after generation (prompt and new tokens), or the ``GenerateDecoderOnlyOutput`` with
+        ``return_dict_in_generate=True``: inside an invoke its rows (as NNsight gives), else the whole batch."""
         if self.finished:
             raise FxpatchError("tracer.result is only available inside the generate block; save it there",
                                at=user_location(), hint="tracer.result.save() inside the block.")
+        invoke = self.current_invoke
+        if invoke is not None:
+            return self.record("call_function", output_rows, (self._whole_result(), invoke.start, invoke.stop), {},
+                               phase=RESULT_PHASE)
+        return self._whole_result()
+
+    def _whole_result(self) -> Proxy:
         if self._result is None:
             node = self.program_of(RESULT_PHASE).placeholder("result")
             node.meta.update(fxpatch_loc=user_location(), fxpatch_invoke=None, fxpatch_phase=RESULT_PHASE,
@@ -447,7 +455,7 @@ class GenerateTracer(Tracer):
 
     def generator_output(self) -> Proxy:
         invoke = self._require_invoke("model.generator.output")
-        return self.record("call_function", output_rows, (self.result, invoke.start, invoke.stop), {},
+        return self.record("call_function", output_rows, (self._whole_result(), invoke.start, invoke.stop), {},
                            phase=RESULT_PHASE)
 
     def _run(self) -> None:

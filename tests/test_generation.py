@@ -296,19 +296,25 @@ def test_an_outside_tensor_changed_between_steps(gpt2):
 
 def test_result_and_generator_output(lm):
     """``tracer.result`` is the whole left-padded batch, prompt + new tokens; each invoke's
-    ``model.generator.output`` is its rows of it. No intervention: HF's greedy tokens per prompt."""
+    ``model.generator.output``, and ``tracer.result`` read in an invoke, is its rows of it (an empty
+    ``tracer.invoke()`` has every row). No intervention: HF's greedy tokens per prompt."""
     with lm.generate(max_new_tokens=N) as tracer:
         with tracer.invoke(PROMPT_1):
             out1 = lm.generator.output.save()
         with tracer.invoke([HELLO, EIFFEL]):  # one invoke, two rows
             out2 = lm.generator.output.save()
+            result2 = tracer.result.save()  # inside an invoke: its rows, as NNsight gives
+        with tracer.invoke():  # no inputs: every row
+            every = tracer.result.save()
         result = tracer.result.save()
 
     prompts = [PROMPT_1, HELLO, EIFFEL]
     expected = expected_batch(lm, prompts, [hf_generate(lm, p, N) for p in prompts])
     assert_tokens(lm, result, expected, "tracer.result")
+    assert_tokens(lm, every, expected, "tracer.result in an invoke of every row")
     assert_tokens(lm, out1, expected[:1], "generator.output of invoke 1")
     assert_tokens(lm, out2, expected[1:], "generator.output of invoke 2")
+    assert_tokens(lm, result2, expected[1:], "tracer.result in invoke 2")
     width = max(len(token_ids(lm, p)) for p in prompts)
     assert result.shape[1] > width  # new tokens after the prompt
 
