@@ -580,3 +580,27 @@ def test_each_step_names_the_graph_it_ran(gpt2):
     assert graphs[2] is graphs[3] and graphs[1] is not graphs[2]  # same program, one rewritten graph
     assert [r["role"] for r in fxpatch.runner.inserted_nodes(graphs[2])].count("scatter") == 1
     assert not fxpatch.runner.inserted_nodes(graphs[1])
+
+
+def test_an_earlier_steps_value_changed_in_place_at_a_later_step_is_refused_at_its_line(gpt2):
+    """``acc += h`` at step 1 on a value of step 0: each step's graph takes it as an input it cannot change for
+    the steps after, so it is refused at that line, naming where the value was computed and how to write it
+    (``acc = acc + h``, which gives eager's sum)."""
+    h1 = gpt2.transformer.h[1]
+    with pytest.raises(ShapeError) as info:
+        with gpt2.generate(PROMPT_1, max_new_tokens=3) as tracer:
+            acc = h1.output[0, -1].clone()  # line: step-0-value
+            for _ in tracer.iter[1:3]:
+                acc += h1.output[0, -1]  # line: later-in-place
+            acc.save()
+    msg = str(info.value)
+    assert msg.startswith(f"{__file__}:{line_of('later-in-place')}: a value computed at an earlier step"), msg
+    assert f"{__file__}:{line_of('step-0-value')}" in msg and "acc = acc + h" in msg, msg
+    with gpt2.generate(PROMPT_1, max_new_tokens=3) as tracer:
+        acc = h1.output[0, -1].clone()
+        for _ in tracer.iter[1:3]:
+            acc = acc + h1.output[0, -1]
+        total = acc.save()
+    seen: list = []
+    hf_generate(gpt2, PROMPT_1, 3, capture=(gpt2._model.transformer.h[1], seen))
+    torch.testing.assert_close(total, sum(s[0] for s in seen), rtol=1e-5, atol=1e-5)

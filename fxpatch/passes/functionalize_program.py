@@ -673,7 +673,7 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
             if symbolic:
                 raise
             _raise_at(interp.current, e)
-    _drop_snapshot_copies(gm, len(interp.roots))
+    _drop_snapshot_copies(gm, len(interp.roots), interp.placeholders)
     if not symbolic:  # valid for exactly these sizes and numbers
         return gm, [sympy.Eq(sym, value) for sym, value in {**sizes, **feed_numbers(feeds)}.items()]
     return gm, _guards(env, symbols)
@@ -706,15 +706,26 @@ def _guards(env: ShapeEnv, symbols: dict) -> list:
     return [g.expr.xreplace(inverse) for g in env.guards] + [a.xreplace(inverse) for a in asserts]
 
 
-def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int) -> None:
-    """Snapshots are clones of a functional value: the value itself. Writes back into inputs go."""
+def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int, inputs: list[torch.fx.Node] = ()) -> None:
+    """Snapshots are clones of a functional value: the value itself. Writes back into inputs go; one into an
+    input of the program (``inputs``: its placeholders, after the ``n_roots`` site roots) is refused."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node in list(graph.nodes):
         if node.target is torch.ops.aten.copy_.default and node.args[0] in placeholders:
-            if placeholders.index(node.args[0]) >= n_roots:
-                raise ShapeError("an in-place write changes a tensor made outside the trace",
-                                 at=node.meta.get("custom", {}).get("fxpatch_loc"),
+            i = placeholders.index(node.args[0]) - n_roots
+            if i >= 0:
+                source = inputs[i] if i < len(inputs) else None
+                loc = node.meta.get("custom", {}).get("fxpatch_loc") or (source and location_of(source))
+                carry = source.meta.get("fxpatch_carry") if source is not None else None
+                if carry is not None:  # a value of an earlier generation step (or of the forward pass)
+                    raise ShapeError(
+                        "a value computed at an earlier step is changed in place at a later one: each step runs "
+                        "as its own graph, which takes that value as an input and cannot change it for the "
+                        "steps after", at=loc, also=[("it was computed at", location_of(carry))],
+                        hint="Make it a new value instead: acc = acc + h (not acc += h), or .clone() it at "
+                        "this step first.")
+                raise ShapeError("an in-place write changes a tensor made outside the trace", at=loc,
                                  hint="Write into a .clone() of it, or into a module's value.")
             graph.erase_node(node)
         elif (node.target is torch.ops.aten.clone.default
