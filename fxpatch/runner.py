@@ -567,9 +567,19 @@ def run_detached(program: torch.fx.Graph, outputs: list[torch.fx.Node], values: 
 
 
 def bind_values(tracer, values: dict) -> None:
-    """Give every saved proxy its value (``None`` for a step that never ran)."""
+    """Give every saved proxy its value (``None`` for a step that never ran: ``tracer.not_run`` holds the ids
+    of those, which lists drop when bound, as NNsight's lists never get them)."""
+    not_run = set()
     for proxy in tracer.saved:
-        object.__setattr__(proxy, "value", values.get(proxy.node))
+        value = values.get(proxy.node, _NOT_RUN)
+        if value is _NOT_RUN:
+            not_run.add(id(proxy))
+            value = None
+        object.__setattr__(proxy, "value", value)
+    tracer.not_run = not_run
+
+
+_NOT_RUN = object()
 
 
 def run_trace(tracer) -> None:

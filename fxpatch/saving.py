@@ -254,7 +254,7 @@ def proxies_in(value: Any, seen: set | None = None, limit: int | None = None) ->
     return out
 
 
-def _replace_saved(value: Any, seen: dict, registered: set) -> Any:
+def _replace_saved(value: Any, seen: dict, registered: set, dropped: Any = ()) -> Any:
     """``value`` with saved proxies replaced by their values; lists and dicts are changed in place, a tuple
     is rebuilt. ``seen`` maps the id of each container done to ``(container, what replaces it)``, so that a
     tuple held in several places is rebuilt once and replaced in all of them (and kept alive, so that no
@@ -263,7 +263,7 @@ def _replace_saved(value: Any, seen: dict, registered: set) -> Any:
         return value.value if value.value is not _UNSET else value
     if isinstance(value, SiteContainer):  # a module's tuple/dict value becomes a plain one of real values
         items = value.items() if isinstance(value, dict) else enumerate(value)
-        new = [(k, _replace_saved(v, seen, registered)) for k, v in items]
+        new = [(k, _replace_saved(v, seen, registered, dropped)) for k, v in items]
         if isinstance(value, SiteDict):
             return getattr(value, "_bound", SiteDict)(new)  # a ModelOutput is bound as its own class
         return (list if isinstance(value, list) else tuple)(v for _, v in new)
@@ -277,11 +277,16 @@ def _replace_saved(value: Any, seen: dict, registered: set) -> Any:
     seen[id(value)] = (value, value)  # a cycle back to it finds it as it is
     if isinstance(value, dict):
         for k, v in value.items():
-            new = _replace_saved(v, seen, registered)
+            new = _replace_saved(v, seen, registered, dropped)
             if new is not v:
                 value[k] = new
         return value
-    new = [_replace_saved(v, seen, registered) for v in value]
+    if dropped and isinstance(value, list):  # a value of a generation step that never ran: not appended
+        kept = [v for v in value if not (type(v) is Proxy and id(v) in dropped)]
+        if len(kept) != len(value):
+            value[:] = [_replace_saved(v, seen, registered, dropped) for v in kept]
+            return value
+    new = [_replace_saved(v, seen, registered, dropped) for v in value]
     if all(a is b for a, b in zip(new, value)):
         return value
     if type(value) is tuple:
@@ -291,7 +296,8 @@ def _replace_saved(value: Any, seen: dict, registered: set) -> Any:
     return value
 
 
-def bind_saved(frame, saved: list[Proxy], containers: list[Any] = (), untouched: list[Any] = ()) -> None:
+def bind_saved(frame, saved: list[Proxy], containers: list[Any] = (), untouched: list[Any] = (),
+               dropped: Any = ()) -> None:
     """Replace saved proxies by their values in the variables of the trace's frame.
 
     ``containers`` (registered with ``fxpatch.save``, or made before the trace and filled in it) get their
@@ -301,14 +307,14 @@ def bind_saved(frame, saved: list[Proxy], containers: list[Any] = (), untouched:
     registered = {id(c) for c in containers}
     seen: dict = {id(c): (c, c) for c in untouched if id(c) not in registered}
     for container in containers:
-        _replace_saved(container, seen, registered)
+        _replace_saved(container, seen, registered, dropped)
     if frame is None or not saved:
         return
     local_vars = frame.f_locals
     is_module_level = local_vars is frame.f_globals
     changed = {}
     for name, value in list(local_vars.items()):
-        new = _replace_saved(value, seen, registered)
+        new = _replace_saved(value, seen, registered, dropped)
         if new is not value:
             changed[name] = new
     if not changed:

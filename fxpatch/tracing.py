@@ -277,7 +277,7 @@ class Tracer:
             self._execute()
         finally:
             self._close()
-        bind_saved(frame, self.saved, [*self.saved_containers, *kept], untouched)
+        bind_saved(frame, self.saved, [*self.saved_containers, *kept], untouched, self.__dict__.get("not_run", ()))
         return stopped
 
     def _close(self) -> None:

@@ -604,3 +604,24 @@ def test_an_earlier_steps_value_changed_in_place_at_a_later_step_is_refused_at_i
     seen: list = []
     hf_generate(gpt2, PROMPT_1, 3, capture=(gpt2._model.transformer.h[1], seen))
     torch.testing.assert_close(total, sum(s[0] for s in seen), rtol=1e-5, atol=1e-5)
+
+
+def test_lists_filled_per_step_hold_only_the_steps_that_ran(gpt2):
+    """A generation that ends at EOS before ``max_new_tokens``: a list filled in ``tracer.all()`` (made before
+    the block, NNsight's idiom, or saved inside it) holds one value per step that ran, as NNsight's loop
+    appends only then and HF's forward runs only then; values are those of HF ``generate`` with a hook."""
+    h1 = gpt2.transformer.h[1]
+    acts = []
+    with gpt2.generate(EIFFEL, max_new_tokens=6) as tracer:
+        saved = list().save()
+        for _ in tracer.all():
+            acts.append(h1.output[:, -1])
+            saved.append(h1.output[0, -1].save())
+    seen: list = []
+    hf_generate(gpt2, EIFFEL, 6, capture=(gpt2._model.transformer.h[1], seen))
+    assert 1 < len(seen) < 6  # it did end early
+    assert len(acts) == len(saved) == len(seen)
+    for step, (a, s, want) in enumerate(zip(acts, saved, seen)):
+        torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+        torch.testing.assert_close(s, want[0], rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert torch.stack(acts).shape == (len(seen), 1, gpt2.config.n_embd)
