@@ -169,17 +169,16 @@ def _alias_observers(node: torch.fx.Node) -> frozenset[str] | None:
     if not _aliases_its_input(node):
         return None
     sites: set[str] = set()
-    base = node.args[0]
+    prev, base = node, node.args[0]
     while isinstance(base, torch.fx.Node):
-        if base.op == "placeholder" or len(base.users) > 1:
+        # split()'s other parts (its other users, through getitem) are views of other elements: not this one's
+        if base.op == "placeholder" or (len(base.users) > 1 and prev.target is not operator.getitem):
             sites.add("<model>")
         if is_site(base):
             sites.add(base.args[1])
-            base = base.args[0]
-        elif "<model>" not in sites and _aliases_its_input(base):
-            base = base.args[0]
-        else:
+        elif "<model>" in sites or not _aliases_its_input(base):
             break
+        prev, base = base, base.args[0]
     return frozenset(sites) or None
 
 
