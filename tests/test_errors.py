@@ -595,3 +595,21 @@ def test_an_in_place_write_into_a_dropouts_output_with_its_input_read_is_refused
 
     want = run_alone(gpt2, PROMPT_1, outputs={"transformer.h.0.mlp": last_to_one}).logits[-1]
     torch.testing.assert_close(logits[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tensor_assigned_to_one_invokes_rows_and_read_after_a_write_into_the_module_is_refused(lm):
+    """After ``m.output = x`` in an invoke of some rows, a prompt's eager run has ``x`` as the module's value, so
+    a write into ``m.output`` shows in ``x``; the batch holds a copy. ``x`` used after such a write is refused
+    at the assignment."""
+    envoys, _ = layers(lm)
+    with raises_cleanly(lm, FlowError) as info:
+        with lm.trace() as tracer:
+            with tracer.invoke(PROMPT_1):
+                x = envoys[1].output * 2
+                envoys[1].output = x  # line: assigned-then-written
+                envoys[1].output[:, -1] = 0  # line: module-written
+                x.save()
+            with tracer.invoke(SHORT):
+                lm.lm_head.output.save()
+    check_message(info.value, "assigned-then-written", "used after a write", "holds a copy", "m.output",
+                  also=("module-written",))

@@ -357,6 +357,7 @@ class _Interpreter:
                     "value too, which fxpatch does not follow", at=location_of(node),
                     hint="Write into the value it is a view of (the operation's input, or the module value "
                     "before it), or assign a new value to this one (.output = ...), which changes it alone.")
+        self._check_lost_writes()
         for value, version, node in self.copied:
             if value._version != version:
                 raise FlowError(
@@ -365,6 +366,38 @@ class _Interpreter:
                     "batched pass holds a copy of it in this invoke's rows", at=location_of(node),
                     hint="Change the tensor before assigning it, or change the module's value after the "
                     "assignment (m.output[...] = ...), which the model goes on with.")
+
+    def _check_lost_writes(self) -> None:
+        """Refuse ``m.output = x`` for some rows, then an in-place write into ``m.output`` in the same invoke,
+        then ``x`` used or saved: in a prompt's eager run ``x`` is the module's value and shows the write,
+        where the batch holds a copy of ``x`` (the write reaches the copy alone)."""
+        pos = {n: i for i, n in enumerate(self.order)}
+        saved = set(self.output.args[0]) if self.output else set()
+        for _, _, node in self.copied:
+            name, value = node.args[0], node.args[3]
+            if not isinstance(value, torch.fx.Node):
+                continue
+            members = {name, *self.chains.descendants(name)}
+            invoke = node.meta.get("fxpatch_invoke")
+            for later in self.order[pos[node] + 1:]:
+                if not _is_in_place(later) or not later.args or not isinstance(later.args[0], torch.fx.Node):
+                    continue
+                read = later.args[0]
+                for _ in range(8):  # the read it writes into, through the views taken of it
+                    if read.target is read_site or not read.args or not isinstance(read.args[0], torch.fx.Node):
+                        break
+                    read = read.args[0]
+                if (read.target is not read_site or read.args[0] not in members or pos[read] < pos[node]
+                        or read.meta.get("fxpatch_invoke") != invoke):
+                    continue
+                if value in saved or any(pos.get(u, -1) > pos[later] for u in value.users):
+                    raise FlowError(
+                        f"a tensor assigned to {name} for this invoke's rows is used after a write into "
+                        f"{name} (at {location_of(later)}): in eager PyTorch it is the module's value and would "
+                        "show the write, but the batched pass holds a copy of it in this invoke's rows",
+                        at=location_of(node),
+                        hint="Use the module's value after the write (m.output) instead of the assigned tensor, or "
+                        "assign a .clone() of it.")
 
     def _run(self, node, env, get, objs, at, events):
         args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
