@@ -440,10 +440,7 @@ class GenerateTracer(Tracer):
             raise FxpatchError("tracer.result is only available inside the generate block; save it there",
                                at=user_location(), hint="tracer.result.save() inside the block.")
         invoke = self.current_invoke
-        if invoke is not None:
-            return self.record("call_function", output_rows, (self._whole_result(), invoke.start, invoke.stop), {},
-                               phase=RESULT_PHASE)
-        return self._whole_result()
+        return self._whole_result() if invoke is None else self._result_rows(invoke)
 
     def _whole_result(self) -> Proxy:
         if self._result is None:
@@ -453,10 +450,12 @@ class GenerateTracer(Tracer):
             self._result = Proxy(node, self)
         return self._result
 
-    def generator_output(self) -> Proxy:
-        invoke = self._require_invoke("model.generator.output")
+    def _result_rows(self, invoke: Invoker) -> Proxy:
         return self.record("call_function", output_rows, (self._whole_result(), invoke.start, invoke.stop), {},
                            phase=RESULT_PHASE)
+
+    def generator_output(self) -> Proxy:
+        return self._result_rows(self._require_invoke("model.generator.output"))
 
     def _run(self) -> None:
         with self.model._lock:

@@ -435,10 +435,8 @@ class Tracer:
                 out.append(v)
             elif t is Proxy and v.tracer is self and not self.finished and v.node.meta["fxpatch_phase"] == phase:
                 out.append(v.node)
-            elif t is tuple and _is_plain_index(v, phase):
-                out.append(v)
-            elif t is torch.fx.Node and v.meta["fxpatch_phase"] == phase:  # a number lifted to an input
-                out.append(v)
+            elif (t is tuple and _is_plain_index(v, phase)) or (t is torch.fx.Node and _is_plain(v, phase)):
+                out.append(v)  # an index of numbers, or a number lifted to an input
             else:
                 out.append(self._graph_arg(v, loc, phase))
         return tuple(out)
@@ -717,7 +715,6 @@ _SET_ARGS, _SET_KWARGS = torch.fx.Node.args.fset, torch.fx.Node.kwargs.fset
 # argument types recorded as they are: numbers, strings, None and torch's small value types
 _PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format))
-_PLAIN_OR_NODE = _PLAIN | {torch.fx.Node}
 
 
 def _refuse_grad_mode_change(at_start: bool, loc: Location) -> None:
@@ -737,20 +734,16 @@ def _is_plain_index(index: tuple, phase: int) -> bool:
     """Whether a tuple argument holds only numbers, slices of numbers and this phase's placeholders (an index
     ``h[:, -1]`` after its numbers were lifted): it goes into the program as it is."""
     for x in index:
-        t = type(x)
-        if t is slice:
-            if not (type(x.start) in _PLAIN_OR_NODE and type(x.stop) in _PLAIN_OR_NODE
-                    and type(x.step) in _PLAIN_OR_NODE):
+        for part in (x.start, x.stop, x.step) if type(x) is slice else (x,):
+            if not _is_plain(part, phase):
                 return False
-            for bound in (x.start, x.stop, x.step):
-                if type(bound) is torch.fx.Node and bound.meta["fxpatch_phase"] != phase:
-                    return False
-        elif t is torch.fx.Node:
-            if x.meta["fxpatch_phase"] != phase:
-                return False
-        elif t not in _PLAIN:
-            return False
     return True
+
+
+def _is_plain(value: Any, phase: int) -> bool:
+    """A number (string, dtype, ...) or a placeholder of ``phase``'s program (a number lifted to an input)."""
+    t = type(value)
+    return t in _PLAIN or t is torch.fx.Node and value.meta["fxpatch_phase"] == phase
 
 
 def _versions(values: tuple) -> list | None:

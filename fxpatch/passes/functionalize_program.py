@@ -337,20 +337,23 @@ class _Interpreter:
                 env[node] = self._run(node, env, get, objs, at, events)
         if self.snapshots and bucket is not None:
             snapshot(bucket, writer)
-        self._check_copies()
+        self._check_aliasing()
         out = self.output.args[0] if self.output else ()
         saved = [env[a] if isinstance(a, torch.fx.Node) else a for a in out]
         self.events = [(o, t, members, loc, waited) for o, t, members, _, loc, waited in events]
         return (*saved, *[e[3] for e in events])
 
-    def _check_copies(self) -> None:
-        """Refuse a tensor assigned to some rows of a module's value and changed in place after: eager PyTorch
-        hands the tensor itself to the model (so the model sees the change), where one batched pass holds a
-        copy of it in those rows. (Assigned to every row, the module's value is the tensor itself.)"""
-        read = {n.args[0] for n in self.order if n.target in (read_site, write_site)}
-        for value, version, node, seen_by in self.alias_reads:
+    def _check_aliasing(self) -> None:
+        """At the end of the check's run, refuse what one batched pass cannot give as eager PyTorch does:
+        a write into an aliasing site's value that shows elsewhere (see ``Chains.aliasing``); and a tensor
+        assigned to some rows of a module's value (the batch holds a copy of it in those rows, where eager
+        hands the tensor itself on) then changed in place, or used after a write into the module's value.
+        (Assigned to every row, the module's value is the tensor itself.)"""
+        written = [entry for entry in self.alias_reads if entry[0]._version != entry[1]]
+        sites = {n.args[0] for n in self.order if n.target in (read_site, write_site)} if written else set()
+        for _, _, node, seen_by in written:
             # a write shows in eager where the model goes on with the tensor, or where the program reads it
-            if value._version != version and ("<model>" in seen_by or seen_by & read):
+            if "<model>" in seen_by or seen_by & sites:
                 raise FlowError(
                     f"{node.args[0]} is a view of (or the same tensor as) a value the model computed before it, "
                     "and it is written in place after this read: in eager PyTorch the write would change that "
@@ -371,6 +374,8 @@ class _Interpreter:
         """Refuse ``m.output = x`` for some rows, then an in-place write into ``m.output`` in the same invoke,
         then ``x`` used or saved: in a prompt's eager run ``x`` is the module's value and shows the write,
         where the batch holds a copy of ``x`` (the write reaches the copy alone)."""
+        if not self.copied:
+            return
         pos = {n: i for i, n in enumerate(self.order)}
         saved = set(self.output.args[0]) if self.output else set()
         for _, _, node in self.copied:
