@@ -66,6 +66,7 @@ def edited_copy(model: Any) -> Any:
     copy = object.__new__(type(model))
     copy.__dict__.update(model.__dict__)
     object.__setattr__(copy, "_lm", copy)  # its envoys trace the copy
+    object.__setattr__(copy, "_children", {})  # and are its own (Envoy._child keeps them per parent)
     object.__setattr__(copy, "_edits", list(model.__dict__.get("_edits", ())))
     return copy
 

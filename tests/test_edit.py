@@ -42,10 +42,12 @@ def test_an_edit_applies_to_later_traces_of_the_edited_model_only(lm):
     p = paths(lm)
     prompts = [PROMPT_1, HELLO, "The Eiffel Tower is in Paris"]
     before = state(lm)
+    original = module(lm, p.layer(0))  # lm's envoys, made (and kept) before the edit
     with lm.edit() as (tracer, edited):
         module(edited, p.layer(0)).output[:, -1] = 0
     assert isinstance(tracer, EditTracer)
     assert edited is not lm and type(edited) is type(lm) and edited._model is lm._model   # shares the weights
+    assert module(edited, p.layer(0))._lm is edited and module(lm, p.layer(0)) is original  # each its own envoys
     edited_rows = logits_of(edited, prompts)    # every invoke's rows are edited
     again = logits_of(edited, [PROMPT_2])       # and every later trace
     plain_rows = logits_of(lm, prompts)         # the original is unchanged
