@@ -98,6 +98,34 @@ def test_a_position_out_of_range_is_refused_after_a_graph_was_reused(gpt2):
         patched(gpt2, 40, 1.0)
 
 
+def test_the_bound_of_a_position_is_a_guard_without_torchs_own(monkeypatch):
+    """torch before 2.12 records no bound guard for a symbolic position in its fake ``select`` (seen on
+    torch 2.11): a graph reused past the width then failed in the real run, with torch's IndexError. With
+    such a ``select`` in place, a position past the end of a fresh model's prompt is still the user's
+    ShapeError before the run."""
+    from torch._subclasses import fake_impls
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    import fxpatch
+
+    def select_without_bound(fake_mode, func, x, dim, index):  # torch 2.11's: no guard on index < size
+        dim = dim if dim >= 0 else dim + x.dim()
+        size, stride = list(x.size()), list(x.stride())
+        start = index if guard_or_false(index >= 0) else index + size[dim]
+        offset = x.storage_offset() + start * stride[dim]
+        del size[dim], stride[dim]
+        with fake_mode:
+            return x.as_strided(size, stride, offset)
+
+    monkeypatch.setitem(fake_impls.op_implementations_dict, torch.ops.aten.select.int, select_without_bound)
+    lm = fxpatch.LanguageModel(fxpatch.TINY_GPT2)
+    for p, scale in [(2, 1.0), (5, 2.0), (7, -1.0)]:  # a concrete check, then a symbolic one that serves p=7
+        close(patched(lm, p, scale), reference(lm, p, scale), f"position {p}")
+    assert any(getattr(v, "symbolic", None) for v in lm._checked.values())
+    with pytest.raises(ShapeError, match=r"test_data_inputs.py:\d+: this operation fails.*index 40 is out of bounds"):
+        patched(lm, 40, 1.0)
+
+
 def test_compiled_positions_do_not_recompile(gpt2):
     """Under compile=True the positions and scales are inputs of the compiled graph: no recompile."""
     import torch._dynamo

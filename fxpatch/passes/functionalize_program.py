@@ -337,13 +337,13 @@ class _Interpreter:
                 env[node] = self._run(node, env, get, objs, at, events)
         if self.snapshots and bucket is not None:
             snapshot(bucket, writer)
-        self._check_aliasing()
+        self._check_aliasing(env)
         out = self.output.args[0] if self.output else ()
         saved = [env[a] if isinstance(a, torch.fx.Node) else a for a in out]
         self.events = [(o, t, members, loc, waited) for o, t, members, _, loc, waited in events]
         return (*saved, *[e[3] for e in events])
 
-    def _check_aliasing(self) -> None:
+    def _check_aliasing(self, env: dict) -> None:
         """At the end of the check's run, refuse what one batched pass cannot give as eager PyTorch does:
         a write into an aliasing site's value that shows elsewhere (see ``Chains.aliasing``); and a tensor
         assigned to some rows of a module's value (the batch holds a copy of it in those rows, where eager
@@ -360,7 +360,7 @@ class _Interpreter:
                     "value too, which fxpatch does not follow", at=location_of(node),
                     hint="Write into the value it is a view of (the operation's input, or the module value "
                     "before it), or assign a new value to this one (.output = ...), which changes it alone.")
-        self._check_lost_writes()
+        self._check_lost_writes(env)
         for value, version, node in self.copied:
             if value._version != version:
                 raise FlowError(
@@ -370,20 +370,25 @@ class _Interpreter:
                     hint="Change the tensor before assigning it, or change the module's value after the "
                     "assignment (m.output[...] = ...), which the model goes on with.")
 
-    def _check_lost_writes(self) -> None:
+    def _check_lost_writes(self, env: dict) -> None:
         """Refuse ``m.output = x`` for some rows, then an in-place write into ``m.output`` in the same invoke,
-        then ``x`` used or saved: in a prompt's eager run ``x`` is the module's value and shows the write,
-        where the batch holds a copy of ``x`` (the write reaches the copy alone)."""
+        then ``x`` (or a view of it, taken before or after) used or saved: in a prompt's eager run ``x`` is the
+        module's value and shows the write, where the batch holds a copy of ``x`` (the write reaches the copy
+        alone)."""
         if not self.copied:
             return
         pos = {n: i for i, n in enumerate(self.order)}
         saved = set(self.output.args[0]) if self.output else set()
-        for _, _, node in self.copied:
+        for tensor, _, node in self.copied:
             name, value = node.args[0], node.args[3]
             if not isinstance(value, torch.fx.Node):
                 continue
             members = {name, *self.chains.descendants(name)}
             invoke = node.meta.get("fxpatch_invoke")
+            # what eager's x is seen through: x and every value of this invoke that shares its memory
+            base = _base(tensor)
+            aliases = {value} | {n for n, t in env.items() if isinstance(t, torch.Tensor) and _base(t) is base
+                                 and n.meta.get("fxpatch_invoke") in (invoke, None)}
             for later in self.order[pos[node] + 1:]:
                 if not _is_in_place(later) or not later.args or not isinstance(later.args[0], torch.fx.Node):
                     continue
@@ -395,7 +400,7 @@ class _Interpreter:
                 if (read.target is not read_site or read.args[0] not in members or pos[read] < pos[node]
                         or read.meta.get("fxpatch_invoke") != invoke):
                     continue
-                if value in saved or any(pos.get(u, -1) > pos[later] for u in value.users):
+                if aliases & saved or any(pos.get(u, -1) > pos[later] for a in aliases for u in a.users):
                     raise FlowError(
                         f"a tensor assigned to {name} for this invoke's rows is used after a write into "
                         f"{name} (at {location_of(later)}): in eager PyTorch it is the module's value and would "
@@ -460,6 +465,11 @@ class _Interpreter:
         return self._emit(node.op, node.target, args, kwargs, node)
 
 
+def _base(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory ``tensor`` is (a view's base, else itself)."""
+    return tensor if tensor._base is None else tensor._base
+
+
 def _symbolic_basic_index(args: tuple) -> bool:
     """Whether ``args`` index a tensor with ints, slices, ``None`` and ``...`` only, some of them symbolic."""
     if len(args) != 2 or not isinstance(args[0], torch.Tensor) or not isinstance(args[1], tuple):
@@ -497,6 +507,11 @@ def _basic_index(x: torch.Tensor, index: tuple) -> torch.Tensor:
             x = torch.ops.aten.slice.Tensor(x, dim, i.start, i.stop, 1 if i.step is None else i.step)
             dim += 1
         else:
+            # eager's bound check, as a guard on the symbolic sizes and positions: torch's own fake select
+            # records it from 2.12 on, earlier releases leave it to the real run
+            size = x.shape[dim]
+            if not (-size <= i < size):
+                raise IndexError(f"index {i} is out of bounds for dimension {dim} with size {size}")
             x = x.select(dim, i)
     return x
 
