@@ -514,7 +514,8 @@ def output_rows(result, start: int, stop: int | None):
         return capture(result, start, stop)
     if start == 0 and stop is None:
         return result
-    cache = result.cache
+    field = result_cache_field()
+    cache = getattr(result, field)
     if cache is not None:  # a shallow copy whose layers hold the rows: the whole batch's cache is unchanged
         cache = copy.copy(cache)
         cache.layers = [copy.copy(layer) for layer in cache.layers]
@@ -525,7 +526,15 @@ def output_rows(result, start: int, stop: int | None):
                 layer.batch_size = layer.keys.shape[0]
     per_step = {name: None if steps is None else tuple(s[start:stop] for s in steps)
                 for name, steps in (("scores", result.scores), ("logits", result.logits))}
-    return type(result)(sequences=result.sequences[start:stop], cache=cache, **per_step)
+    return type(result)(sequences=result.sequences[start:stop], **{field: cache}, **per_step)
+
+
+def result_cache_field() -> str:
+    """The field of transformers' ``GenerateDecoderOnlyOutput`` that holds the KV cache: ``cache``, or
+    ``past_key_values`` before transformers 5.2x."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
 def generate(tracer: GenerateTracer) -> None:
@@ -609,9 +618,8 @@ def generate(tracer: GenerateTracer) -> None:
                 cache = StaticKV(model._model.config).wrap(list(keys), list(kv_values), written, functional=False)
             else:
                 cache = DynamicKV(model._model.config).wrap(list(keys), list(kv_values))
-            # transformers before 5.2x names the field past_key_values
-            field = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
-            result = GenerateDecoderOnlyOutput(sequences=ids, scores=all_scores, logits=all_logits, **{field: cache})
+            result = GenerateDecoderOnlyOutput(sequences=ids, scores=all_scores, logits=all_logits,
+                                               **{result_cache_field(): cache})
         values[tracer._result.node] = result
         run_detached(result_program, phase_outputs(tracer, RESULT_PHASE), values)
     bind_values(tracer, values)

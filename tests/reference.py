@@ -222,3 +222,10 @@ def hf_run(lm, prompts: list[str], n: int, *, edits=(), capture=None, **settings
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     assert len(calls) == sequences.shape[1] - ids.shape[1], (len(calls), sequences.shape)
     return out
+
+
+def kv(output) -> Any:
+    """A ``GenerateDecoderOnlyOutput``'s KV cache (the field is ``past_key_values`` before transformers 5.2x)."""
+    from fxpatch.generation import result_cache_field
+
+    return getattr(output, result_cache_field())
