@@ -63,7 +63,7 @@ def ops_in(tracer, path: str) -> int:
 
 def hf_output(lm, prompt: str):
     """The plain HF model's output object for ``prompt`` alone (as the trace runs it: no KV cache)."""
-    ids = torch.tensor([token_ids(lm, prompt)])
+    ids = torch.tensor([token_ids(lm, prompt)], device=lm.device)
     with torch.no_grad():
         return lm._model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
@@ -126,7 +126,7 @@ def test_model_inputs_as_nnsight_gives_them(lm):
         inputs = lm.inputs.save()
         first = lm.input.save()
     args, kwargs = inputs
-    ids = torch.tensor([token_ids(lm, EIFFEL)])
+    ids = torch.tensor([token_ids(lm, EIFFEL)], device=lm.device)
     assert args == () and list(kwargs) == ["input_ids", "attention_mask"]
     assert torch.equal(kwargs["input_ids"], ids) and torch.equal(kwargs["attention_mask"], torch.ones_like(ids))
     assert torch.equal(first, ids)
@@ -248,7 +248,7 @@ def test_scan_checks_shapes_without_running(lm):
     p = paths(lm)
     with pytest.raises(ShapeError) as err:
         with lm.scan(PROMPT_1) as tracer:
-            envoy(lm, p.layer(0)).output = torch.zeros(3, 4)  # line: scan-shape
+            envoy(lm, p.layer(0)).output = torch.zeros(3, 4, device=lm.device)  # line: scan-shape
     check_at(err.value, "scan-shape", "does not fit")
     assert tracer.graph is None
     # a scan runs on fake tensors: an outside tensor changed after its use is no reason to refuse it, as a

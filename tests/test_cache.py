@@ -31,6 +31,7 @@ def assert_same(actual: Any, expected: Any, n: int | None = None, where: str = "
     """Equal structures; tensors close (with ``n``, only the last ``n`` positions of dim 1 of ``actual``)."""
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), (where, type(actual))
+        expected = expected.to(actual.device)  # the cache's values are on the CPU by default, as NNsight's
         if n is not None and actual.dim() >= 2 and actual.shape[1] != expected.shape[1]:
             actual = unpad(actual, 0, n)[None]
         torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0, msg=lambda m: f"{where}: {m}")
@@ -143,7 +144,7 @@ def test_dtype_device_and_detach(gpt2):
         cpu = tracer.cache(modules=[p.layer(0)], device="cpu")
     value = half.transformer.h[0].output
     assert value.dtype == torch.float16
-    torch.testing.assert_close(value, ref.half(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(value, ref.half().to(value.device), atol=1e-3, rtol=1e-3)
     assert here.transformer.h[0].output.device == gpt2.device
     assert cpu.transformer.h[0].output.device == torch.device("cpu")
     # detach=False hands over the tensor the run gave; detach=True a detached tensor of the same storage
@@ -207,7 +208,7 @@ def test_a_generation_that_stops_early_has_an_entry_per_step_run(gpt2):
     assert len(seen["lm_head"]) < 4  # it does stop early
     assert len(cache.lm_head) == len(seen["lm_head"])
     for step, logits in enumerate(cache.lm_head.output):
-        torch.testing.assert_close(logits[:, -1], seen["lm_head"][step][:, -1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits[:, -1], seen["lm_head"][step][:, -1].to(logits.device), atol=ATOL, rtol=0)
 
 
 def test_bad_caches(gpt2):

@@ -18,7 +18,9 @@ from tests.reference import run_alone
 @pytest.mark.parametrize("kwargs", [{}, {"device_map": "auto", "dtype": torch.float32}, {"device_map": "cpu"}])
 def test_loads_by_path(kwargs):
     lm = LanguageModel(fxpatch.TINY_GPT2, **kwargs)
-    assert type(lm._model).__name__ == "GPT2LMHeadModel" and lm.device.type == "cpu"
+    # device_map="auto" puts it on the GPU where there is one
+    expected = "cuda" if kwargs.get("device_map") == "auto" and torch.cuda.is_available() else "cpu"
+    assert type(lm._model).__name__ == "GPT2LMHeadModel" and lm.device.type == expected
     assert lm.tokenizer.pad_token == lm.tokenizer.eos_token and lm.tokenizer.padding_side == "left"
     assert not lm._model.training
 

@@ -50,7 +50,8 @@ def reference_grid(lm, clean: str, corrupt: str, sites: list[str], positions: li
                 return x
             edit = element(0, put) if isinstance(clean_run.outputs[site], tuple) else put
             grid[i, j] = metric(run_alone(lm, corrupt, outputs={site: edit}).logits[-1:])[0]
-    return grid, metric(clean_run.logits[-1:])[0], metric(run_alone(lm, corrupt).logits[-1:])[0]
+    # on the CPU, as the sweep hands its scores over
+    return grid, metric(clean_run.logits[-1:])[0].cpu(), metric(run_alone(lm, corrupt).logits[-1:])[0].cpu()
 
 
 def two_sites(lm) -> list[str]:
@@ -215,13 +216,14 @@ def reference_attribution(lm, clean: str, corrupt: str, sites: list[str], metric
     handles = [model.get_submodule(s).register_forward_hook(keep(s)) for s in sites]
     try:
         with torch.enable_grad():
-            logits = model(input_ids=torch.tensor([token_ids(lm, corrupt)]), use_cache=False).logits
+            ids = torch.tensor([token_ids(lm, corrupt)], device=lm.device)
+            logits = model(input_ids=ids, use_cache=False).logits
             metric(logits[:, -1])[0].backward(inputs=[acts[s] for s in sites])
     finally:
         for h in handles:
             h.remove()
     return torch.stack([((first(clean_run.outputs[s]) - acts[s].detach()) * acts[s].grad)[0].sum(-1)
-                        for s in sites])
+                        for s in sites]).cpu()
 
 
 def test_attribution_patching_matches_autograd(lm):

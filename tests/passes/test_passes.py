@@ -58,7 +58,7 @@ def site_graph(gpt2):
 
 
 def flat_inputs(gpt2, site_graph, text="Madison square garden"):
-    ids = torch.tensor([gpt2.tokenizer(text)["input_ids"]])
+    ids = torch.tensor([gpt2.tokenizer(text)["input_ids"]], device=gpt2.device)
     mask = torch.ones_like(ids)
     return site_graph.state_values(gpt2._model) + [ids, mask, (mask.cumsum(-1) - 1)]
 
@@ -144,7 +144,7 @@ def test_in_place_write_becomes_functional_scatter_ops(gpt2, site_graph):
 
 def test_check_program_names_the_line_of_a_bad_write(gpt2, site_graph):
     flat = flat_inputs(gpt2, site_graph)
-    prog = program((write_site, ("transformer.wte.output", 0, 1, torch.zeros(5, 7))), sg=site_graph)
+    prog = program((write_site, ("transformer.wte.output", 0, 1, torch.zeros(5, 7, device=gpt2.device))), sg=site_graph)
     with pytest.raises(ShapeError, match=r"user.py:1: a value of shape \(5, 7\) does not fit transformer.wte.output"):
         check_program(prog, chains_of(site_graph), {}, *root_specs(site_graph, flat[-3:])[:1], [],
                       root_specs(site_graph, flat[-3:])[1])
