@@ -615,16 +615,17 @@ def test_a_tensor_assigned_to_one_invokes_rows_and_read_after_a_write_into_the_m
                   also=("module-written",))
 
 
-def test_a_view_of_a_tensor_assigned_to_one_invokes_rows_used_after_a_write_into_the_module_is_refused(lm):
-    """The same through a view taken before the assignment: in eager PyTorch ``v = x[:, -1]`` shares ``x``'s
-    memory, so after the write into the module's value (which is ``x``) ``v`` is 0 there; the batch's copy
-    would leave ``v`` as it was (``v + 1`` off by up to 5.9 on the tiny GPT-2)."""
+@pytest.mark.parametrize("alias", ["view", "detach"])
+def test_a_view_of_a_tensor_assigned_to_one_invokes_rows_used_after_a_write_into_the_module_is_refused(lm, alias):
+    """The same through a view (or a detached tensor) taken before the assignment: in eager PyTorch
+    ``v = x[:, -1]`` shares ``x``'s memory, so after the write into the module's value (which is ``x``) ``v`` is
+    0 there; the batch's copy would leave ``v`` as it was (``v + 1`` off by up to 5.9 on the tiny GPT-2)."""
     envoys, _ = layers(lm)
     with raises_cleanly(lm, FlowError) as info:
         with lm.trace() as tracer:
             with tracer.invoke(PROMPT_1):
                 x = envoys[1].output * 2
-                v = x[:, -1]
+                v = x[:, -1] if alias == "view" else x.detach()
                 envoys[1].output = x  # line: view-assigned
                 envoys[1].output[:, -1] = 0  # line: view-module-written
                 (v + 1).save()

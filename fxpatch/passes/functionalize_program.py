@@ -385,9 +385,10 @@ class _Interpreter:
                 continue
             members = {name, *self.chains.descendants(name)}
             invoke = node.meta.get("fxpatch_invoke")
-            # what eager's x is seen through: x and every value of this invoke that shares its memory
-            base = _base(tensor)
-            aliases = {value} | {n for n, t in env.items() if isinstance(t, torch.Tensor) and _base(t) is base
+            # what eager's x is seen through: x and every value of this invoke that shares its memory (a
+            # view, a detach)
+            memory = _memory(tensor)
+            aliases = {value} | {n for n, t in env.items() if isinstance(t, torch.Tensor) and _memory(t) == memory
                                  and n.meta.get("fxpatch_invoke") in (invoke, None)}
             for later in self.order[pos[node] + 1:]:
                 if not _is_in_place(later) or not later.args or not isinstance(later.args[0], torch.fx.Node):
@@ -465,9 +466,9 @@ class _Interpreter:
         return self._emit(node.op, node.target, args, kwargs, node)
 
 
-def _base(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor whose memory ``tensor`` is (a view's base, else itself)."""
-    return tensor if tensor._base is None else tensor._base
+def _memory(tensor: torch.Tensor) -> int:
+    """Which memory ``tensor`` lives in: equal for a tensor, its views and its detached copies (fake ones too)."""
+    return tensor.untyped_storage()._cdata
 
 
 def _symbolic_basic_index(args: tuple) -> bool:
