@@ -463,12 +463,59 @@ class _Interpreter:
         if node.target is operator.setitem and _symbolic_basic_index(args[:2]):
             _basic_setitem(*args)
             return None
+        if self.graph is None:
+            value = _eager_alias(node.op, node.target, args, kwargs)
+            if value is not None:
+                return value
         return self._emit(node.op, node.target, args, kwargs, node)
 
 
 def _memory(tensor: torch.Tensor) -> int:
     """Which memory ``tensor`` lives in: equal for a tensor, its views and its detached copies (fake ones too)."""
     return tensor.untyped_storage()._cdata
+
+
+def _eager_alias(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """The eager result of an op that returns its input, or a view of it, where torch's functionalization
+    makes a copy (it decomposes these ops into copying ones): ``type_as`` of the same type, ``atleast_nd``,
+    ``sum_to_size`` to the same size, ``to_dense`` of a dense tensor, ``broadcast_tensors``. A write into the
+    result must reach the input, and one into the input show in the result, as in eager PyTorch. ``None``
+    for every other op (and these ops' other uses): it runs as it is.
+
+    Example::
+
+        _eager_alias("call_method", "type_as", (h, h), {}) is h   # True
+    """
+    if kwargs or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    name = target if op == "call_method" else _ALIASING_FUNCTIONS.get(target) if op == "call_function" else None
+    x = args[0]
+    if name == "type_as" and len(args) == 2 and isinstance(args[1], torch.Tensor):
+        return x.to(args[1])  # what type_as does; functionalization keeps .to's alias
+    if name in _AT_LEAST and len(args) == 1:
+        n = _AT_LEAST[name]  # torch's views: () -> (1,) * n; (N,) -> (1, N) [-> (1, N, 1)]; (M, N) -> (M, N, 1)
+        if x.dim() == 0:
+            x = x.reshape((1,) * n)
+        elif x.dim() == 1 and n >= 2:
+            x = x.unsqueeze(0)
+        if x.dim() == 2 and n == 3:
+            x = x.unsqueeze(-1)
+        return x
+    if name == "sum_to_size" and len(args) >= 2:
+        size = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        return x if tuple(x.shape) == tuple(size) else None
+    if name == "to_dense" and len(args) == 1:
+        return x if x.layout == torch.strided else None
+    if name == "broadcast_tensors" and all(isinstance(t, torch.Tensor) for t in args):
+        shape = torch.broadcast_shapes(*(t.shape for t in args))
+        return tuple(t.expand(shape) for t in args)
+    return None
+
+
+_AT_LEAST = {"atleast_1d": 1, "atleast_2d": 2, "atleast_3d": 3}
+_ALIASING_FUNCTIONS = {torch.Tensor.type_as: "type_as", torch.atleast_1d: "atleast_1d", torch.atleast_2d: "atleast_2d",
+                       torch.atleast_3d: "atleast_3d", torch.Tensor.sum_to_size: "sum_to_size",
+                       torch.Tensor.to_dense: "to_dense", torch.broadcast_tensors: "broadcast_tensors"}
 
 
 def _symbolic_basic_index(args: tuple) -> bool:
