@@ -314,6 +314,17 @@ class BackwardBlock:
                                 also=[("that block opens at", tracer.backward_open.loc)],
                                 hint="Close the first backward block before the next one (with retain_graph=True "
                                 "on the first, as torch needs for a second backward pass).")
+        invoke = tracer.current_invoke
+        self.invoke = invoke.index if invoke is not None else None
+        keeps = retain_graph if retain_graph is not None else create_graph  # torch's default
+        for earlier in tracer.backwards:
+            if earlier.invoke == self.invoke and not earlier.keeps_graph:
+                raise GradientError(
+                    "a second backward pass through this invoke's forward pass after one without "
+                    "retain_graph=True: in eager PyTorch it fails (the first pass freed the graph)", at=loc,
+                    also=[("the first backward pass is at", earlier.loc)],
+                    hint="Pass retain_graph=True to the first .backward().")
+        self.keeps_graph = keeps
         self.tracer, self.loc = tracer, loc
         self.phase = max([0, *tracer.programs]) + 1
         self.program = tracer.program_of(self.phase)
@@ -454,15 +465,19 @@ def run_backwards(tracer, values: dict) -> None:
 
         run_backwards(tracer, values)   # values: program node -> value, the forward pass's outputs in it
     """
-    for block in tracer.backwards:
-        _BackwardRun(block, values).run()
+    blocks = tracer.backwards
+    for i, block in enumerate(blocks):
+        # invokes share one batched forward graph where each prompt alone has its own: a later invoke's
+        # backward pass needs the graph an earlier one's would free
+        keep = True if any(later.invoke != block.invoke for later in blocks[i + 1:]) else block.retain_graph
+        _BackwardRun(block, values, keep).run()
 
 
 class _BackwardRun:
     """One backward pass: the block's program runs as autograd's hooks hand it the gradients it reads."""
 
-    def __init__(self, block: BackwardBlock, values: dict):
-        self.block, self.values = block, values
+    def __init__(self, block: BackwardBlock, values: dict, retain_graph: bool | None = None):
+        self.block, self.values, self.retain_graph = block, values, retain_graph
         self.env: dict[torch.fx.Node, Any] = {}
         for node in block.program.nodes:
             if node.op == "placeholder":
@@ -526,7 +541,7 @@ class _BackwardRun:
                     handles.append(tensor.register_hook(self._hook(key, tensor, self.taps[key][1])))
             self._advance()
             with torch.autograd.set_multithreading_enabled(False):  # hooks run in this thread, in order
-                torch.autograd.backward(loss, gradient, retain_graph=block.retain_graph,
+                torch.autograd.backward(loss, gradient, retain_graph=self.retain_graph,
                                         create_graph=block.create_graph, inputs=inputs)
             self._advance()
             if self.next < len(self.nodes):

@@ -518,7 +518,8 @@ def test_patched_graph_is_differentiable(lm):
 
 def test_retain_graph_and_a_second_backward(gpt2):
     """Two backward blocks on one forward: with retain_graph=True on the first, as torch needs, the
-    second sees its own loss's gradient; without it torch's own error comes back."""
+    second sees its own loss's gradient; without it eager PyTorch fails, and fxpatch refuses before the
+    model runs, at the second's line."""
     with gpt2.trace(SHORT):
         h = gpt2.transformer.h[1].output
         logits = gpt2.lm_head.output
@@ -527,16 +528,40 @@ def test_retain_graph_and_a_second_backward(gpt2):
         with (logits * 2).sum().backward():
             second = h.grad.save()
     close(second, 2 * first)
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+    for q in gpt2._model.parameters():
+        q.grad = None
+    with pytest.raises(GradientError, match="a second backward pass through this invoke's forward pass after one "
+                       "without retain_graph=True") as err:
         with gpt2.trace(SHORT):
             h = gpt2.transformer.h[1].output
             logits = gpt2.lm_head.output
             with logits.sum().backward():
                 h.grad.save()
-            with logits.sum().backward():
+            with logits.sum().backward():  # line: second-backward
                 h.grad.save()
-    for q in gpt2._model.parameters():
-        q.grad = None
+    check_location(err, "second-backward")
+    assert all(q.grad is None for q in gpt2._model.parameters()), "the model ran"
+
+
+def test_a_backward_pass_in_each_invoke_is_each_prompts_own(lm):
+    """Each prompt alone has its own forward graph, so a plain ``loss.backward()`` in each of two invokes runs
+    in eager PyTorch; the batched pass shares one graph, which the first backward pass must keep for the
+    second (it failed with torch's 'backward through the graph a second time'). Each gradient equals its
+    prompt's alone."""
+    p = paths(lm)
+    grads = []
+    with fresh_param_grads(lm):
+        with lm.trace() as tracer:
+            for prompt in (LONG, SHORT):
+                with tracer.invoke(prompt):
+                    h = envoy(lm, p.layer(1)).output
+                    loss = lm.lm_head.output[:, -1].log_softmax(-1)[:, 0].sum()
+                    with loss.backward():
+                        grads.append(h.grad.save())
+    for prompt, grad in zip((LONG, SHORT), grads):
+        ref = torch_reference(lm, prompt, lambda logits: logits[:, -1].log_softmax(-1)[:, 0].sum(),
+                              outputs=[p.layer(1)])
+        close(unpad(grad, 0, ref["n"]), ref["grads"][p.layer(1)][0], f"{prompt!r}")
 
 
 def test_backward_inputs_restrict_the_pass_to_module_values_as_torch_does(lm):
