@@ -555,8 +555,8 @@ def _basic_index(x: torch.Tensor, index: tuple) -> torch.Tensor:
             x = torch.ops.aten.slice.Tensor(x, dim, i.start, i.stop, 1 if i.step is None else i.step)
             dim += 1
         else:
-            # eager's bound check, as a guard on the symbolic sizes and positions: torch's own fake select
-            # records it from 2.12 on, earlier releases leave it to the real run
+            # eager's bound check, as a guard on the symbolic sizes and positions: torch 2.13's fake select
+            # records it too, 2.11's leaves it to the real run
             size = x.shape[dim]
             if not (-size <= i < size):
                 raise IndexError(f"index {i} is out of bounds for dimension {dim} with size {size}")
