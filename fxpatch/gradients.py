@@ -316,7 +316,6 @@ class BackwardBlock:
                                 "on the first, as torch needs for a second backward pass).")
         invoke = tracer.current_invoke
         self.invoke = invoke.index if invoke is not None else None
-        keeps = retain_graph if retain_graph is not None else create_graph  # torch's default
         for earlier in tracer.backwards:
             if earlier.invoke == self.invoke and not earlier.keeps_graph:
                 raise GradientError(
@@ -324,7 +323,6 @@ class BackwardBlock:
                     "retain_graph=True: in eager PyTorch it fails (the first pass freed the graph)", at=loc,
                     also=[("the first backward pass is at", earlier.loc)],
                     hint="Pass retain_graph=True to the first .backward().")
-        self.keeps_graph = keeps
         self.tracer, self.loc = tracer, loc
         self.phase = max([0, *tracer.programs]) + 1
         self.program = tracer.program_of(self.phase)
@@ -334,6 +332,12 @@ class BackwardBlock:
         self.last: tuple[int, str, Location] | None = None  # the previous .grad: (order, site, line)
         self._phase_before = tracer.phase
         tracer.backwards.append(self)
+
+    @property
+    def keeps_graph(self) -> bool:
+        """Whether this pass leaves the forward graph for another: ``retain_graph``, by torch's default
+        ``create_graph``."""
+        return self.retain_graph if self.retain_graph is not None else self.create_graph
 
     def __enter__(self) -> BackwardBlock:
         self._phase_before = self.tracer.phase

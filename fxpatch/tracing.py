@@ -227,6 +227,7 @@ class Tracer:
         self.stops: list[tuple[int, tuple | None, Location]] = []  # tracer.stop(): (point reached, its read, line)
         self.backwards: list = []  # `loss.backward()` blocks, in order (fxpatch/gradients.py)
         self.backward_open = None  # the `with loss.backward():` block being recorded
+        self.not_run: set[int] = set()  # ids of saved proxies of generation steps that never ran (bind_values)
 
     # -- context -----------------------------------------------------------------
     @property
@@ -277,7 +278,7 @@ class Tracer:
             self._execute()
         finally:
             self._close()
-        bind_saved(frame, self.saved, [*self.saved_containers, *kept], untouched, self.__dict__.get("not_run", ()))
+        bind_saved(frame, self.saved, [*self.saved_containers, *kept], untouched, self.not_run)
         return stopped
 
     def _close(self) -> None:

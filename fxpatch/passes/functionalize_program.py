@@ -385,11 +385,7 @@ class _Interpreter:
                 continue
             members = {name, *self.chains.descendants(name)}
             invoke = node.meta.get("fxpatch_invoke")
-            # what eager's x is seen through: x and every value of this invoke that shares its memory (a
-            # view, a detach)
-            memory = _memory(tensor)
-            aliases = {value} | {n for n, t in env.items() if isinstance(t, torch.Tensor) and _memory(t) == memory
-                                 and n.meta.get("fxpatch_invoke") in (invoke, None)}
+            aliases = None
             for later in self.order[pos[node] + 1:]:
                 if not _is_in_place(later) or not later.args or not isinstance(later.args[0], torch.fx.Node):
                     continue
@@ -401,6 +397,10 @@ class _Interpreter:
                 if (read.target is not read_site or read.args[0] not in members or pos[read] < pos[node]
                         or read.meta.get("fxpatch_invoke") != invoke):
                     continue
+                if aliases is None:  # what eager's x is seen through: x and every value of this invoke that
+                    memory = _memory(tensor)  # shares its memory (a view, a detach)
+                    aliases = {value} | {n for n, t in env.items() if isinstance(t, torch.Tensor)
+                                         and _memory(t) == memory and n.meta.get("fxpatch_invoke") in (invoke, None)}
                 if aliases & saved or any(pos.get(u, -1) > pos[later] for a in aliases for u in a.users):
                     raise FlowError(
                         f"a tensor assigned to {name} for this invoke's rows is used after a write into "
