@@ -326,6 +326,10 @@ def refused(lm, settings: dict) -> InputError:
 @pytest.mark.parametrize("name", sorted(REFUSED_EXAMPLES))
 def test_refused_setting(gpt2, name):
     err = refused(gpt2, {name: REFUSED_EXAMPLES[name]})
+    if name not in generation_settings.config_fields() | {"use_cache", "cache_implementation"}:
+        # a setting newer than the installed transformers, whose GenerationConfig rejects it on its own
+        check_message(err, "refused", "transformers rejects these generation settings", name)
+        return
     check_message(err, "refused", f"{name}=", "does not implement")
     assert "from the model's generation_config" not in str(err)
 

@@ -10,6 +10,7 @@ not again per step, nor for prompts of another width.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 
@@ -19,6 +20,7 @@ import torch._dynamo
 
 import fxpatch
 from fxpatch.errors import InputError
+from fxpatch.generation import result_cache_field
 from tests.conftest import PROMPT_1, assert_state_unchanged, layers, state
 from tests.reference import hf_run, kv, token_ids
 from tests.test_generation import HELLO, add_last, assert_tokens, expected_batch, negate_last, push_vector
@@ -40,8 +42,12 @@ def hf_static(lm, prompt: str, n: int, *, edits=(), capture=None, **settings):
     transformers' ``StaticCache``)."""
     # on a GPU transformers compiles static-cache decoding by itself (CUDA graphs, whose next replay writes over
     # the outputs the hooks keep): the reference runs eagerly
-    return hf_run(lm, [prompt], n, edits=edits, capture=capture, cache_implementation="static",
-                  return_dict_in_generate=True, disable_compile=True, **settings)
+    out = hf_run(lm, [prompt], n, edits=edits, capture=capture, cache_implementation="static",
+                 return_dict_in_generate=True, disable_compile=True, **settings)
+    # transformers 5.14 and older keep one StaticCache on the model and reset it at the next generate: the
+    # reference keeps a copy of what this run wrote
+    setattr(out, result_cache_field(), copy.deepcopy(kv(out)))
+    return out
 
 
 def assert_cache_rows(ours, theirs, row: int, pad: int) -> None:
