@@ -36,7 +36,7 @@ from torch.export import Dim
 from .errors import FxpatchError, InputError, user_location
 from .export import TRACING_LOCK
 from .passes import InlineProgram, StripSites
-from .passes.functionalize_program import check_program, feed_numbers, functionalize_program
+from .passes.functionalize_program import check_program, feed_numbers, functionalize_program, sympy_numbers
 from .passes.ops import SITE_NAMESPACE
 from .runner import _feeds, chains_of, copy_graph_module, root_specs, strip_options
 
@@ -224,7 +224,7 @@ def _width_guards(sg, guards: list, model_inputs: list, feeds: list) -> tuple[li
     the program's numbers (positions, scalars) by their values and every width symbol by ``TOKENS``;
     conditions that always hold are dropped."""
     nodes = {n.name: n for n in sg.graph_module.graph.nodes}
-    replace = dict(feed_numbers(feeds))
+    replace = sympy_numbers(feed_numbers(feeds))
     for name, value in zip(sg.inputs, model_inputs):
         val = nodes[name].meta.get("val")
         for dim, (size, real) in enumerate(zip(getattr(val, "shape", ()), value.shape)):

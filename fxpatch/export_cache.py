@@ -281,6 +281,18 @@ def _dec_expr(d: Any, symbols: dict[str, sympy.Symbol]) -> sympy.Basic:
     raise ValueError(f"unknown expression tag {tag!r}")
 
 
+def _hints_of(env: ShapeEnv) -> dict:
+    """A shape env's symbol -> hint table (``backed_var_to_val`` in torch 2.11 on, ``var_to_val`` in 2.9)."""
+    table = getattr(env, "backed_var_to_val", None)
+    return env.var_to_val if table is None else table
+
+
+def _add_hint(env: ShapeEnv, symbol: sympy.Symbol, hint: int) -> None:
+    """Give ``symbol`` its hint in ``env`` (``add_backed_var_to_val`` in torch 2.11 on, ``add_var_to_val`` in 2.9)."""
+    add = getattr(env, "add_backed_var_to_val", None) or env.add_var_to_val
+    add(symbol, hint)
+
+
 class _Writer:
     """Encodes one graph; shape expressions are checked to decode to themselves."""
 
@@ -303,7 +315,7 @@ class _Writer:
         if isinstance(s, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             node = s.node
             for free in node.expr.free_symbols:
-                hint = node.shape_env.backed_var_to_val.get(free)
+                hint = _hints_of(node.shape_env).get(free)
                 if hint is not None:
                     self.hints[free.name] = int(hint)
             tag = {torch.SymInt: "si", torch.SymFloat: "sf", torch.SymBool: "sb"}[type(s)]
@@ -417,7 +429,7 @@ class _Reader:
             s = self.symbols[name] = sympy.Symbol(name, **assumptions)
             if facts["hint"] is not None:
                 self.hints[s] = sympy.Integer(int(facts["hint"]))
-                self.env.add_backed_var_to_val(s, int(facts["hint"]))
+                _add_hint(self.env, s, int(facts["hint"]))
         for name, facts in symbols.items():
             if facts["range"] is not None:
                 lo, hi = (_dec_expr(x, self.symbols) for x in facts["range"])

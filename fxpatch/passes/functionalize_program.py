@@ -142,7 +142,7 @@ class _Guarded:
         test = self.__dict__.get("_compiled", False)
         if test is False:
             test = self.__dict__["_compiled"] = _compile_guards(self.guards)
-            exact = all(bool(g.xreplace(sizes)) for g in self.guards)
+            exact = all(bool(g.xreplace(sympy_numbers(sizes))) for g in self.guards)
         if test is not None:
             try:
                 fast = bool(test(*[sizes[sym] for sym in test.symbols]))
@@ -151,7 +151,13 @@ class _Guarded:
             if fast is not None and (exact is None or fast == exact):
                 return fast
             self.__dict__["_compiled"] = None
-        return exact if exact is not None else all(bool(g.xreplace(sizes)) for g in self.guards)
+        return exact if exact is not None else all(bool(g.xreplace(sympy_numbers(sizes))) for g in self.guards)
+
+
+def sympy_numbers(values: dict) -> dict:
+    """``values`` (symbol -> number) with sympy numbers, as ``xreplace`` needs them: torch 2.9's ``Max`` and
+    ``Min`` fail on a plain ``int`` (``'int' object has no attribute 'is_Add'``)."""
+    return {k: sympy.sympify(v) if type(v) in (int, float) else v for k, v in values.items()}
 
 
 @dataclass
@@ -871,7 +877,7 @@ def _fake(mode: FakeTensorMode, value, symbols: dict | None = None, sizes: dict 
             if isinstance(d, int):
                 shape.append(d)
                 continue
-            hint = int(d.xreplace(sizes))
+            hint = int(d.xreplace(sympy_numbers(sizes)))
             if symbols is None:
                 shape.append(hint)
                 continue
