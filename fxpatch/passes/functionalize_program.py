@@ -142,7 +142,7 @@ class _Guarded:
         test = self.__dict__.get("_compiled", False)
         if test is False:
             test = self.__dict__["_compiled"] = _compile_guards(self.guards)
-            exact = all(bool(g.xreplace(sympy_numbers(sizes))) for g in self.guards)
+            exact = self._exact(sizes)
         if test is not None:
             try:
                 fast = bool(test(*[sizes[sym] for sym in test.symbols]))
@@ -151,7 +151,11 @@ class _Guarded:
             if fast is not None and (exact is None or fast == exact):
                 return fast
             self.__dict__["_compiled"] = None
-        return exact if exact is not None else all(bool(g.xreplace(sympy_numbers(sizes))) for g in self.guards)
+        return exact if exact is not None else self._exact(sizes)
+
+    def _exact(self, sizes: dict) -> bool:
+        numbers = sympy_numbers(sizes)
+        return all(bool(g.xreplace(numbers)) for g in self.guards)
 
 
 def sympy_numbers(values: dict) -> dict:
@@ -873,11 +877,12 @@ def _fake(mode: FakeTensorMode, value, symbols: dict | None = None, sizes: dict 
     env when ``symbols`` (export symbol -> new symbol, filled in here) is given, else their ``sizes``."""
     if isinstance(value, TensorSpec):
         shape = []
+        numbers = sympy_numbers(sizes) if sizes is not None else None
         for d in value.shape:
             if isinstance(d, int):
                 shape.append(d)
                 continue
-            hint = int(d.xreplace(sympy_numbers(sizes)))
+            hint = int(d.xreplace(numbers))
             if symbols is None:
                 shape.append(hint)
                 continue
