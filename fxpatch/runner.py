@@ -18,6 +18,7 @@ from tabulate import tabulate
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .control import skipped_module
+from .errors import FxpatchError, user_location
 from .export import TRACING_LOCK
 from .gradients import make_differentiable, mark_requires_grad, run_backwards
 from .inputs import left_pad
@@ -540,12 +541,28 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
         # a run replays into memory the last run's outputs live in: begin a new step, and give out copies
         torch.compiler.cudagraph_mark_step_begin()
     with torch.set_grad_enabled(grad):
-        out = call_graph(run, (state, *model_inputs, *feeds))
+        try:
+            out = call_graph(run, (state, *model_inputs, *feeds))
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # raised while compiling: nothing has run yet
+            raise compile_failed(e) from e
         if graphs:
             out = [o.clone() if isinstance(o, torch.Tensor) else o for o in out]
     n = 0 if mode in WITHOUT_MODEL_OUTPUTS else len(sg.outputs)
     values.update(zip(outputs, out[n:]))
     return list(out[:n]), gm
+
+
+def compile_failed(error: Exception) -> FxpatchError:
+    """The error for a rewritten graph that torch.compile's backend could not compile: torch's own failure
+    (inductor's generated code that does not build), which the program can avoid only by running eagerly."""
+    inner = getattr(error, "inner_exception", None) or error
+    first = next((line for line in str(inner).splitlines() if line.strip()), "")
+    return FxpatchError(
+        f"torch.compile could not compile the rewritten graph: {type(inner).__name__}: {first[:300]}",
+        at=user_location(),
+        hint="This is a failure of torch's compiler (the full error is chained below), not of the program: run "
+        "it with compile=False for the same values eagerly. With torch before 2.13, inductor's C++ code for the "
+        "attention masks of generation does not compile on the CPU; torch 2.13 compiles it.")
 
 
 def call_graph(run: Any, args: tuple) -> Any:

@@ -11,8 +11,9 @@ import torch
 import torch._dynamo
 
 from fxpatch import LanguageModel
+from fxpatch.errors import FxpatchError
 from fxpatch.segments import Chain
-from tests.conftest import PROMPT_1, PROMPT_2
+from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, skip_compiled_generation_before_torch_2_13, state
 from tests.reference import run_alone, unpad
 
 
@@ -56,10 +57,46 @@ def test_compiled_trace_equals_eager_and_the_hooked_model(gpt2):
     torch.testing.assert_close(again, again_eager, atol=1e-5, rtol=1e-5)
 
 
+def test_a_graph_the_compiler_cannot_build_is_an_error_at_the_trace_that_says_to_run_eagerly(gpt2, monkeypatch):
+    """torch.compile's backend failing on a rewritten graph (as inductor's C++ code for generation's masks does
+    on the CPU before torch 2.13) is an FxpatchError at the trace's line, with torch's error chained, and
+    the model as it was; the same trace with compile=False gives the hooked model's values."""
+    real_compile = torch.compile
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("main.cpp:164: error: 'tmp5' was not declared in this scope")
+
+    monkeypatch.setattr(torch, "compile", lambda gm, dynamic=None, mode=None: real_compile(
+        gm, dynamic=dynamic, backend=failing_backend))
+    torch._dynamo.reset()
+    gpt2.cache_clear()  # a graph compiled before would not go to the backend again
+    before = state(gpt2)
+    try:
+        with pytest.raises(FxpatchError) as info:
+            with gpt2.trace(PROMPT_1, compile=True):  # line: uncompilable
+                logits = gpt2.lm_head.output.save()
+    finally:
+        monkeypatch.undo()
+        gpt2.cache_clear()  # the graph holds the failing compiled form: later tests get a new one
+        torch._dynamo.reset()
+    message = str(info.value)
+    line = next(i + 1 for i, text in enumerate(open(__file__, encoding="utf-8").read().splitlines())
+                if text.endswith("# line: uncompilable"))
+    assert message.startswith(f"{__file__}:{line}: torch.compile could not compile the rewritten graph: "
+                              "RuntimeError: main.cpp:164: error: 'tmp5' was not declared in this scope"), message
+    assert "run it with compile=False" in message and "torch 2.13" in message
+    assert isinstance(info.value.__cause__, torch._dynamo.exc.BackendCompilerFailed)
+    assert_state_unchanged(gpt2, before)
+    with gpt2.trace(PROMPT_1, compile=False):
+        logits = gpt2.lm_head.output.save()
+    torch.testing.assert_close(logits[0], run_alone(gpt2, PROMPT_1).logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_compile_set_on_the_model_applies_to_generate(tokenizer):
     import fxpatch
 
+    skip_compiled_generation_before_torch_2_13(torch.device("cpu"))
     model = LanguageModel(fxpatch.TINY_GPT2, compile=True)
     with model.generate(PROMPT_1, max_new_tokens=3) as tracer:
         model.transformer.h[0].output[:, -1] *= 0.5

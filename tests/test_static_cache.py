@@ -21,7 +21,7 @@ import torch._dynamo
 import fxpatch
 from fxpatch.errors import InputError
 from fxpatch.generation import result_cache_field
-from tests.conftest import PROMPT_1, assert_state_unchanged, layers, state
+from tests.conftest import PROMPT_1, assert_state_unchanged, layers, skip_compiled_generation_before_torch_2_13, state
 from tests.reference import hf_run, kv, token_ids
 from tests.test_generation import HELLO, add_last, assert_tokens, expected_batch, negate_last, push_vector
 
@@ -140,9 +140,7 @@ def test_compiled_static_generation_compiles_once_per_maximum_length(gpt2):
     """Under compile=True the static decode graph is compiled once for its sizes: not again at the next
     decode steps, nor for two prompts of another width with the same max_cache_len. Tokens equal the
     eager run's and transformers'; the values saved at every step equal the eager run's."""
-    if gpt2.device.type == "cpu" and torch.torch_version.TorchVersion(torch.__version__) < (2, 13):
-        pytest.skip("inductor's C++ code for the static mask's bounds check does not compile before torch 2.13 "
-                    "(seen on 2.9.1 and 2.11.0: 'tmp5' was not declared in this scope)")
+    skip_compiled_generation_before_torch_2_13(gpt2.device)
     h = gpt2.transformer.h
 
     def run(prompts, compile):
