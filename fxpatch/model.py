@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import inspect
-import linecache
 import os
 import threading
 from collections import OrderedDict, namedtuple
@@ -28,6 +27,7 @@ from .envoy import Envoy
 from .errors import FxpatchError, InputError, user_location
 from .export import SiteGraph, export_sites
 from .inputs import NO_INPUTS
+from .passes.functionalize_program import forget_source
 from .tracing import Tracer
 
 DEFAULT_CACHE_SIZE = 64
@@ -523,20 +523,10 @@ class GraphCache:
 
 
 def _release(fp: Any, gm: torch.fx.GraphModule) -> None:
-    """Forget the generated source of a graph the cache lets go.
-
-    torch.fx keeps the source of every ``forward`` it generates, for tracebacks, as long as the
-    process lives (``torch.fx.graph_module._loader`` and ``linecache``): 30 kB for each of tiny
-    GPT-2's rewritten graphs, so a long run of changing programs would grow without bound. A graph
-    still held elsewhere (``tracer.graph``) keeps working; its tracebacks show no source lines.
-    """
-    from torch.fx.graph_module import _loader
-
+    """Forget the generated source of a graph the cache lets go (``forget_source``: 30 kB for each of
+    tiny GPT-2's rewritten graphs). A graph still held elsewhere (``tracer.graph``) keeps working."""
     for module in (getattr(fp, "graph", None), gm):
-        code = getattr(type(module).__dict__.get("forward"), "__code__", None)
-        if code is not None and code.co_filename in _loader.eval_cache:
-            del _loader.eval_cache[code.co_filename]
-            linecache.cache.pop(code.co_filename, None)
+        forget_source(module)
 
 
 TORCH_CACHE_PERIOD = 32  # graphs built between two trims of torch's process-wide caches

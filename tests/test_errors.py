@@ -250,6 +250,25 @@ def test_weights_changed_in_place_after_the_blocks_first_use_of_the_model_are_re
             weight.copy_(original)
 
 
+@pytest.mark.parametrize("write", ["relu-inplace", "out"])
+def test_a_write_after_the_model_used_a_value_is_refused_when_only_torch_knows_it_is_in_place(lm, write):
+    """A layer's output changed by an op that writes by its arguments alone (``inplace=True``, ``out=``),
+    once the next layer's norm has used it: refused as a flow backwards, as ``h[...] = 0`` there is.
+    (A functional run's value of a site at each point is not reused past an op that could change it.)"""
+    envoys, _ = layers(lm)
+    norm = "ln_1" if hasattr(lm._model, "transformer") else "input_layernorm"
+    with raises_cleanly(lm, FlowError) as info:
+        with lm.trace(PROMPT_1):
+            h = envoys[0].output  # line: late-read
+            getattr(envoys[1], norm).output.save()
+            if write == "relu-inplace":
+                torch.nn.functional.relu(h, inplace=True)  # line: late-relu
+            else:
+                torch.mul(h, 2.0, out=h)  # line: late-out
+            envoys[1].output.mean().save()  # an op after it, at a later point, that torch alone knows writes nothing
+    check_message(info.value, f"late-{write.split('-')[0]}", "already used it", "backwards")
+
+
 def test_write_upstream_of_a_site_already_read(lm):
     envoys, _ = layers(lm)
     with raises_cleanly(lm, FlowError) as info:

@@ -104,20 +104,32 @@ def test_least_recently_used_graph_goes_first_at_maxsize():
 
 def test_an_evicted_graph_leaves_no_generated_source_behind():
     """torch.fx keeps every generated forward's source for the life of the process; the cache drops an
-    evicted graph's (its rewritten graph's and its program's), and keeps the others'."""
+    evicted graph's, and a program's functional form (traced by ``make_fx``, then inlined, never run) keeps
+    none. New program shapes one after another leave the number of sources kept where it was."""
     from torch.fx.graph_module import _loader
 
     def source_kept(module):
         return type(module).forward.__code__.co_filename in _loader.eval_cache
 
+    def scaled_times(lm: LanguageModel, times: int) -> None:  # a new program shape for each ``times``
+        with lm.trace(PROMPT_1):
+            mlp = lm.transformer.h[0].mlp
+            for _ in range(times):
+                mlp.output[:, 1] = mlp.output[:, 1] * 0.5
+            logits = lm.lm_head.output.save()
+        torch.testing.assert_close(logits[0], reference(lm, PROMPT_1, 1, 0.5 ** times), rtol=1e-4, atol=1e-4)
+
     lm = LanguageModel(fxpatch.TINY_GPT2, cache_size=1)
     check(lm, PROMPT_1, 1, 0.5)
     ((fp, gm),) = [g for graphs in lm._patched._graphs.values() for g in graphs]
-    assert source_kept(gm) and source_kept(fp.graph)
+    assert source_kept(gm) and not source_kept(fp.graph)  # lazy: its code is never made
     check(lm, PROMPT_1, 1, 0.5, layer=1)
     ((fp2, gm2),) = [g for graphs in lm._patched._graphs.values() for g in graphs]
-    assert not source_kept(gm) and not source_kept(fp.graph)
-    assert source_kept(gm2)  # (fp2.graph, made from fp's by ``rebind``, is inlined, never run: it has no source)
+    assert not source_kept(gm) and source_kept(gm2)
+    kept = len(_loader.eval_cache)  # the export's segments' too, each made once at its first call
+    for times in (2, 3, 4):
+        scaled_times(lm, times)
+    assert len(_loader.eval_cache) <= kept
 
 
 def test_the_same_program_at_other_layers_is_traced_once():

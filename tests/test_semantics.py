@@ -157,6 +157,39 @@ def test_in_place_chain_of_views_on_the_last_invoke(lm):
     close(unpad(logits, 0, len(ref.ids)), ref.logits, "patched row")
 
 
+def test_in_place_writes_at_two_points_with_a_read_between_reach_the_model_where_eager_makes_them(lm):
+    """Layer 0's output written in place, layer 1's first norm read, then layer 1's attention output written
+    in place by an op that is in place by its argument alone (``relu`` with ``inplace=True``): the norm sees
+    the first write, the residual add both, as the same code in hooks does eagerly. (The value of each
+    tensor at each point is a snapshot of the functional run, reused from the point before where no op
+    between could change it, and the tensor itself after the last op that could.)"""
+    p = paths(lm)
+    with lm.trace() as tracer:
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                x = envoy(lm, p.layer(0)).output
+                x[:, -1] *= 0.5
+                normed = envoy(lm, norm1(lm, 1)).output[:, -1].save()
+                torch.nn.functional.relu(envoy(lm, p.attn(1)).output[0], inplace=True)
+        with tracer.invoke():
+            logits = lm.lm_head.output.save()
+
+    def halve(out):
+        out[:, -1] *= 0.5
+        return out
+
+    def relu_in_place(out):
+        torch.nn.functional.relu(out[0], inplace=True)
+        return out
+
+    for row, prompt in enumerate(PROMPTS):
+        ref = run_alone(lm, prompt, outputs={p.layer(0): halve, p.attn(1): relu_in_place}, capture=[norm1(lm, 1)])
+        close(unpad(logits, row, len(ref.ids)), ref.logits, f"row {row}")
+        without = run_alone(lm, prompt, outputs={p.layer(0): halve}).logits
+        assert not torch.allclose(unpad(logits, row, len(ref.ids)), without, atol=1e-3)  # the second write counts
+    close(normed, ref.outputs[norm1(lm, 1)][:, -1], "the norm saw the first write")  # HELLO's: the last invoke
+
+
 def test_a_saved_shape_beside_an_in_place_write(gpt2):
     """A shape (nested sizes in the functional program's outputs) saved in a program that writes in place."""
     with gpt2.trace(PROMPT_1):

@@ -26,6 +26,7 @@ tensors of the run's shapes. A failing op raises ``ShapeError`` at its line.
 from __future__ import annotations
 
 import functools
+import linecache
 import logging
 import math
 import operator
@@ -77,7 +78,12 @@ class Chains:
                     self.children.setdefault(parent, []).append(name)
 
     def members(self, root: str) -> list[str]:
-        return [n for n, r in self.root.items() if r == root]
+        by_root = self.__dict__.get("_members")
+        if by_root is None:  # one pass over a deep model's thousands of sites, not one per call
+            by_root = self._members = {}
+            for n, r in self.root.items():
+                by_root.setdefault(r, []).append(n)
+        return list(by_root.get(root, ()))
 
     def descendants(self, name: str) -> list[str]:
         out, todo = [], [name]
@@ -324,29 +330,51 @@ class _Interpreter:
                     at[name] = o
             return o
 
-        def snapshot(time: int, writer):
+        # a snapshot is a clone of each tensor's value at the end of a time, dropped from the traced graph
+        # (``_drop_snapshot_copies``), but each costs a traced op: none is needed where no later op can
+        # change a tensor (the value then is the value at the end), and a time whose ops change nothing
+        # repeats the tensors' previous snapshots
+        changes_from = len(self.order)
+        while changes_from and _changes_nothing(self.order[changes_from - 1]):
+            changes_from -= 1
+        previous: dict[int, Any] = {}
+
+        def snapshot(time: int, writer, unchanged: bool, final: bool):
             loc = location_of(writer) if writer is not None else None
             waited = writer.meta.get("fxpatch_time_source") if writer is not None else None
             with _meta({"fxpatch_loc": loc, "fxpatch_role": "snapshot", "fxpatch_site": "",
                         "fxpatch_index": self.index.get(writer)}):
                 for o in objs:
-                    tensor = None if self.bookkeeping else o.tensor.clone()
+                    if self.bookkeeping:
+                        tensor = None
+                    elif final:
+                        tensor = o.tensor
+                    elif unchanged and o.index in previous:
+                        tensor = previous[o.index]
+                    else:
+                        tensor = o.tensor.clone()
+                    previous[o.index] = tensor
                     events.append((o, time, frozenset(o.members), tensor, loc, waited))
 
-        bucket, writer = None, None
-        for node in self.order:
+        # a time's writer (the line its write errors name): its first in-place op, else the first op that may
+        # write by what torch alone knows of it (a module's call)
+        bucket, writer, may_write, unchanged = None, None, None, True
+        for i, node in enumerate(self.order):
             time = node.meta.get("fxpatch_time", -1)
             if self.snapshots and bucket is not None and time != bucket:
-                snapshot(bucket, writer)
-                writer = None
+                snapshot(bucket, writer or may_write, unchanged, i >= changes_from)
+                writer, may_write, unchanged = None, None, True
             bucket = time
+            if not _changes_nothing(node):
+                unchanged = False
+                may_write = may_write or node
             self.current = location_of(node)
-            if writer is None and _is_in_place(node):
+            if writer is None and (_is_in_place(node) or "out" in node.kwargs):
                 writer = node
             with _meta(_custom(node, index=self.index[node])):
                 env[node] = self._run(node, env, get, objs, at, events)
         if self.snapshots and bucket is not None:
-            snapshot(bucket, writer)
+            snapshot(bucket, writer or may_write, unchanged, True)
         self._check_aliasing(env)
         out = self.output.args[0] if self.output else ()
         saved = [env[a] if isinstance(a, torch.fx.Node) else a for a in out]
@@ -553,8 +581,13 @@ def _basic_setitem(x: torch.Tensor, index: tuple, value) -> None:
 def _basic_index(x: torch.Tensor, index: tuple) -> torch.Tensor:
     """``x[index]`` for basic indexing, as the ops Python's indexing dispatches to (``select``, ``slice``,
     ``unsqueeze``). Python's ``__getitem__`` turns a symbolic int index into a constant; these ops
-    keep it symbolic, so the traced graph takes the position as an input."""
+    keep it symbolic, so the traced graph takes the position as an input.
+
+    A ``:`` that takes a whole dim is no op, as in eager indexing (``h[:, p]`` is ``select`` alone; a
+    tuple of such ``:`` alone is ``alias``): under tracing, torch would record a slice for each, and
+    every one of them is an op more to trace again wherever a write replays the views."""
     dim = 0
+    base = x
     for k, i in enumerate(index):
         if i is Ellipsis:
             dim = x.dim() - sum(1 for j in index[k + 1:] if j is not None and j is not Ellipsis)
@@ -562,7 +595,8 @@ def _basic_index(x: torch.Tensor, index: tuple) -> torch.Tensor:
             x = x.unsqueeze(dim)
             dim += 1
         elif isinstance(i, slice):
-            x = torch.ops.aten.slice.Tensor(x, dim, i.start, i.stop, 1 if i.step is None else i.step)
+            if not (i.start is None and i.stop is None and i.step in (None, 1)):
+                x = torch.ops.aten.slice.Tensor(x, dim, i.start, i.stop, 1 if i.step is None else i.step)
             dim += 1
         else:
             # eager's bound check, as a guard on the symbolic sizes and positions: torch 2.13's fake select
@@ -571,7 +605,7 @@ def _basic_index(x: torch.Tensor, index: tuple) -> torch.Tensor:
             if not (-size <= i < size):
                 raise IndexError(f"index {i} is out of bounds for dimension {dim} with size {size}")
             x = x.select(dim, i)
-    return x
+    return torch.ops.aten.alias.default(x) if x is base else x
 
 
 def _check_fits(value: torch.Tensor, rows: torch.Tensor, name: str, node: torch.fx.Node) -> None:
@@ -604,8 +638,21 @@ def _repr_target(target) -> str:
 _IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
+# ops that never change a tensor in place, whatever their arguments: the reads and writes of sites (a write
+# makes a new value of the site) and Python's indexing and out-of-place arithmetic
+_CHANGING_NOTHING = frozenset((read_site, write_site, operator.getitem, operator.add, operator.sub, operator.mul,
+                               operator.truediv, operator.floordiv, operator.neg, operator.pow, operator.matmul))
+
+
+def _changes_nothing(node: torch.fx.Node) -> bool:
+    """Whether ``node`` surely changes no tensor in place (anything not known to be so may: a module, an
+    ``inplace=True``, an ``out=``)."""
+    return node.op == "placeholder" or (node.op == "call_function" and node.target in _CHANGING_NOTHING)
+
+
 def _is_in_place(node: torch.fx.Node) -> bool:
-    if node.target in _IN_PLACE_FUNCTIONS:
+    """Whether ``node`` writes into its first argument (``h.add_(1)``, ``h[0] = 1``, ``relu(h, inplace=True)``)."""
+    if node.target in _IN_PLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.endswith("__")
@@ -784,7 +831,7 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
             if symbolic:
                 raise
             _raise_at(interp.current, e)
-    _drop_snapshot_copies(gm, len(interp.roots), interp.placeholders)
+    gm = _drop_snapshot_copies(gm, len(interp.roots), interp.placeholders)
     if not symbolic:  # valid for exactly these sizes and numbers
         return gm, [sympy.Eq(sym, value) for sym, value in {**sizes, **feed_numbers(feeds)}.items()]
     return gm, _guards(env, symbols)
@@ -817,9 +864,12 @@ def _guards(env: ShapeEnv, symbols: dict) -> list:
     return [g.expr.xreplace(inverse) for g in env.guards] + [a.xreplace(inverse) for a in asserts]
 
 
-def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int, inputs: list[torch.fx.Node] = ()) -> None:
+def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int,
+                          inputs: list[torch.fx.Node] = ()) -> torch.fx.GraphModule:
     """Snapshots are clones of a functional value: the value itself. Writes back into inputs go; one into an
-    input of the program (``inputs``: its placeholders, after the ``n_roots`` site roots) is refused."""
+    input of the program (``inputs``: its placeholders, after the ``n_roots`` site roots) is refused.
+    Returns the graph in a lazy module: it is inlined into the model's graph, and its own code, if ever
+    wanted, is made at its first call."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node in list(graph.nodes):
@@ -844,7 +894,27 @@ def _drop_snapshot_copies(gm: torch.fx.GraphModule, n_roots: int, inputs: list[t
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     graph.lint()
-    gm.recompile()
+    forget_source(gm)  # make_fx generated it; the graph is inlined, not called
+    return _LazyGraphModule(gm, graph)
+
+
+def forget_source(module: torch.nn.Module) -> None:
+    """Drop the source torch.fx generated for ``module``'s ``forward`` (if it did).
+
+    torch.fx keeps the source of every ``forward`` it generates, for tracebacks, as long as the
+    process lives (``torch.fx.graph_module._loader`` and ``linecache``), so a long run of changing
+    programs would grow without bound. The module keeps working; its tracebacks show no source lines.
+
+    Example::
+
+        forget_source(gm)   # gm: a GraphModule no longer cached
+    """
+    from torch.fx.graph_module import _loader
+
+    code = getattr(type(module).__dict__.get("forward"), "__code__", None)
+    if code is not None and code.co_filename in _loader.eval_cache:
+        del _loader.eval_cache[code.co_filename]
+        linecache.cache.pop(code.co_filename, None)
 
 
 def _feed_symbol(i: int, v) -> sympy.Symbol:
