@@ -86,9 +86,11 @@ def timed_pair(fn: Callable[[], object], baseline: Callable[[], object], repeats
     return statistics.median(ours), statistics.median(theirs)
 
 
-def timed_all(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):
+def timed_all(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, block: int = 1):
     """Median seconds of each of ``fns`` run round-robin (``warmup`` rounds first), each one's last result, and
-    the error of each one that raised (it is not run again)."""
+    the error of each one that raised (it is not run again). With ``block`` > 1 each timed run is that
+    many calls back to back, the time per call their mean: a loop's steady state (caches warm with the
+    contender's own work), where one call between the others' measures it cold."""
     results: dict[str, object] = {}
     errors: dict[str, str] = {}
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -99,13 +101,14 @@ def timed_all(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 
             _sync()
             start = time.perf_counter()
             try:
-                results[name] = f()
+                for _ in range(block if round_ >= warmup else 1):
+                    results[name] = f()
             except Exception as e:  # noqa: BLE001 - a contender that fails is a row that says how
                 errors[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
                 continue
             _sync()
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / block)
     seconds = {name: statistics.median(t) for name, t in times.items() if t and name not in errors}
     return seconds, results, errors
 
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="one timed run per contender after one warm-up, fxpatch compiled left out")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5; 1 quick)")
+    parser.add_argument("--block", type=int, default=1,
+                        help="calls back to back in each timed run of the patch and invokes8 cases (default 1: "
+                        "one call, between the other contenders' calls)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu",
                         help="cpu or cuda (the gpu case and the older cases; the suite runs on the CPU)")
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"machine": platform.platform(), "cpu": _cpu_name(), "cores": os.cpu_count(),
                    "load_average": os.getloadavg(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                   "dtype": str(args.dtype), "quick": args.quick, "seconds": elapsed, "grad": "torch.no_grad()",
+                   "dtype": str(args.dtype), "quick": args.quick, "block": args.block, "seconds": elapsed,
+                   "grad": "torch.no_grad()",
                    "results": [asdict(m) | {"ratio": m.ratio} for m in rows]}, f, indent=2)
     print(table(rows))
     print(f"\n{_cpu_name()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end; "

@@ -129,11 +129,12 @@ def compare(results: dict[str, torch.Tensor], rtol: float = 1e-4) -> dict[str, s
 
 def measure(case_name: str, workload: str, contenders: dict[str, Callable[[], torch.Tensor] | str], args,
             targets: dict[str, tuple[str, Callable[[dict[str, float]], bool]]] | None = None,
-            repeats: int | None = None, warmup: int = 1, rtol: float = 1e-4) -> list[Measurement]:
-    """Time every runnable contender (interleaved), check its result against HF by hand's, make the rows."""
+            repeats: int | None = None, warmup: int = 1, rtol: float = 1e-4, block: int = 1) -> list[Measurement]:
+    """Time every runnable contender (interleaved; ``block`` calls per timed run), check its result against HF
+    by hand's, make the rows."""
     runnable = {k: v for k, v in contenders.items() if callable(v)}
     repeats = repeats or args.repeats
-    seconds, results, errors = timed_all(runnable, repeats, warmup)
+    seconds, results, errors = timed_all(runnable, repeats, warmup, block)
     checks = compare({k: v for k, v in results.items() if k not in errors}, rtol)
     base = seconds.get(HF)
     rows = []
@@ -238,7 +239,8 @@ def patch_case(args) -> list[Measurement]:
         contenders[HF_COMPILED] = lambda: patch_by_hand(floor, tok, hooked=True)
         rows.append(first_call("patch", "reference page's patch, tiny GPT-2", HF_COMPILED, contenders[HF_COMPILED]))
     return rows + measure("patch", "reference page's patch, tiny GPT-2", contenders, args,
-                          targets={COMPILED: ("<= 0.7x HF", lambda t: t[COMPILED] <= 0.7 * t[HF])})
+                          targets={COMPILED: ("<= 0.7x HF", lambda t: t[COMPILED] <= 0.7 * t[HF])},
+                          block=args.block)
 
 
 def eight_invokes(model, rows: list[list[int]], layer: int):
@@ -316,7 +318,7 @@ def _invokes8(args, tok, label: str, hf) -> list[Measurement]:
         floor = compiled_with_hook(hf, f"transformer.h.{layer}", last_positions_of_4_into_4)
         contenders[HF_COMPILED] = lambda: eight_by_hand(floor, rows, layer, hooked=True)
         first.append(first_call("invokes8", workload, HF_COMPILED, contenders[HF_COMPILED]))
-    return first + measure("invokes8", workload, contenders, args, targets=targets)
+    return first + measure("invokes8", workload, contenders, args, targets=targets, block=args.block)
 
 
 # -- the sweep ----------------------------------------------------------------------------------------
