@@ -14,6 +14,7 @@ from fxpatch import LanguageModel
 from fxpatch.errors import FxpatchError
 from fxpatch.segments import Chain
 from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, skip_compiled_generation_before_torch_2_13, state
+from tests.markers import Markers
 from tests.reference import run_alone, unpad
 
 
@@ -80,8 +81,7 @@ def test_a_graph_the_compiler_cannot_build_is_an_error_at_the_trace_that_says_to
         gpt2.cache_clear()  # the graph holds the failing compiled form: later tests get a new one
         torch._dynamo.reset()
     message = str(info.value)
-    line = next(i + 1 for i, text in enumerate(open(__file__, encoding="utf-8").read().splitlines())
-                if text.endswith("# line: uncompilable"))
+    line = Markers(__file__).line_of("uncompilable")
     assert message.startswith(f"{__file__}:{line}: torch.compile could not compile the rewritten graph: "
                               "RuntimeError: main.cpp:164: error: 'tmp5' was not declared in this scope"), message
     assert "run it with compile=False" in message and "torch 2.13" in message
