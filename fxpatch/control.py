@@ -140,7 +140,7 @@ def skip_module(tracer, path: str, value: Any) -> None:
         values = [leaf for _, leaf in leaves]
     for (target, is_site), new in zip(targets, values):
         if is_site:
-            tracer.write_site((target, invoke.start, invoke.stop), new)
+            tracer.write_site(tracer.site_ref(target, invoke), new)
         elif new is not target and new != target:
             raise FxpatchError(f"{path}'s output holds {target!r} there, which .skip() cannot replace by {new!r}",
                                at=loc, hint="Keep that element as it is.")

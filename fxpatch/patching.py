@@ -32,6 +32,7 @@ import torch
 from .errors import InputError, MissingDependencyError, ModuleNotRunError, ModulePathError, user_location
 from .inputs import left_pad, to_rows
 from .proxy import Proxy
+from .runner import chains_of
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """Called with last-position logits ``[n, vocab]``; returns ``[n]``."""
@@ -326,6 +327,12 @@ def _sites(model, sites, loc) -> list[_Site]:
         if ndim < 2:
             raise InputError(f"module {path!r} outputs a {ndim}-D tensor; patching needs (batch, tokens, ...)",
                              at=loc, hint="Pick a module whose output has a batch and a token dim.")
+        chains = chains_of(graph)
+        if chains.root[ms.leaves[0]] in chains.unbatched:
+            raise InputError(f"module {path!r} outputs a tensor whose first dim is not the batch (its rows and "
+                             "tokens flattened, say); patching needs (batch, tokens, ...)", at=loc,
+                             hint="Pick a module whose output has a batch and a token dim (a layer, or the "
+                             "module the flattened one is inside).")
         out.append(_Site(path, ms.spec.kind != "leaf", ndim, order))
     return out
 

@@ -144,7 +144,8 @@ def chains_of(sg) -> Chains:
     """Site positions and identity chains of a site graph (computed once per graph)."""
     chains = getattr(sg, "_chains", None)
     if chains is None:
-        position, root, parent, aliasing = {}, {}, {}, {}
+        position, root, parent, aliasing, unbatched = {}, {}, {}, {}, set()
+        rows = _row_sizes(sg)
         for i, n in enumerate(sg.graph_module.graph.nodes):
             if is_site(n) and n.args[1] not in position:
                 name, source = n.args[1], n.args[0]
@@ -157,8 +158,36 @@ def chains_of(sg) -> Chains:
                     seen_by = _alias_observers(source)
                     if seen_by is not None:
                         aliasing[source.name] = seen_by
-        chains = sg._chains = Chains(position, root, parent, aliasing=aliasing)
+                if not _has_rows(source, rows):
+                    unbatched.add(source.name)
+        chains = sg._chains = Chains(position, root, parent, aliasing=aliasing, unbatched=frozenset(unbatched))
     return chains
+
+
+def _row_sizes(sg) -> set:
+    """The sizes (export symbols) of the batch's rows: the first dim of every input of two or more dims
+    (token ids, mask, positions, a decode step's cache; not a static cache's write position)."""
+    placeholders = {n.name: n for n in sg.graph_module.graph.nodes if n.op == "placeholder"}
+    sizes = set()
+    for name in sg.inputs:
+        val = placeholders[name].meta.get("val") if name in placeholders else None
+        if isinstance(val, torch.Tensor) and val.dim() >= 2:
+            sizes.add(_size_expr(val.shape[0]))
+    return sizes
+
+
+def _has_rows(node: torch.fx.Node, rows: set) -> bool:
+    """Whether the value of model node ``node`` has the batch's rows as its first dim, as the export's
+    symbolic shapes say (not by its size at a run: a flattened ``(rows * tokens, hidden)`` of one-token
+    steps has as many). A value of unknown shape counts as having them."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return True
+    return val.dim() > 0 and _size_expr(val.shape[0]) in rows
+
+
+def _size_expr(size) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
 def _alias_observers(node: torch.fx.Node) -> frozenset[str] | None:

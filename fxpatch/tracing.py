@@ -589,11 +589,20 @@ class Tracer:
         return chains_of(self.model.site_graph(self.mode)).position[name]
 
     def _read_leaf(self, name: str, invoke: Invoker, loc: Location | None = None) -> Proxy:
-        ref = (name, invoke.start, invoke.stop)
+        ref = self.site_ref(name, invoke)
         proxy = self.record("call_function", read_site, ref, {}, site=ref, phase=self.phase,
                             at=self._position(name), loc=loc)
         proxy.node.meta["fxpatch_site"] = name
         return proxy
+
+    def site_ref(self, name: str, invoke: Invoker) -> tuple[str, int, int | None]:
+        """What ``invoke`` reads and writes of site ``name``: its rows, or the whole tensor where the first dim
+        is not the batch's rows (``Chains.unbatched``), as NNsight narrows only a tensor with one row per
+        prompt."""
+        chains = chains_of(self.model.site_graph(self.mode))
+        if chains.root[name] in chains.unbatched:
+            return (name, 0, None)
+        return (name, invoke.start, invoke.stop)
 
     def write_site(self, ref: tuple[str, int, int | None], value: Any) -> None:
         """Record that the rows ``ref`` names of a site now hold ``value``."""
@@ -603,7 +612,7 @@ class Tracer:
         name, start, stop = ref
         if self._weights is None:  # a module's .skip(value) writes with no read before it
             self._note_weights(loc)
-        if (start, stop) != (invoke.start, invoke.stop):
+        if (start, stop) != self.site_ref(name, invoke)[1:]:
             raise FxpatchError("a module value read in one invoke was assigned in another", at=loc,
                                hint="Read the value again in this invoke (m.output) and assign to that.")
         if isinstance(value, Proxy) and value.tracer is self and _phase_of(value) > self.phase:

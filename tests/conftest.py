@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded tiny GPT-2 and a tiny random Llama (grouped-query attention)."""
+"""Shared fixtures: the embedded tiny GPT-2, a tiny random Llama (grouped-query attention) and a tiny random OPT
+(whose decoder layers flatten the batch: their ``fc1``/``fc2`` values are (rows * tokens, features))."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import tempfile
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import fxpatch
 from fxpatch import LanguageModel
@@ -61,6 +62,16 @@ def gpt2() -> LanguageModel:
 @pytest.fixture(scope="session")
 def llama(tokenizer) -> LanguageModel:
     return LanguageModel(tiny_llama(len(tokenizer)), tokenizer=tokenizer).to(DEVICE)
+
+
+@pytest.fixture(scope="session")
+def opt(tokenizer) -> LanguageModel:
+    """A 2-layer random OPT (CPU only: its tests compare with the plain model run by hand)."""
+    torch.manual_seed(0)
+    config = OPTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
+                       max_position_embeddings=128, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0,
+                       pad_token_id=0)
+    return LanguageModel(OPTForCausalLM(config).eval(), tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

@@ -122,3 +122,73 @@ def test_token_id_inputs(lm, form):
             logits = lm.output.logits.save()
     check_left_padded(tracer.batch, prompts, lm)
     check_alone(logits, prompts, lm)
+
+
+# -- values whose first dim is not the batch's rows ----------------------------------------------------------
+
+def run_batch_with_hook(lm, batch, module: torch.nn.Module, hook) -> torch.Tensor:
+    """The plain HF model's logits on the batch fxpatch ran (ids, mask, positions), with ``hook`` as a forward
+    hook of ``module``."""
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return lm._model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids).logits
+    finally:
+        handle.remove()
+
+
+def test_a_value_whose_first_dim_is_not_the_batch_is_read_whole_in_every_invoke(opt):
+    """OPT's ``fc1`` output is (rows * tokens, 128). Every invoke reads all of it, as NNsight gives it (NNsight
+    narrows only a tensor with one row per prompt): rows of it would be tokens of other prompts."""
+    fc1 = opt.model.decoder.layers[0].fc1
+    with torch.no_grad(), opt.trace() as tracer:
+        with tracer.invoke(PROMPT_1):
+            first = fc1.output.save()
+        with tracer.invoke(SHORT):
+            second = fc1.output.save()
+            logits = opt.output.logits.save()
+    seen = []
+    expected = run_batch_with_hook(opt, tracer.batch, opt._model.model.decoder.layers[0].fc1,
+                                   lambda module, args, output: seen.append(output.clone()))
+    width = tracer.batch.input_ids.shape[1]
+    assert first.shape == second.shape == (2 * width, 128)
+    torch.testing.assert_close(first, seen[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, seen[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected[1:], atol=1e-5, rtol=1e-5)
+    check_alone(logits, [SHORT], opt)  # reading changes nothing
+
+
+@pytest.mark.parametrize("kind", ["in place", "assigned"])
+def test_a_write_into_such_a_value_in_one_invoke_reaches_every_prompt_as_in_nnsight(opt, kind):
+    """A write in the second invoke into the first rows of ``fc2``'s (rows * tokens, 64) output changes the
+    first prompt's tokens: the whole tensor is that invoke's value, as in NNsight. In place, the first invoke's
+    saved (not cloned) value is that tensor and shows the write; assigned, it keeps the value from before."""
+    fc2 = opt.model.decoder.layers[0].fc2
+    with torch.no_grad(), opt.trace() as tracer:
+        with tracer.invoke(PROMPT_1):
+            before = fc2.output.save()
+            first = opt.output.logits.save()
+        with tracer.invoke(SHORT):
+            if kind == "in place":
+                fc2.output[:3] *= 0.5
+            else:
+                fc2.output = fc2.output * 0.5
+            second = opt.output.logits.save()
+    seen = []
+
+    def edit(module, args, output):
+        seen.append(output.clone())
+        if kind == "in place":
+            output[:3] *= 0.5
+            return output
+        return output * 0.5
+
+    expected = run_batch_with_hook(opt, tracer.batch, opt._model.model.decoder.layers[0].fc2, edit)
+    torch.testing.assert_close(torch.cat([first, second]), expected, atol=1e-5, rtol=1e-5)
+    unedited = seen[0]
+    if kind == "in place":
+        unedited[:3] *= 0.5
+    torch.testing.assert_close(before, unedited, atol=1e-5, rtol=1e-5)
+    alone = run_alone(opt, PROMPT_1).logits
+    assert (unpad(first, 0, alone.shape[0]) - alone).abs().max() > 1e-3  # the write reached the first prompt

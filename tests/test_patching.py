@@ -362,6 +362,13 @@ def test_unknown_sites_are_refused_with_the_closest_names(gpt2):
         attribution_patching(gpt2, CLEAN, CORRUPT, "transformer.layers.*")  # line: glob
 
 
+def test_a_site_whose_first_dim_is_not_the_batch_is_refused(opt):
+    """OPT's ``fc1`` output is (rows * tokens, 128): no batch or token dim to patch a position of."""
+    with refused(opt, InputError, "# line: flattened", "'model.decoder.layers.0.fc1'", "first dim is not the batch",
+                 "(batch, tokens, ...)"):
+        activation_patching(opt, CLEAN, CORRUPT, "model.decoder.layers.*.fc1")  # line: flattened
+
+
 def test_bad_positions_and_metrics_are_refused(gpt2):
     with refused(gpt2, InputError, "# line: position", "position 10 is out of range", "10 tokens"):
         activation_patching(gpt2, CLEAN, CORRUPT, "transformer.h.0", positions=[0, 10])  # line: position

@@ -63,6 +63,9 @@ class Chains:
     before them (``x.view(...)``, a no-op ``x.to(dtype)`` in ``.source``, dropout in eval) to what else sees
     that tensor: the sites it passes through, and ``"<model>"`` when the model uses it again. A write into
     one would show there in eager PyTorch, which interpretation does not follow (``_Interpreter`` refuses it).
+    ``unbatched`` holds the roots whose first dim is not the batch's rows (OPT's ``fc1`` output, tokens of all
+    prompts flattened; Bloom's batch times heads; a weight cast in ``.source``): each invoke reads and writes
+    such a tensor whole, as NNsight gives it.
     """
 
     position: dict[str, int]
@@ -70,6 +73,7 @@ class Chains:
     parent: dict[str, str | None]
     children: dict[str, list[str]] = field(default_factory=dict)
     aliasing: dict[str, frozenset[str]] = field(default_factory=dict)
+    unbatched: frozenset[str] = frozenset()
 
     def __post_init__(self):
         if not self.children:
