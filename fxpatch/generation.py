@@ -318,6 +318,15 @@ class StepLoop:
     def __init__(self, tracer: GenerateTracer, steps: list[int], loc: Location):
         self.tracer, self.steps, self.loc = tracer, steps, loc
 
+    def __enter__(self):
+        # NNsight before 0.5 spelled it ``with tracer.all():``; 0.8's is a loop
+        raise FxpatchError("tracer.iter[...] and tracer.all() are loops, not blocks", at=user_location(),
+                           hint="Write `for step in tracer.all():` (or `for step in tracer.iter[1:3]:`) and put the "
+                           "interventions in its body, as NNsight 0.8 does.")
+
+    def __exit__(self, *exc):  # never reached: __enter__ raises
+        return False
+
     def __iter__(self):
         tracer = self.tracer
         outer = tracer.phase

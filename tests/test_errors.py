@@ -528,6 +528,15 @@ def test_explicit_none_as_inputs(lm, where):
     check_message(info.value, f"none-{where}", "inputs are None", "pass a prompt", "leave the argument out")
 
 
+def test_a_step_loop_used_as_a_block_says_to_loop(gpt2):
+    """NNsight before 0.5 wrote ``with tracer.all():``; 0.8's (and fxpatch's) is ``for step in tracer.all():``."""
+    with raises_cleanly(gpt2, FxpatchError) as info:
+        with gpt2.generate(PROMPT_1, max_new_tokens=2) as tracer:
+            with tracer.all():  # line: all-block
+                gpt2.transformer.h[0].output.save()
+    check_message(info.value, "all-block", "loops, not blocks", "for step in tracer.all():")
+
+
 def test_trace_with_only_an_empty_invoke(lm):
     with raises_cleanly(lm, InputError) as info:
         with lm.trace() as tracer:  # line: empty-only
