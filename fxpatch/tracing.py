@@ -589,17 +589,18 @@ class Tracer:
         return chains_of(self.model.site_graph(self.mode)).position[name]
 
     def _read_leaf(self, name: str, invoke: Invoker, loc: Location | None = None) -> Proxy:
-        ref = self.site_ref(name, invoke)
+        chains = chains_of(self.model.site_graph(self.mode))
+        ref = self.site_ref(name, invoke, chains)
         proxy = self.record("call_function", read_site, ref, {}, site=ref, phase=self.phase,
-                            at=self._position(name), loc=loc)
+                            at=chains.position[name], loc=loc)
         proxy.node.meta["fxpatch_site"] = name
         return proxy
 
-    def site_ref(self, name: str, invoke: Invoker) -> tuple[str, int, int | None]:
+    def site_ref(self, name: str, invoke: Invoker, chains=None) -> tuple[str, int, int | None]:
         """What ``invoke`` reads and writes of site ``name``: its rows, or the whole tensor where the first dim
         is not the batch's rows (``Chains.unbatched``), as NNsight narrows only a tensor with one row per
         prompt."""
-        chains = chains_of(self.model.site_graph(self.mode))
+        chains = chains or chains_of(self.model.site_graph(self.mode))
         if chains.root[name] in chains.unbatched:
             return (name, 0, None)
         return (name, invoke.start, invoke.stop)
