@@ -1,7 +1,8 @@
 """Nothing is GPT-2- or Llama-specific: other decoder architectures, tiny and random, give each prompt's
 logits alone in a left-padded batch, generate what plain ``generate`` does (with a write at every step
-too), and give every module's output and input, read in each invoke, as the plain model computes it on
-the same batch. Four architectures run in the default suite; ``-m slow`` runs 22 more."""
+too), give every module's output and input, read in each invoke, as the plain model computes it on
+the same batch, and a module value's gradient in one invoke as torch computes it. Four architectures
+run in the default suite; ``-m slow`` runs 22 more."""
 
 from __future__ import annotations
 
@@ -183,3 +184,42 @@ def test_a_write_at_every_generation_step_of_one_invoke_is_what_generate_with_a_
         hook.remove()
     assert second[0, -STEPS:].tolist() == expected[1, -STEPS:].tolist()
     assert first[0, -STEPS:].tolist() == alone_generate(hf, tokenizer, PROMPTS[0])
+
+
+def test_a_module_values_gradient_in_one_invoke_is_torchs(arch):
+    """``with metric.backward(): x.grad`` of the first layer's output in the second invoke (and, in OPT, of
+    ``fc1``'s flattened value, whole) equals torch's gradient of that prompt's metric on the same batch."""
+    name, hf, lm = arch
+    paths = [first_layer(hf)] + (["model.decoder.layers.0.fc1"] if name == "opt" else [])
+    for path in paths:
+        envoy = functools.reduce(getattr, path.split("."), lm)
+        with lm.trace() as tracer:
+            with tracer.invoke(PROMPTS[0]):
+                pass
+            with tracer.invoke(PROMPTS[1]):
+                out = envoy.output
+                value = out if isinstance(out, Proxy) else out[0]
+                logits = lm.output.logits
+                metric = logits[:, -1, 5].sum() - logits[:, -1, 7].sum()
+                with metric.backward():
+                    grad = value.grad.save()
+        kept: dict = {}
+
+        def keep(module, args, output, kept=kept):
+            kept["value"] = output if isinstance(output, torch.Tensor) else output[0]
+            kept["value"].retain_grad()
+
+        hook = hf.get_submodule(path).register_forward_hook(keep)
+        batch = tracer.batch
+        try:
+            logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        **({"position_ids": batch.position_ids} if "position_ids" in lm.site_graph().input_names
+                           else {})).logits
+        finally:
+            hook.remove()
+        (logits[1, -1, 5] - logits[1, -1, 7]).backward()
+        hf.zero_grad(set_to_none=True)
+        expected = kept["value"].grad
+        if expected.shape[0] == len(PROMPTS):
+            expected = expected[1:2]
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5, msg=lambda m, p=path: f"{p}: {m}")
