@@ -22,7 +22,7 @@ from .errors import FxpatchError, user_location
 from .export import TRACING_LOCK
 from .gradients import make_differentiable, mark_requires_grad, run_backwards
 from .inputs import left_pad
-from .passes import InlineProgram, StripSites
+from .passes import InlineProgram, MaterializeIndexed, StripSites
 from .passes.functionalize_program import (
     Chains,
     TensorSpec,
@@ -530,7 +530,9 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
         for sub in gm.modules():
             if isinstance(sub, _LazyGraphModule):
                 _LazyGraphModule.force_recompile(sub)
-        fn = cache[(mode, dynamic)] = torch.compile(gm, dynamic=dynamic, mode=mode)
+        target = MaterializeIndexed()(copy_graph_module(gm)).graph_module  # the eager graph stays as it is
+        _LazyGraphModule.force_recompile(target)
+        fn = cache[(mode, dynamic)] = torch.compile(target, dynamic=dynamic, mode=mode)
     return fn
 
 

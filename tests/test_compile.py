@@ -105,3 +105,34 @@ def test_compile_set_on_the_model_applies_to_generate(tokenizer):
         model.transformer.h[0].output[:, -1] *= 0.5
         ref = tracer.result.save()
     assert torch.equal(out, ref)
+
+
+def test_a_compiled_patch_at_a_negative_position_of_a_reshaped_value_is_the_hooked_models(opt):
+    """OPT's layer output is its (rows * tokens, hidden) residual viewed as (rows, tokens, hidden). Compiled,
+    inductor used to read ``h[:, -1]`` of it through that view at an offset it computes with C's ``%``: memory
+    before the tensor, another wrong value at each run (fxpatch/passes/materialize_indexed.py). Three runs of
+    the compiled patch each equal the plain model with the patch in a hook, on the same batch."""
+    torch._dynamo.reset()
+    model = LanguageModel(opt._model, tokenizer=opt.tokenizer, compile=True)
+    layer = model.model.decoder.layers[0]
+
+    def hook(module, args, output):
+        output[1, -1] = output[0, -1] * 2.0
+
+    for _ in range(3):
+        with torch.no_grad(), model.trace() as tracer:
+            with tracer.invoke(PROMPT_1):
+                h = layer.output[:, -1]
+            with tracer.invoke("hello"):
+                layer.output[:, -1] = h * 2.0
+            with tracer.invoke():
+                logits = model.lm_head.output.save()
+        handle = opt._model.model.decoder.layers[0].register_forward_hook(hook)
+        try:
+            batch = tracer.batch
+            with torch.no_grad():
+                expected = opt._model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=batch.position_ids).logits
+        finally:
+            handle.remove()
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)

@@ -40,6 +40,26 @@ def is_site(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is SITE_OP
 
 
+@torch.library.custom_op(f"{SITE_NAMESPACE}::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` that ``torch.compile`` cannot see through (``MaterializeIndexed``)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@materialize.register_fake
+def _materialize_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _materialize_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    return grad  # a copy: the gradient passes as it is
+
+
+materialize.register_autograd(_materialize_backward)
+
+MATERIALIZE_OP = torch.ops.fxpatch.materialize.default
+
+
 def read_site(name: str, start: int, stop: int | None) -> torch.Tensor:
     """Program marker: rows ``start:stop`` of site ``name`` (never executed)."""
     raise RuntimeError("read_site is a program marker and never runs")

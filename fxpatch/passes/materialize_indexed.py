@@ -1,0 +1,56 @@
+"""Pass: a tensor indexed at a program's position is a buffer of its own in a compiled graph.
+
+After it runs, the tensor argument of every ``select``/``select_scatter`` (and ``slice``/
+``slice_scatter``) whose position comes from a graph input (a program's position, fed at each run)
+is ``fxpatch::materialize`` of it: a contiguous copy that inductor runs as its own kernel. Without
+it, inductor fuses the read into what follows and reaches the element through the views before it;
+where those undo a reshape (OPT's layer output is ``(rows * tokens, hidden)`` viewed as ``(rows,
+tokens, hidden)``), the element's offset is a remainder of the position, which its C++ code takes
+with C's ``%``: a negative position (``h[:, -1]``) reads memory before the tensor, a different
+wrong value at each run (torch 2.13). Eager runs do not need it; only ``torch.compile`` gets it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .ops import MATERIALIZE_OP
+
+aten = torch.ops.aten
+# op -> the places of its position arguments
+_INDEXED = {aten.select.int: (2,), aten.select_scatter.default: (3,), aten.slice.Tensor: (2, 3),
+            aten.slice_scatter.default: (3, 4)}
+
+
+class MaterializeIndexed(PassBase):
+    """``MaterializeIndexed()(gm)``: see the module docstring."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        done: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in list(graph.nodes):
+            places = _INDEXED.get(node.target) if node.op == "call_function" else None
+            if not places or not any(_from_input(node.args[i]) for i in places if i < len(node.args)):
+                continue
+            base = node.args[0]
+            if base not in done:
+                with graph.inserting_after(base):
+                    done[base] = graph.call_function(MATERIALIZE_OP, (base,))
+                done[base].meta.update({k: v for k, v in base.meta.items() if k == "val"})
+            node.replace_input_with(base, done[base])
+        if done:
+            graph.lint()
+            gm.recompile()
+        return PassResult(gm, bool(done))
+
+
+def _from_input(arg, depth: int = 0) -> bool:
+    """Whether ``arg``, a position, is computed from an input of the program (not from sizes alone)."""
+    if not isinstance(arg, torch.fx.Node) or depth > 8:
+        return False
+    if arg.op == "placeholder":  # the program's inputs (``InlineProgram``), not the model's
+        return arg.meta.get("fxpatch_role") == "input"
+    if arg.op == "call_function" and arg.target is aten.sym_size.int:
+        return False
+    return any(_from_input(a, depth + 1) for a in arg.all_input_nodes)
