@@ -1,8 +1,9 @@
 """Pass: a tensor indexed at a program's position is a buffer of its own in a compiled graph.
 
-After it runs, the tensor argument of every ``select``/``select_scatter`` (and ``slice``/
-``slice_scatter``) whose position comes from a graph input (a program's position, fed at each run)
-is ``fxpatch::materialize`` of it: a contiguous copy that inductor runs as its own kernel. Without
+After it runs, the tensor that every ``select``/``select_scatter`` (and ``slice``/``slice_scatter``)
+whose position comes from a graph input (a program's position, fed at each run) indexes, or the
+tensor it takes an invoke's rows of, is ``fxpatch::materialize`` of it, for all its users: a
+contiguous copy that inductor runs as its own kernel. Without
 it, inductor fuses the read into what follows and reaches the element through the views before it;
 where those undo a reshape (OPT's layer output is ``(rows * tokens, hidden)`` viewed as ``(rows,
 tokens, hidden)``), the element's offset is a remainder of the position, which its C++ code takes
@@ -28,21 +29,31 @@ class MaterializeIndexed(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
-        done: dict[torch.fx.Node, torch.fx.Node] = {}
-        for node in list(graph.nodes):
+        roots: list[torch.fx.Node] = []
+        for node in graph.nodes:
             places = _INDEXED.get(node.target) if node.op == "call_function" else None
-            if not places or not any(_from_input(node.args[i]) for i in places if i < len(node.args)):
-                continue
-            base = node.args[0]
-            if base not in done:
-                with graph.inserting_after(base):
-                    done[base] = graph.call_function(MATERIALIZE_OP, (base,))
-                done[base].meta.update({k: v for k, v in base.meta.items() if k == "val"})
-            node.replace_input_with(base, done[base])
-        if done:
+            if places and any(_from_input(node.args[i]) for i in places if i < len(node.args)):
+                root = _rows_of(node.args[0])
+                if root not in roots:
+                    roots.append(root)
+        for root in roots:  # one copy of the whole tensor, not one of each invoke's rows of it
+            with graph.inserting_after(root):
+                copy = graph.call_function(MATERIALIZE_OP, (root,))
+            if "val" in root.meta:
+                copy.meta["val"] = root.meta["val"]
+            root.replace_all_uses_with(copy, delete_user_cb=lambda user, copy=copy: user is not copy)
+        if roots:
             graph.lint()
             gm.recompile()
-        return PassResult(gm, bool(done))
+        return PassResult(gm, bool(roots))
+
+
+def _rows_of(node: torch.fx.Node) -> torch.fx.Node:
+    """The tensor that ``node`` is an invoke's rows of (through ``capture``'s slices), or ``node`` itself."""
+    while (node.op == "call_function" and node.target in (aten.slice.Tensor, aten.alias.default)
+           and isinstance(node.args[0], torch.fx.Node) and node.args[0].op != "placeholder"):
+        node = node.args[0]
+    return node
 
 
 def _from_input(arg, depth: int = 0) -> bool:
