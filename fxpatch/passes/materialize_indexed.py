@@ -36,8 +36,9 @@ class MaterializeIndexed(PassBase):
                 root = _rows_of(node.args[0])
                 if root not in roots:
                     roots.append(root)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for root in roots:  # one copy of the whole tensor, not one of each invoke's rows of it
-            with graph.inserting_after(root):
+            with graph.inserting_after(placeholders[-1] if root.op == "placeholder" else root):
                 copy = graph.call_function(MATERIALIZE_OP, (root,))
             if "val" in root.meta:
                 copy.meta["val"] = root.meta["val"]
