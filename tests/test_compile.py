@@ -136,3 +136,19 @@ def test_a_compiled_patch_at_a_negative_position_of_a_reshaped_value_is_the_hook
         finally:
             handle.remove()
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_write_of_an_outside_tensor_at_a_position_equals_eager(gpt2):
+    """An outside tensor indexed at a program's position (``v[:, p]``) is a graph input; its copy
+    (fxpatch/passes/materialize_indexed.py) goes after the graph's inputs. Compiled equals eager for p = -1."""
+    torch._dynamo.reset()
+    compiled = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+    v = torch.randn(1, 7, gpt2._model.config.n_embd)
+
+    def run(model):
+        with torch.no_grad(), model.trace(PROMPT_1):
+            model.transformer.h[0].output[:, -1] = v[:, -1]
+            logits = model.lm_head.output.save()
+        return logits
+
+    torch.testing.assert_close(run(compiled), run(gpt2), atol=1e-5, rtol=1e-5)
