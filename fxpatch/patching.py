@@ -321,13 +321,13 @@ def _sites(model, sites, loc) -> list[_Site]:
         else:
             found.append(pattern)
     out = []
+    chains = chains_of(graph)
     for path in dict.fromkeys(found):
         ms = graph.modules[path]["output"]
         ndim, order = _site_facts(graph)[ms.leaves[0]]
         if ndim < 2:
             raise InputError(f"module {path!r} outputs a {ndim}-D tensor; patching needs (batch, tokens, ...)",
                              at=loc, hint="Pick a module whose output has a batch and a token dim.")
-        chains = chains_of(graph)
         if chains.root[ms.leaves[0]] in chains.unbatched:
             raise InputError(f"module {path!r} outputs a tensor whose first dim is not the batch (its rows and "
                              "tokens flattened, say); patching needs (batch, tokens, ...)", at=loc,

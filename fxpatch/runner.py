@@ -268,7 +268,7 @@ def root_specs(sg, model_inputs: list) -> tuple[dict[str, TensorSpec], dict]:
         nodes = {n.name: n for n in sg.graph_module.graph.nodes}
         for root in set(chains_of(sg).root.values()):
             val = nodes[root].meta["val"]
-            shape = tuple(d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
+            shape = tuple(map(_size_expr, val.shape))
             specs[root] = TensorSpec(shape, val.dtype, val.device)
         sg._root_specs = specs
     return specs, sizes

@@ -197,6 +197,19 @@ def left_padded(lm, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def run_on_batch(lm, batch, hooks=()) -> torch.Tensor:
+    """The plain HF model's logits on the batch fxpatch ran (``tracer.batch``: token ids, mask and, where the
+    model takes them, positions), with ``hooks`` (``(module, forward hook)`` pairs) registered for the run, in
+    the caller's grad mode."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    positions = {"position_ids": batch.position_ids} if "position_ids" in lm.site_graph().input_names else {}
+    try:
+        return lm._model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **positions).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def hf_run(lm, prompts: list[str], n: int, *, edits=(), capture=None, **settings):
     """HF ``generate`` on ``prompts`` left-padded into one batch (one prompt: no padding), greedy unless
     ``settings`` say; ``edits`` are ``(module, edit(output, step))`` forward hooks, ``capture`` is

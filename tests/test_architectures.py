@@ -16,6 +16,7 @@ from fxpatch import LanguageModel
 from fxpatch.errors import ModuleNotRunError
 from fxpatch.proxy import Proxy
 from tests.conftest import PROMPT_1
+from tests.reference import run_on_batch
 
 PROMPTS = [PROMPT_1, "hello there"]
 SIZES = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 128}
@@ -133,10 +134,8 @@ def test_every_module_output_and_input_in_each_invoke_is_the_plain_models(arch):
         module = hf.get_submodule(path)
         hooks += [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
     try:
-        batch = tracer.batch
         with torch.no_grad():
-            hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-               **({"position_ids": batch.position_ids} if "position_ids" in lm.site_graph().input_names else {}))
+            run_on_batch(lm, tracer.batch)
     finally:
         for hook in hooks:
             hook.remove()
@@ -209,14 +208,7 @@ def test_a_module_values_gradient_in_one_invoke_is_torchs(arch):
             kept["value"] = output if isinstance(output, torch.Tensor) else output[0]
             kept["value"].retain_grad()
 
-        hook = hf.get_submodule(path).register_forward_hook(keep)
-        batch = tracer.batch
-        try:
-            logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        **({"position_ids": batch.position_ids} if "position_ids" in lm.site_graph().input_names
-                           else {})).logits
-        finally:
-            hook.remove()
+        logits = run_on_batch(lm, tracer.batch, [(hf.get_submodule(path), keep)])
         (logits[1, -1, 5] - logits[1, -1, 7]).backward()
         hf.zero_grad(set_to_none=True)
         expected = kept["value"].grad

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import PROMPT_1, PROMPT_2
-from tests.reference import paths, run_alone, token_ids, unpad
+from tests.reference import paths, run_alone, run_on_batch, token_ids, unpad
 
 EIFFEL = "The Eiffel Tower is in Paris"  # 9 tokens
 SHORT = "_ _ _"  # 3 tokens
@@ -126,18 +126,6 @@ def test_token_id_inputs(lm, form):
 
 # -- values whose first dim is not the batch's rows ----------------------------------------------------------
 
-def run_batch_with_hook(lm, batch, module: torch.nn.Module, hook) -> torch.Tensor:
-    """The plain HF model's logits on the batch fxpatch ran (ids, mask, positions), with ``hook`` as a forward
-    hook of ``module``."""
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return lm._model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids).logits
-    finally:
-        handle.remove()
-
-
 def test_a_value_whose_first_dim_is_not_the_batch_is_read_whole_in_every_invoke(opt):
     """OPT's ``fc1`` output is (rows * tokens, 128). Every invoke reads all of it, as NNsight gives it (NNsight
     narrows only a tensor with one row per prompt): rows of it would be tokens of other prompts."""
@@ -149,8 +137,9 @@ def test_a_value_whose_first_dim_is_not_the_batch_is_read_whole_in_every_invoke(
             second = fc1.output.save()
             logits = opt.output.logits.save()
     seen = []
-    expected = run_batch_with_hook(opt, tracer.batch, opt._model.model.decoder.layers[0].fc1,
-                                   lambda module, args, output: seen.append(output.clone()))
+    with torch.no_grad():
+        expected = run_on_batch(opt, tracer.batch, [(opt._model.model.decoder.layers[0].fc1,
+                                                     lambda module, args, output: seen.append(output.clone()))])
     width = tracer.batch.input_ids.shape[1]
     assert first.shape == second.shape == (2 * width, 128)
     torch.testing.assert_close(first, seen[0], atol=1e-5, rtol=1e-5)
@@ -184,7 +173,8 @@ def test_a_write_into_such_a_value_in_one_invoke_reaches_every_prompt_as_in_nnsi
             return output
         return output * 0.5
 
-    expected = run_batch_with_hook(opt, tracer.batch, opt._model.model.decoder.layers[0].fc2, edit)
+    with torch.no_grad():
+        expected = run_on_batch(opt, tracer.batch, [(opt._model.model.decoder.layers[0].fc2, edit)])
     torch.testing.assert_close(torch.cat([first, second]), expected, atol=1e-5, rtol=1e-5)
     unedited = seen[0]
     if kind == "in place":

@@ -15,7 +15,7 @@ from fxpatch.errors import FxpatchError
 from fxpatch.segments import Chain
 from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, skip_compiled_generation_before_torch_2_13, state
 from tests.markers import Markers
-from tests.reference import run_alone, unpad
+from tests.reference import run_alone, run_on_batch, unpad
 
 
 def patch(model, source, target, compile):
@@ -127,14 +127,8 @@ def test_a_compiled_patch_at_a_negative_position_of_a_reshaped_value_is_the_hook
                 layer.output[:, -1] = h * 2.0
             with tracer.invoke():
                 logits = model.lm_head.output.save()
-        handle = opt._model.model.decoder.layers[0].register_forward_hook(hook)
-        try:
-            batch = tracer.batch
-            with torch.no_grad():
-                expected = opt._model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      position_ids=batch.position_ids).logits
-        finally:
-            handle.remove()
+        with torch.no_grad():
+            expected = run_on_batch(opt, tracer.batch, [(opt._model.model.decoder.layers[0], hook)])
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
