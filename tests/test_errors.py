@@ -227,6 +227,25 @@ def test_outside_tensor_changed_in_place_after_its_use_is_refused(lm, change):
     assert torch.count_nonzero(v) > 0  # the user's own change stands
 
 
+@pytest.mark.parametrize("write", ["add_", "copy_"])
+def test_a_traced_value_written_in_place_into_an_outside_tensor_is_refused(lm, write):
+    """``outside.add_(h)`` in a program that also writes into a module's value: eager PyTorch would change
+    the user's tensor at that line, where the program runs at the block's end and hands out new values
+    only. Refused at the line (``_drop_snapshot_copies`` finds the write that functionalization copies back
+    into the program's input), and the tensor is left as it was."""
+    envoys, _ = layers(lm)
+    outside = torch.zeros(4)
+    with raises_cleanly(lm, ShapeError) as info:
+        with lm.trace(PROMPT_1):
+            h = envoys[0].output
+            h[:, -1] = 0  # a write into a module's value: the program is functionalized
+            getattr(outside, write)(h[0, 0, :4])  # line: outside-write
+            envoys[-1].output.save()
+    check_message(info.value, "outside-write", "in-place write changes a tensor made outside the trace",
+                  ".clone()")
+    assert torch.count_nonzero(outside) == 0
+
+
 def test_weights_changed_in_place_after_the_blocks_first_use_of_the_model_are_refused(lm):
     """NNsight runs the block interleaved with the forward pass, so a weight changed after a module value
     was read is changed after the modules before it ran; the trace's one pass at the block's end would run

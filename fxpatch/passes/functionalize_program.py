@@ -37,7 +37,9 @@ from typing import Any
 import sympy
 import torch
 import torch.fx.traceback as fx_traceback
+from torch._C._functorch import _func_decrement_nesting, _func_increment_nesting, _propagate_functional_input_mutation
 from torch._dynamo.source import ConstantSource
+from torch._functorch.eager_transforms import _unwrap_all_tensors_from_functional, _wrap_all_tensors_to_functional
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -828,7 +830,7 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
     flat, symbols = _fake_inputs(mode, interp, fake_roots, feeds, sizes, symbolic)
     with _quiet_fake_log(), fx_traceback.preserve_node_meta(), mode:
         try:
-            gm = make_fx(torch.func.functionalize(interp, remove="mutations"), tracing_mode="real")(*flat)
+            gm = make_fx(_functionalize(interp, len(interp.roots)), tracing_mode="real")(*flat)
         except ShapeError:
             raise
         except Exception as e:
@@ -839,6 +841,33 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
     if not symbolic:  # valid for exactly these sizes and numbers
         return gm, [sympy.Eq(sym, value) for sym, value in {**sizes, **feed_numbers(feeds)}.items()]
     return gm, _guards(env, symbols)
+
+
+def _functionalize(fn, n_roots: int):
+    """``torch.func.functionalize(fn, remove="mutations")``, except that a write into one of the first
+    ``n_roots`` inputs (the chain roots) is not copied back into it at the end.
+
+    The functional graph hands out each root's new value as an output (the events'
+    snapshots), and ``_drop_snapshot_copies`` would erase the copies into the roots;
+    replaying the writes onto them costs a seventh of a new program's trace. Writes
+    into the program's other inputs are copied back, as torch does: that copy is how
+    ``_drop_snapshot_copies`` finds a write into a tensor from outside the trace."""
+
+    def functional(*args):
+        level = _func_increment_nesting(True)  # remove="mutations": views are replayed as views
+        try:
+            wrapped = _wrap_all_tensors_to_functional(args, level)
+            outputs = _unwrap_all_tensors_from_functional(fn(*wrapped), reapply_views=True)
+            for i, (arg, inner) in enumerate(zip(args, wrapped)):
+                if isinstance(inner, torch.Tensor):
+                    torch._sync(inner)  # pending writes applied, as torch's functionalize does
+                    if i >= n_roots and isinstance(arg, torch.Tensor):
+                        _propagate_functional_input_mutation(arg, inner)
+            return outputs
+        finally:
+            _func_decrement_nesting()
+
+    return functional
 
 
 def _fake_inputs(mode: FakeTensorMode, interp: _Interpreter, fake_roots: dict, feeds: list, sizes: dict,
