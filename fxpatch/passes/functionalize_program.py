@@ -41,7 +41,7 @@ from torch._C._functorch import _func_decrement_nesting, _func_increment_nesting
 from torch._dynamo.source import ConstantSource
 from torch._functorch.eager_transforms import _unwrap_all_tensors_from_functional, _wrap_all_tensors_to_functional
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.fx.node import map_aggregate
@@ -828,7 +828,8 @@ def _make_functional(interp: _Interpreter, fake_roots: dict, feeds: list, sizes:
     # them, and filing each costs more than the op (a quarter of a new program's functionalization)
     mode.cache_enabled = not symbolic
     flat, symbols = _fake_inputs(mode, interp, fake_roots, feeds, sizes, symbolic)
-    with _quiet_fake_log(), fx_traceback.preserve_node_meta(), mode:
+    # a lazy module: its graph is edited and inlined, so the Python code make_fx would generate is never run
+    with _quiet_fake_log(), fx_traceback.preserve_node_meta(), _use_lazy_graph_module(True), mode:
         try:
             gm = make_fx(_functionalize(interp, len(interp.roots)), tracing_mode="real")(*flat)
         except ShapeError:
