@@ -197,7 +197,8 @@ class _Walk:
                 return budget
         budget -= sizes[len(level) - 1]
         items = gc.get_referents(*level)  # a list's and a tuple's items, a dict's keys and values
-        types = set(map(type, items))
+        kinds = list(map(type, items))
+        types = set(kinds)
         if types <= _ATOMS:  # numbers and strings only (a dataset's token lists): nothing below
             self.level = []
             return budget
@@ -212,12 +213,12 @@ class _Walk:
         # a tuple, and a module's tuple or dict value (``acts.append(attn.output)``), is rebuilt in what holds
         # it when bound (as a plain tuple or dict of real values): looked into under every holder
         rebuilt = {t for t in types if t is tuple or issubclass(t, SiteContainer)}
-        if types <= mutable:  # containers only (a dataset's rows): all of them are looked into
-            inner, kinds = items, None
-        else:
-            kinds = list(map(type, items))
-            inner = list(compress(items, map(mutable.__contains__, kinds)))
-        # a list or dict is looked into once (and changed in place)
+        inner = items if types <= mutable else list(compress(items, map(mutable.__contains__, kinds)))
+        if not rebuilt and inner:
+            below = _atoms_below(inner, budget)
+            if below is not None:  # the walk ends at the next depth: its containers need not be filed as seen
+                self.level = []
+                return budget - below
         by_id = dict(zip(map(id, inner), inner))
         if seen:
             for i in seen.intersection(by_id):
@@ -225,11 +226,22 @@ class _Walk:
         seen.update(by_id)
         level = list(by_id.values())
         if rebuilt:
-            level += compress(items, map(rebuilt.__contains__, kinds or map(type, items)))
+            level += compress(items, map(rebuilt.__contains__, kinds))
         small = list(compress(level, map(_SCAN_LIMIT.__ge__, map(len, level))))
         self.complete = self.complete and len(small) == len(level)
         self.level = small
         return budget
+
+def _atoms_below(containers: list, budget: int) -> int | None:
+    """How many elements ``containers`` hold, if they hold numbers and strings only and are within the walk's
+    limits (a dataset's rows of token lists: tens of thousands of lists at every trace); else ``None``."""
+    if not set(map(type, gc.get_referents(containers[0]))) <= _ATOMS:  # the first tells, most often
+        return None
+    lengths = list(map(len, containers))
+    total = sum(lengths)
+    if max(lengths) > _SCAN_LIMIT or total > budget:
+        return None
+    return total if set(map(type, gc.get_referents(*containers))) <= _ATOMS else None
 
 
 def proxies_in(value: Any, seen: set | None = None, limit: int | None = None) -> list[Proxy]:

@@ -365,6 +365,20 @@ def test_containers_made_outside_in_every_shape_are_filled(lm):
         assert row == fields and row["tokens"] == tokens and row["acts"] == []
 
 
+@pytest.mark.parametrize("at", [0, 250, 499])
+def test_a_list_among_many_lists_of_numbers_is_filled(gpt2, at):
+    """A dataset of token lists with one list filled in the trace: the walk ends early at a depth whose
+    lists hold numbers only, and must not do so when one of them (first, in the middle or last) holds a
+    traced value."""
+    rows = [[i, i + 1, i + 2] for i in range(500)]
+    rows[at] = []
+    with gpt2.trace(PROMPT_1):
+        rows[at].append(gpt2.lm_head.output[:, -1])
+    assert type(rows[at][0]) is torch.Tensor, type(rows[at][0])
+    close(rows[at][0][0], run_alone(gpt2, PROMPT_1).logits[-1], "filled")
+    assert all(row == [i, i + 1, i + 2] for i, row in enumerate(rows) if i != at)
+
+
 def test_past_the_walk_limit_saved_values_are_bound_and_unsaved_ones_say_so(gpt2):
     """Containers made before the trace are looked through up to 100,000 elements in all. Past that, a
     value put into one is bound only if ``.save()``d; an unsaved one is a clear error when used, never a
