@@ -213,12 +213,14 @@ class _Walk:
         # a tuple, and a module's tuple or dict value (``acts.append(attn.output)``), is rebuilt in what holds
         # it when bound (as a plain tuple or dict of real values): looked into under every holder
         rebuilt = {t for t in types if t is tuple or issubclass(t, SiteContainer)}
+        # containers only (a dataset's rows): all of them are looked into
         inner = items if types <= mutable else list(compress(items, map(mutable.__contains__, kinds)))
         if not rebuilt and inner:
             below = _atoms_below(inner, budget)
             if below is not None:  # the walk ends at the next depth: its containers need not be filed as seen
                 self.level = []
                 return budget - below
+        # a list or dict is looked into once (and changed in place)
         by_id = dict(zip(map(id, inner), inner))
         if seen:
             for i in seen.intersection(by_id):
@@ -231,6 +233,7 @@ class _Walk:
         self.complete = self.complete and len(small) == len(level)
         self.level = small
         return budget
+
 
 def _atoms_below(containers: list, budget: int) -> int | None:
     """How many elements ``containers`` hold, if they hold numbers and strings only and are within the walk's
