@@ -613,7 +613,8 @@ class Tracer:
         name, start, stop = ref
         if self._weights is None:  # a module's .skip(value) writes with no read before it
             self._note_weights(loc)
-        if (start, stop) != self.site_ref(name, invoke)[1:]:
+        chains = chains_of(self.model.site_graph(self.mode))
+        if (start, stop) != self.site_ref(name, invoke, chains)[1:]:
             raise FxpatchError("a module value read in one invoke was assigned in another", at=loc,
                                hint="Read the value again in this invoke (m.output) and assign to that.")
         if isinstance(value, Proxy) and value.tracer is self and _phase_of(value) > self.phase:
@@ -622,7 +623,7 @@ class Tracer:
                             also=[("it was recorded at", value.node.meta["fxpatch_loc"])],
                             hint="Write it at the same or a later step (tracer.iter[...]).")
         node = self.record("call_function", write_site, (name, start, stop, value), {}, phase=self.phase,
-                           at=self._position(name), loc=loc).node
+                           at=chains.position[name], loc=loc).node
         node.meta["fxpatch_site"] = name
 
     # -- running -----------------------------------------------------------------------
