@@ -29,6 +29,7 @@ from .export import SiteGraph, export_sites
 from .inputs import NO_INPUTS
 from .passes.functionalize_program import forget_source
 from .tracing import Tracer
+from .watch import model_fingerprint, watch_of
 
 DEFAULT_CACHE_SIZE = 64
 """Rewritten graphs a ``LanguageModel`` keeps by default: each holds a copy of the exported graph, about
@@ -121,7 +122,7 @@ class TransformersModel(Envoy):
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": GraphCache(cache_size),
                "_checked": BoundedDict(cache_size), "_functional": GraphCache(cache_size), "_state_access": {},
-               "_fingerprint": None, "_lock": threading.RLock(),
+               "_fingerprint": None, "_watch": None, "_kept": [], "_lock": threading.RLock(),
                "_compile": compile, "task": "text-generation", "_cache_dir": cache_dir}
         for k, v in own.items():
             object.__setattr__(self, k, v)
@@ -227,7 +228,11 @@ class TransformersModel(Envoy):
         An export captures dtypes, devices, train/eval modes and the module objects;
         weights edited in place need no new export.
         """
-        fingerprint = model_fingerprint(self._model)
+        watch = self._watch
+        if watch is not None and watch.unchanged():  # a few microseconds, against the walk's tens to hundreds
+            return
+        kept: list = []
+        fingerprint = model_fingerprint(self._model, kept)
         if fingerprint != self._fingerprint:
             _check_one_device(self._model)  # a part moved elsewhere (model.lm_head.to("cuda")) splits the model
             self._site_graphs.clear()
@@ -236,6 +241,10 @@ class TransformersModel(Envoy):
             self._functional.clear()
             self._state_access.clear()
             object.__setattr__(self, "_fingerprint", fingerprint)
+        # the objects the fingerprint names by id stay alive while it is the one compared against; a write
+        # that changed nothing it covers (an export sets attributes of its own) gets a new watch
+        object.__setattr__(self, "_kept", kept)
+        object.__setattr__(self, "_watch", watch_of(kept))
 
     def state_values(self, mode: str) -> tuple[Any, ...]:
         """The model's parameters, buffers and constants as ``mode``'s site graph takes them (placeholder order).
@@ -570,53 +579,6 @@ def _check_cache_settings(cache_size: Any, cache_dir: Any) -> None:
 
 def _dtype(dtype):
     return getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-
-
-def model_fingerprint(model: torch.nn.Module) -> tuple:
-    """What an export of ``model`` depends on besides weight values.
-
-    The module objects, their names and train/eval modes (dropout is in the graph
-    or not), every parameter's identity (tied weights are one graph input),
-    dtype, device and shape, and every buffer's dtype, device and shape. A walk
-    over ``_modules`` with no name strings keeps it to a few hundred microseconds
-    for a 12-layer GPT-2.
-
-    Example::
-
-        before = model_fingerprint(hf_model)
-        hf_model.half()
-        assert model_fingerprint(hf_model) != before
-    """
-    items: list = []
-    add = items.append
-    stack = [model]
-    pop, push = stack.pop, stack.append
-    while stack:  # every trace starts with this walk: flat appends, each dict's names as one tuple
-        module = pop()
-        d = module.__dict__  # nn.Module keeps these three dicts in its instance dict
-        params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
-        add(id(module))
-        add(module.training)
-        if params:
-            add(("parameters", *params))
-            for p in params.values():
-                if p is None:
-                    add(None)
-                else:
-                    add(id(p)); add(p.dtype); add(p.device); add(p.shape)  # noqa: E702
-        if buffers:
-            add(("buffers", *buffers))
-            for b in buffers.values():
-                if b is None:
-                    add(None)
-                else:
-                    add(b.dtype); add(b.device); add(b.shape)  # noqa: E702
-        if children:
-            add(("modules", *children))
-            for child in children.values():
-                if child is not None:
-                    push(child)
-    return tuple(items)
 
 
 # device_map strategies that spread a model over several devices

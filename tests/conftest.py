@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -115,6 +116,25 @@ def assert_state_unchanged(lm: LanguageModel, before: dict) -> None:
     assert after["weights"].keys() == before["weights"].keys()
     for k, v in before["weights"].items():
         torch.testing.assert_close(after["weights"][k], v, rtol=0, atol=0)
+
+
+@contextlib.contextmanager
+def module_calls():
+    """Every module called while active (an exported or rewritten graph too: it runs through
+    ``nn.Module.__call__``), without a hook: a hook the user registers is traced into the export, so a
+    new one, even a global one, makes the next trace export again, and an export calls every module."""
+    calls: list[torch.nn.Module] = []
+    call = torch.nn.Module.__call__
+
+    def counting(module, *args, **kwargs):
+        calls.append(module)
+        return call(module, *args, **kwargs)
+
+    torch.nn.Module.__call__ = counting
+    try:
+        yield calls
+    finally:
+        torch.nn.Module.__call__ = call
 
 
 def count_checks(monkeypatch) -> list[str]:

@@ -33,7 +33,7 @@ from fxpatch.errors import (
     ShapeError,
 )
 from fxpatch.proxy import Proxy
-from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, count_checks, layers, state
+from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, count_checks, layers, module_calls, state
 from tests.reference import run_alone
 
 SHORT = "_ _ _"  # 3 tokens; PROMPT_1 and PROMPT_2 have 10
@@ -80,20 +80,14 @@ def reference_logits(lm: LanguageModel) -> tuple[torch.Tensor, torch.Tensor]:
 def count_runs():
     """Records every module call while active.
 
-    The exported graph does not call the user's modules (their hooks were only used at export time), so a
-    hook on ``lm._model`` would not see a run. A *global* forward pre-hook does: the rewritten graph runs as
-    ``gm(*inputs)`` through ``nn.Module.__call__``, and an eager fallback would call the user's modules.
+    The exported graph does not call the user's modules, but it runs as ``gm(*inputs)`` through
+    ``nn.Module.__call__`` (``module_calls``), and an eager fallback would call the user's modules.
     Checking shapes (FakeTensorProp) interprets the graph node by node and calls no module, and the export
     is done (cached) before this is used, so any recorded call means the model ran.
     ``test_count_runs_sees_a_normal_trace`` shows that it does see a run.
     """
-    calls: list[str] = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda module, args: calls.append(type(module).__name__))
-    try:
+    with module_calls() as calls:
         yield calls
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -106,7 +100,7 @@ def raises_cleanly(lm: LanguageModel, error_type: type[BaseException]):
             yield info
     assert type(info.value) is error_type, f"expected {error_type.__name__}, got {type(info.value).__name__}: " \
         f"{info.value}"
-    assert runs == [], f"the model ran before the error: {runs}"
+    assert runs == [], f"the model ran before the error: {[type(m).__name__ for m in runs]}"
     assert active_tracer() is None, "a failed trace is still active"
     assert_state_unchanged(lm, before)
     for after, ref in zip(reference_logits(lm), logits_before):

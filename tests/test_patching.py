@@ -17,7 +17,7 @@ import torch
 
 from fxpatch.errors import InputError, MissingDependencyError, ModulePathError
 from fxpatch.patching import activation_patching, attribution_patching
-from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, state
+from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, module_calls, state
 from tests.reference import element, paths, run_alone, token_ids
 
 # 10 tokens each; the first two tokens ("Madison square") are the same, so positions 0 and 1
@@ -331,13 +331,8 @@ def refused(lm, error_type, marker: str, *words: str):
     """The error is ``error_type`` at this file's line ending with ``marker``, says ``words``, and no module ran."""
     lm.site_graph("forward")  # exported before runs are counted
     before = state(lm)
-    calls: list = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: calls.append(m))
-    try:
-        with pytest.raises(error_type) as info:
-            yield
-    finally:
-        handle.remove()
+    with module_calls() as calls, pytest.raises(error_type) as info:
+        yield
     message = str(info.value)
     assert message.startswith(f"{os.path.abspath(__file__)}:{_line_of(marker)}:"), message
     for word in words:
