@@ -61,6 +61,7 @@ from torch.utils._sympy.value_ranges import ValueRanges
 
 from .export import ModuleSites, Opaque
 from .structure import Spec
+from .watch import plain_settings
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,9 @@ def cache_key(model: torch.nn.Module, entry: torch.nn.Module, example: dict[str,
     for path, module in entry.named_modules(remove_duplicate=False):
         if _has_own_code(module):
             return None
-        modules.append([path, _name(type(module)), module.training])
+        # the settings a forward reads (scale_attn_weights, eps, ...), training among them: set by the config
+        # as a rule, but a user may change them, and a graph traced with others must not be found
+        modules.append([path, _name(type(module)), plain_settings(module)])
         if _name(type(module)) not in classes:
             classes[_name(type(module))] = _source_digest(type(module))
             if classes[_name(type(module))] is None:

@@ -19,9 +19,11 @@ microseconds against the walk's 35.
 from __future__ import annotations
 
 from operator import attrgetter
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedConfig
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -32,15 +34,16 @@ _WATCHED = ("_parameters", "_buffers", "_modules")
 def model_fingerprint(model: torch.nn.Module, kept: list | None = None) -> tuple:
     """What an export of ``model`` depends on besides weight values.
 
-    The module objects, their names and train/eval modes (dropout is in the graph
-    or not), their hooks and the global ones (traced into the export), an
-    instance-level ``forward``, every parameter's identity (tied weights are one
-    graph input), dtype, device and shape, and every buffer's dtype, device and
-    shape. Objects are named by ``id``; ``kept`` (a list) receives the modules and
-    ``forward`` patches, and whoever compares fingerprints keeps them alive so that
-    no new object can take a recorded id (``del m.act; m.act = nn.ReLU()`` may
-    otherwise reuse the old one's). Hooks are named by their handles' ids, which
-    torch never reuses.
+    The module objects, their names, their settings (train/eval mode, and every
+    attribute holding a number, string, flag, dtype or tuple of them, which the
+    forward may read: ``_settings``), their config's settings, their hooks and the
+    global ones (traced into the export), an instance-level ``forward``, every
+    parameter's identity (tied weights are one graph input), dtype, device and
+    shape, and every buffer's dtype, device and shape. Objects are named by ``id``;
+    ``kept`` (a list) receives the modules, configs and ``forward`` patches, and
+    whoever compares fingerprints keeps them alive so that no new object can take a
+    recorded id (``del m.act; m.act = nn.ReLU()`` may otherwise reuse the old
+    one's). Hooks are named by their handles' ids, which torch never reuses.
 
     Example::
 
@@ -52,6 +55,7 @@ def model_fingerprint(model: torch.nn.Module, kept: list | None = None) -> tuple
     items: list = [tuple(tuple(getattr(global_hooks, name, None) or ()) for name in _GLOBAL_HOOKS)]
     add = items.append
     keep = kept.append if kept is not None else None
+    configs: set[int] = set()
     stack = [model]
     pop, push = stack.pop, stack.append
     while stack:  # every trace a ModelWatch cannot vouch for runs this walk: flat appends
@@ -59,14 +63,9 @@ def model_fingerprint(model: torch.nn.Module, kept: list | None = None) -> tuple
         d = module.__dict__  # nn.Module keeps its dicts in its instance dict
         params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
         add(id(module))
-        add(module.training)
         if keep is not None:
             keep(module)
-        forward = d.get("forward")
-        if forward is not None:
-            add(("forward", id(forward)))
-            if keep is not None:
-                keep(forward)
+        add(_settings(d, add, keep, configs))
         if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") \
                 or d.get("_backward_pre_hooks"):
             add(("hooks", *(tuple(d.get(name) or ()) for name in _HOOKS)))
@@ -90,6 +89,57 @@ def model_fingerprint(model: torch.nn.Module, kept: list | None = None) -> tuple
                 if child is not None:
                     push(child)
     return tuple(items)
+
+
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size})
+# what every nn.Module keeps in its dict, read by the walk itself or not read by a forward
+_MODULE_STATE = frozenset(torch.nn.Module().__dict__) - {"training"}
+
+
+def _settings(d: dict, add, keep, configs: set[int]) -> tuple:
+    """An object's attributes that a forward may read as Python values: flags, sizes, names and
+    tuples of them (``training``, ``scale_attn_weights``, ``eps``, ``normalized_shape``), in order.
+
+    Other objects are left out (a list or dict can change without its owner's dict seeing it, so no
+    ``ModelWatch`` could vouch for them), except an instance-level ``forward`` (by id; kept) and a
+    transformers config, whose settings ``add`` records once per config (``configs``: ids seen)."""
+    out = []
+    for name, value in d.items():
+        if name in _MODULE_STATE:
+            continue
+        if _is_plain(value):
+            out.append(name)
+            out.append(value)
+        elif name == "forward" or isinstance(value, PreTrainedConfig):
+            out.append(name)
+            out.append(id(value))
+            if keep is not None:
+                keep(value)
+            if name != "forward" and id(value) not in configs:
+                configs.add(id(value))
+                add(("config", id(value), _settings(value.__dict__, add, keep, configs)))
+    return tuple(out)
+
+
+def _is_plain(value: Any) -> bool:
+    t = type(value)
+    return t in _PLAIN or t is tuple and all(type(x) in _PLAIN for x in value)
+
+
+def plain_settings(module: torch.nn.Module) -> list[list]:
+    """A module's settings as ``_settings`` finds them, as JSON values (``[name, value]`` pairs; a
+    dtype or device as its string): what a key of an export on disk names of the module.
+
+    Example::
+
+        plain_settings(torch.nn.LayerNorm(8))   # [["training", True], ["normalized_shape", [8]], ...]
+    """
+    def json_value(v):
+        return [json_value(x) for x in v] if isinstance(v, tuple) else \
+            str(v) if isinstance(v, (torch.dtype, torch.device)) else v
+
+    return [[name, json_value(value)] for name, value in module.__dict__.items()
+            if name not in _MODULE_STATE and _is_plain(value)]
 
 
 def _dict_version_works() -> bool:
@@ -130,7 +180,7 @@ class ModelWatch:
         assert not watch.unchanged()
     """
 
-    def __init__(self, modules: list[torch.nn.Module]):
+    def __init__(self, modules: list[torch.nn.Module], configs: list = ()):
         global _DICT_VERSION_WORKS
         if _DICT_VERSION_WORKS is None:
             _DICT_VERSION_WORKS = _dict_version_works()
@@ -141,6 +191,7 @@ class ModelWatch:
 
         global_hooks = torch.nn.modules.module
         dicts = [d for d in (getattr(global_hooks, name, None) for name in _GLOBAL_HOOKS) if isinstance(d, dict)]
+        dicts += [config.__dict__ for config in configs]
         tensors = []
         for module in modules:
             d = module.__dict__
@@ -181,8 +232,9 @@ class ModelWatch:
 
 def watch_of(kept: list) -> ModelWatch:
     """The ``ModelWatch`` of the modules a ``model_fingerprint`` walk kept."""
-    return ModelWatch([m for m in kept if isinstance(m, torch.nn.Module)])
+    return ModelWatch([m for m in kept if isinstance(m, torch.nn.Module)],
+                      [c for c in kept if isinstance(c, PreTrainedConfig)])
 
 
-__all__ = ["ModelWatch", "model_fingerprint", "watch_of"]
+__all__ = ["ModelWatch", "model_fingerprint", "plain_settings", "watch_of"]
 

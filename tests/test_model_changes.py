@@ -215,6 +215,27 @@ def test_a_module_deleted_then_replaced_runs_even_where_it_takes_the_old_ones_id
     assert exports == ["_Forward"] * 2
 
 
+def test_a_setting_changed_after_a_trace_is_followed_and_keyed_on_disk(tmp_path, exports):
+    """A module attribute the forward reads (GPT-2 attention's ``scaling``) set after a trace: the next
+    trace exports again, and the export on disk is found only by a model with the same settings."""
+    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
+    plain = direct(lm)
+    assert_logits(traced(lm), plain, torch.float32, 1e-5)
+    for block in lm._model.transformer.h:
+        block.attn.scaling = 1.0  # from 1/sqrt(head_dim)
+    unscaled = direct(lm)
+    assert (unscaled[0] - plain[0]).abs().max() > 1e-2
+    assert_logits(traced(lm), unscaled, torch.float32, 1e-5)
+    assert exports == ["_Forward"] * 2
+    # as a second process would: a new wrapper reads the export from disk, the one of its own settings
+    again = LanguageModel(lm._model, cache_dir=tmp_path)
+    assert_logits(traced(again), unscaled, torch.float32, 1e-5)
+    assert again.site_graph().loaded_from is not None
+    fresh = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
+    assert_logits(traced(fresh), plain, torch.float32, 1e-5)
+    assert fresh.site_graph().loaded_from is not None
+
+
 def test_traces_of_an_unchanged_model_skip_the_fingerprint_walk(monkeypatch):
     """The walk runs once per change (and once after an export, which sets attributes of its own); the
     traces between are vouched for by ``ModelWatch``."""

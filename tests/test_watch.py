@@ -52,6 +52,9 @@ CHANGES = {
     "a global forward hook": lambda m, keep: keep(
         torch.nn.modules.module.register_module_forward_hook(lambda *a: None)),
     "a patched forward": lambda m, keep: setattr(m.transformer.h[0], "forward", lambda *a, **k: a[0]),
+    "a flag a forward reads": lambda m, keep: setattr(m.transformer.h[1].attn, "scale_attn_weights", False),
+    "a number a forward reads": lambda m, keep: setattr(m.transformer.ln_f, "eps", 1e-3),
+    "a config setting": lambda m, keep: setattr(m.config, "scale_attn_weights", False),
 }
 
 
@@ -84,7 +87,7 @@ def test_what_an_export_does_not_depend_on_keeps_or_ends_the_watch_without_chang
     fingerprint, watch = watched(model)
     model.transformer.h[0].mlp.c_fc.weight.data.mul_(2)  # weights in place: read at each run
     assert watch.unchanged()
-    model.transformer.h[0].attn.note = "a label"  # a write the walk does not read: a walk, the same answer
+    model.transformer.h[0].attn.notes = ["a label"]  # not a setting: a walk, the same answer
     assert not watch.unchanged()
     assert model_fingerprint(model) == fingerprint
 
