@@ -28,12 +28,14 @@ import logging
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.export import Dim
 
+from .errors import user_location
 from .passes.ops import is_site, site
 from .source import add_op_sites, module_sources, unpacked_sites
 from .structure import Spec, flatten, unflatten
@@ -317,7 +319,29 @@ def export_sites(model: torch.nn.Module, entry: torch.nn.Module, example: dict[s
 TRACING_LOCK = threading.RLock()
 
 
+def _warn_of_user_hooks(model: torch.nn.Module) -> None:
+    """Say, at the user's line, that the model's own hooks are being traced into the export: NNsight
+    runs them at every forward pass, fxpatch runs the graph they were traced into."""
+    hooks = torch.nn.modules.module
+    hooked = [path or "the model" for path, m in model.named_modules(remove_duplicate=False)
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks \
+            or hooks._global_backward_pre_hooks:
+        hooked.insert(0, "every module (a global hook)")
+    if not hooked:
+        return
+    loc = user_location()
+    where = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
+    warnings.warn_explicit(
+        f"hooks of your own on {where} are traced into fxpatch's export of the model: what they do to values "
+        "is part of the graph every trace runs; anything else they do (keeping a tensor, counting calls) "
+        "happened once, now, on fake tensors. Read values with .save() inside a trace instead, or remove the "
+        "hooks (handle.remove()): the next trace then exports the model again without them.",
+        UserWarning, loc.filename, loc.lineno)
+
+
 def _export_sites(model, entry, example, dynamic_shapes, prefix) -> SiteGraph:
+    _warn_of_user_hooks(model)
     record: dict[str, dict[str, dict[int, ModuleSites]]] = {}  # path -> kind -> call -> sites
     dynamic = dynamic_shapes or {k: _all_dynamic(v) for k, v in example.items()}
     start = time.perf_counter()

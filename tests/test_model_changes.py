@@ -160,8 +160,9 @@ def test_train_mode_exports_with_dropout_and_eval_mode_again_without(exports):
 
 
 def test_a_hook_registered_or_removed_after_a_trace_is_followed(exports):
-    """A user's hooks run in eager PyTorch (and NNsight) and are traced into the export: one registered
-    after a trace, on a module or for every module, and its removal, make the next trace export again."""
+    """A user's hooks run in eager PyTorch (and NNsight) and are traced into the export, with a warning
+    that says so (their side effects happen once, at the export): one registered after a trace, on a
+    module or for every module, and its removal, make the next trace export again."""
     lm = fresh_gpt2()
     plain = direct(lm)
     assert_logits(traced(lm), plain, torch.float32, 1e-5)
@@ -169,13 +170,16 @@ def test_a_hook_registered_or_removed_after_a_trace_is_followed(exports):
     handle = mlp.register_forward_hook(lambda m, args, out: out * 2)
     doubled = direct(lm)
     assert (doubled[0] - plain[0]).abs().max() > 0.1
-    assert_logits(traced(lm), doubled, torch.float32, 1e-5)
+    with pytest.warns(UserWarning, match=r"hooks of your own on transformer\.h\.0\.mlp are traced") as warned:
+        assert_logits(traced(lm), doubled, torch.float32, 1e-5)
+    assert warned[0].filename == __file__  # the user's line: the trace's first read
     handle.remove()
     assert_logits(traced(lm), plain, torch.float32, 1e-5)
     handle = torch.nn.modules.module.register_module_forward_hook(
         lambda m, args, out: out * 2 if m is mlp else None)
     try:
-        assert_logits(traced(lm), doubled, torch.float32, 1e-5)
+        with pytest.warns(UserWarning, match=r"every module \(a global hook\)"):
+            assert_logits(traced(lm), doubled, torch.float32, 1e-5)
     finally:
         handle.remove()
     assert_logits(traced(lm), plain, torch.float32, 1e-5)
