@@ -39,6 +39,7 @@ from .errors import user_location
 from .passes.ops import is_site, site
 from .source import add_op_sites, module_sources, unpacked_sites
 from .structure import Spec, flatten, unflatten
+from .watch import own_hooks
 
 _log = logging.getLogger(__name__)
 
@@ -322,11 +323,8 @@ TRACING_LOCK = threading.RLock()
 def _warn_of_user_hooks(model: torch.nn.Module) -> None:
     """Say, at the user's line, that the model's own hooks are being traced into the export: NNsight
     runs them at every forward pass, fxpatch runs the graph they were traced into."""
-    hooks = torch.nn.modules.module
-    hooked = [path or "the model" for path, m in model.named_modules(remove_duplicate=False)
-              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks \
-            or hooks._global_backward_pre_hooks:
+    hooked = [path or "the model" for path, m in model.named_modules(remove_duplicate=False) if own_hooks(m)]
+    if own_hooks():
         hooked.insert(0, "every module (a global hook)")
     if not hooked:
         return

@@ -61,7 +61,7 @@ from torch.utils._sympy.value_ranges import ValueRanges
 
 from .export import ModuleSites, Opaque
 from .structure import Spec
-from .watch import plain_settings
+from .watch import own_hooks, plain_settings
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ def _name(cls: type) -> str:
 
 def _has_own_code(module: torch.nn.Module) -> bool:
     """Hooks or an instance-level ``forward``: code that runs in the export and that no key can name."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__)
+    return bool(own_hooks(module) or "forward" in module.__dict__)
 
 
 def _tensor_facts(t: Any) -> Any:
@@ -153,9 +152,7 @@ def cache_key(model: torch.nn.Module, entry: torch.nn.Module, example: dict[str,
         key = cache_key(hf_model, _Forward(hf_model, True), example, None, "model.")
         hashlib.sha256(key.encode()).hexdigest()   # the entry's file name
     """
-    hooks = torch.nn.modules.module
-    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-            or getattr(hooks, "_global_backward_pre_hooks", None)):
+    if own_hooks():
         return None
     modules, classes = [], {}
     for path, module in entry.named_modules(remove_duplicate=False):

@@ -213,6 +213,8 @@ class TransformersModel(Envoy):
             self._forget_stale_exports()  # all modes' graphs must come from the same model
             try:
                 sg = self._export(mode)
+            except Warning:  # fxpatch's own (hooks traced in), under a filter that makes warnings errors
+                raise
             except Exception as e:  # noqa: BLE001 - whatever torch.export says, say where and what
                 raise FxpatchError(
                     f"torch.export could not capture {type(self._model).__name__} for its {mode} pass: "

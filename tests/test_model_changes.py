@@ -8,6 +8,8 @@ used with no new export. A model on several devices is refused when it is wrappe
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -184,6 +186,23 @@ def test_a_hook_registered_or_removed_after_a_trace_is_followed(exports):
         handle.remove()
     assert_logits(traced(lm), plain, torch.float32, 1e-5)
     assert exports == ["_Forward"] * 5
+
+
+def test_transformers_own_output_hooks_export_again_quietly_and_are_cached(tmp_path, exports):
+    """A call with ``output_hidden_states`` makes transformers register output-capturing hooks on the
+    model's modules, for good. They do nothing outside such a call: the next trace exports again (hooks are
+    in the fingerprint), says nothing of hooks of the user's, gives the same logits, and is cached on disk."""
+    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
+    plain = direct(lm)
+    assert_logits(traced(lm), plain, torch.float32, 1e-5)
+    with torch.no_grad():
+        lm._model(torch.tensor([token_ids(lm, PROMPT_1)]), output_hidden_states=True, output_attentions=True)
+    assert any(m._forward_hooks for m in lm._model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_logits(traced(lm), plain, torch.float32, 1e-5)
+    assert exports == ["_Forward"] * 2
+    assert len(list((tmp_path / "exports").glob("*.fxg"))) == 2
 
 
 def test_a_forward_patched_on_a_module_after_a_trace_is_followed(exports):
