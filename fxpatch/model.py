@@ -248,6 +248,14 @@ class TransformersModel(Envoy):
         object.__setattr__(self, "_kept", kept)
         object.__setattr__(self, "_watch", watch_of(kept))
 
+    def _changed_since(self, fingerprint: tuple | None) -> bool:
+        """Whether anything an export depends on differs from ``fingerprint`` (taken when a trace began):
+        the watch, and where it cannot vouch, a walk. Nothing is dropped: the next trace does that."""
+        watch = self._watch
+        if fingerprint is self._fingerprint and watch is not None and watch.unchanged():
+            return False
+        return model_fingerprint(self._model) != fingerprint
+
     def state_values(self, mode: str) -> tuple[Any, ...]:
         """The model's parameters, buffers and constants as ``mode``'s site graph takes them (placeholder order).
 

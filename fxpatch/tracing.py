@@ -220,6 +220,7 @@ class Tracer:
         self._constants: dict[tuple[int, int], tuple[Any, torch.fx.Node]] = {}
         self._inputs = 0  # placeholders made, for their names
         self._weights: tuple | None = None  # at the block's first use of the model: (line, mode, versions)
+        self._model_state = getattr(model, "_fingerprint", None)  # the model as the block begins (watch.py)
         self.batch = None
         self.pin = Pin(0)  # outside tracer.iter every read is a module's first call
         self.iter = CallSelection(self)
@@ -674,6 +675,13 @@ class Tracer:
                         "had here", at=node.meta["fxpatch_loc"],
                         hint="Use a copy of it here (x.clone()) to keep the value it has at this line, or "
                         "change it after the block.")
+        changed = getattr(self.model, "_changed_since", None)
+        if changed is not None and changed(self._model_state):
+            raise FlowError(
+                "the model was changed inside the block (a module, a hook, a setting such as an attention's "
+                "scaling, a dtype or device): the trace runs its block's program when the block ends, on "
+                "the model as it was when the block began", at=self.loc,
+                hint="Change the model before the `with` block, or after it.")
         if self._weights is not None and self._weights[2] is not None:
             loc, mode, versions = self._weights
             if _versions(self.model.state_values(mode)) != versions:

@@ -263,6 +263,43 @@ def test_weights_changed_in_place_after_the_blocks_first_use_of_the_model_are_re
             weight.copy_(original)
 
 
+def test_a_setting_changed_inside_the_block_is_refused(lm):
+    """NNsight runs the forward pass as the block runs, so a module setting changed in the block applies
+    to the modules the pass reaches after that line; the trace's one pass at the block's end would run the
+    graph of the model as it was when the block began. Refused at the block's line, before the model runs."""
+    envoys, modules = layers(lm)
+    try:
+        with raises_cleanly(lm, FlowError) as info:
+            with lm.trace(PROMPT_1):  # line: changed-setting
+                envoys[0].output.save()
+                modules[1].scale_in_my_experiment = 2.0
+                envoys[1].output.save()
+        check_message(info.value, "changed-setting", "model was changed inside the block",
+                      "before the `with` block")
+    finally:
+        del modules[1].scale_in_my_experiment
+
+
+def test_a_hook_registered_inside_the_block_is_refused(lm):
+    envoys, modules = layers(lm)
+    reference_logits(lm)  # exported before runs are counted
+    handle = None
+    try:
+        with count_runs() as runs, pytest.raises(FlowError) as info:
+            with lm.trace(PROMPT_1):  # line: changed-hook
+                envoys[0].output.save()
+                handle = modules[1].register_forward_hook(lambda module, args, out: out)
+                envoys[1].output.save()
+        assert runs == []
+        check_message(info.value, "changed-hook", "model was changed inside the block", "a hook")
+    finally:
+        if handle is not None:
+            handle.remove()
+    with lm.trace(PROMPT_1):  # the hook gone, the model is as it was: no error
+        out = lm.lm_head.output.save()
+    torch.testing.assert_close(out[0], run_alone(lm, PROMPT_1).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("write", ["relu-inplace", "out"])
 def test_a_write_after_the_model_used_a_value_is_refused_when_only_torch_knows_it_is_in_place(lm, write):
     """A layer's output changed by an op that writes by its arguments alone (``inplace=True``, ``out=``),
