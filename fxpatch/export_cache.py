@@ -61,7 +61,7 @@ from torch.utils._sympy.value_ranges import ValueRanges
 
 from .export import ModuleSites, Opaque
 from .structure import Spec
-from .watch import own_hooks, plain_settings
+from .watch import code_of, function_of, own_hooks, plain_settings
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _package_digest() -> str:
     return h.hexdigest()
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=2048)
 def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -127,6 +127,40 @@ def _source_digest(cls: type) -> str | None:
 
 def _name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _path_digest(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return _file_digest(path, st.st_mtime_ns, st.st_size)
+
+
+def _code_key(modules: list) -> list | None:
+    """The functions held by the model's classes (and their bases) and by the Python modules defining
+    them that come from another file than their holder's, each with a hash of that file; None when one
+    has no file to hash (defined in a notebook). A monkeypatch (``GPT2MLP.forward = f``,
+    ``modeling_gpt2.eager_attention_forward = f``) changes this, so a graph traced with other code is
+    not found; an import (a function of another transformers file) is named the same every process."""
+    classes, namespaces = code_of(modules)
+    out = []
+    for owner in (*classes, *namespaces):
+        if isinstance(owner, type):
+            name, own = _name(owner), getattr(sys.modules.get(owner.__module__), "__file__", None)
+        else:
+            name, own = owner.__name__, getattr(owner, "__file__", None)
+        for attr, value in vars(owner).items():
+            f = function_of(value)
+            if f is None or f.__code__.co_filename == own:
+                continue
+            digest = _path_digest(f.__code__.co_filename)
+            if digest is None and (f.__module__ or "").partition(".")[0] in sys.stdlib_module_names:
+                digest = "stdlib"  # frozen (``<frozen abc>``): the Python version is in the key
+            if digest is None:
+                return None
+            out.append([name, attr, f"{f.__module__}:{f.__qualname__}", digest])
+    return out
 
 
 def _has_own_code(module: torch.nn.Module) -> bool:
@@ -165,6 +199,9 @@ def cache_key(model: torch.nn.Module, entry: torch.nn.Module, example: dict[str,
             classes[_name(type(module))] = _source_digest(type(module))
             if classes[_name(type(module))] is None:
                 return None  # a class with no source file (made in a notebook): its code may change unseen
+    code = _code_key([module for _, module in entry.named_modules()])
+    if code is None:
+        return None  # a function with no file behind it (a notebook's patch): its code may change unseen
     first: dict[int, str] = {}
     params = [[name, list(p.shape), str(p.dtype), str(p.device), p.requires_grad, first.setdefault(id(p), name)]
               for name, p in entry.named_parameters(remove_duplicate=False)]
@@ -202,6 +239,7 @@ def cache_key(model: torch.nn.Module, entry: torch.nn.Module, example: dict[str,
         "config": config_json,
         "modules": modules,
         "sources": classes,
+        "code": code,
         "parameters": params,
         "buffers": buffers,
         "example": {k: _tensor_facts(v) for k, v in example.items()},

@@ -254,7 +254,13 @@ class TransformersModel(Envoy):
         watch = self._watch
         if fingerprint is self._fingerprint and watch is not None and watch.unchanged():
             return False
-        return model_fingerprint(self._model) != fingerprint
+        kept: list = []
+        if model_fingerprint(self._model, kept) != fingerprint:
+            return True
+        if fingerprint is self._fingerprint:  # a write that changed nothing (an export's own): watch anew
+            object.__setattr__(self, "_kept", kept)
+            object.__setattr__(self, "_watch", watch_of(kept))
+        return False
 
     def state_values(self, mode: str) -> tuple[Any, ...]:
         """The model's parameters, buffers and constants as ``mode``'s site graph takes them (placeholder order).

@@ -259,6 +259,70 @@ def test_a_setting_changed_after_a_trace_is_followed_and_keyed_on_disk(tmp_path,
     assert fresh.site_graph().loaded_from is not None
 
 
+def doubled_mlp(self, hidden_states):
+    """``GPT2MLP.forward`` with its output doubled: a monkeypatch of the class, from this file."""
+    return _GPT2MLP_FORWARD(self, hidden_states) * 2
+
+
+_GPT2MLP_FORWARD = GPT2MLP.forward
+
+
+def no_rotary(q, k, cos, sin, unsqueeze_dim=1):
+    """``apply_rotary_pos_emb`` that leaves queries and keys as they are: a patch of Llama's module."""
+    return q, k
+
+
+def test_a_method_monkeypatched_after_a_trace_is_followed_and_keyed_on_disk(tmp_path, exports, monkeypatch):
+    """``GPT2MLP.forward = f`` after a trace: the next trace exports again; on disk, a process with the
+    patch finds the patched graph and one without it the plain graph (a graph traced with other code
+    was found before, silently)."""
+    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
+    plain = direct(lm)
+    assert_logits(traced(lm), plain, torch.float32, 1e-5)
+    with monkeypatch.context() as patch:
+        patch.setattr(GPT2MLP, "forward", doubled_mlp)
+        doubled = direct(lm)
+        assert (doubled[0] - plain[0]).abs().max() > 0.1
+        assert_logits(traced(lm), doubled, torch.float32, 1e-5)
+        assert len(list((tmp_path / "exports").glob("*.fxg"))) == 2
+        again = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
+        assert_logits(traced(again), doubled, torch.float32, 1e-5)
+        assert again.site_graph().loaded_from is not None
+    fresh = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
+    assert_logits(traced(fresh), plain, torch.float32, 1e-5)
+    assert fresh.site_graph().loaded_from is not None
+    assert exports == ["_Forward"] * 4  # two exports, two loads
+
+
+def test_a_module_function_monkeypatched_after_a_trace_is_followed(tokenizer, tmp_path, exports, monkeypatch):
+    """``modeling_llama.apply_rotary_pos_emb = f``: a function the forward calls by its module's name."""
+    from transformers.models.llama import modeling_llama
+
+    lm = LanguageModel(tiny_llama(len(tokenizer)), tokenizer=tokenizer, cache_dir=tmp_path)
+    rotary = direct(lm)
+    assert_logits(traced(lm), rotary, torch.float32, 1e-5)
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_llama, "apply_rotary_pos_emb", no_rotary)
+        flat = direct(lm)
+        assert (flat[0] - rotary[0]).abs().max() > 1e-3
+        assert_logits(traced(lm), flat, torch.float32, 1e-5)
+    assert_logits(traced(lm), rotary, torch.float32, 1e-5)
+    assert exports == ["_Forward"] * 3  # the last one a load
+    assert lm.site_graph().loaded_from is not None
+    assert len(list((tmp_path / "exports").glob("*.fxg"))) == 2
+
+
+def test_a_monkeypatch_from_a_notebook_is_not_cached(tmp_path, exports, monkeypatch):
+    """A function with no file behind it (a notebook cell's) cannot be named in a key: not written."""
+    namespace: dict = {}
+    exec(compile("def forward(self, x):\n    return MLP_FORWARD(self, x) * 2\n", "<cell 3>", "exec"),
+         {"MLP_FORWARD": _GPT2MLP_FORWARD}, namespace)
+    monkeypatch.setattr(GPT2MLP, "forward", namespace["forward"])
+    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
+    assert_logits(traced(lm), direct(lm), torch.float32, 1e-5)
+    assert exports == ["_Forward"] and not list((tmp_path / "exports").glob("*.fxg"))
+
+
 def test_traces_of_an_unchanged_model_skip_the_fingerprint_walk(monkeypatch):
     """The walk runs once per change (and once after an export, which sets attributes of its own); the
     traces between are vouched for by ``ModelWatch``."""
