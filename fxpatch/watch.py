@@ -66,7 +66,7 @@ def model_fingerprint(model: torch.nn.Module, kept: list | None = None) -> tuple
         assert model_fingerprint(hf_model) != before
     """
     global_hooks = torch.nn.modules.module
-    items: list = [tuple(tuple(getattr(global_hooks, name, None) or ()) for name in _GLOBAL_HOOKS)]
+    items: list = [tuple(_hook_ids(getattr(global_hooks, name, None)) for name in _GLOBAL_HOOKS)]
     add = items.append
     keep = kept.append if kept is not None else None
     configs: set[int] = set()
@@ -84,7 +84,9 @@ def model_fingerprint(model: torch.nn.Module, kept: list | None = None) -> tuple
         add(_settings(d, add, keep, configs))
         if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") \
                 or d.get("_backward_pre_hooks"):
-            add(("hooks", *(tuple(d.get(name) or ()) for name in _HOOKS)))
+            hooks = tuple(_hook_ids(d.get(name)) for name in _HOOKS)
+            if any(hooks):
+                add(("hooks", *hooks))
         if params:
             add(("parameters", *params))
             for p in params.values():
@@ -166,7 +168,16 @@ def _type_dict(cls: type) -> dict | None:
 
 _PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size})
 # what every nn.Module keeps in its dict, read by the walk itself or not read by a forward
-_MODULE_STATE = frozenset(torch.nn.Module().__dict__) - {"training"}
+_MODULE_STATE = frozenset(torch.nn.Module().__dict__) - {"training"} | {"_output_capturing_hooks_installed"}
+# transformers' output-capturing hooks (``own_hooks``) and the flag saying they are there: no-ops in an export
+_INERT_HOOKS_MODULE = "transformers.utils.output_capturing"
+
+
+def _hook_ids(hooks: dict | None) -> tuple:
+    """The handle ids of ``hooks`` but transformers' inert output-capturing ones."""
+    if not hooks:
+        return ()
+    return tuple(k for k, fn in hooks.items() if getattr(fn, "__module__", None) != _INERT_HOOKS_MODULE)
 
 
 def _settings(d: dict, add, keep, configs: set[int]) -> tuple:
@@ -232,7 +243,7 @@ def own_hooks(module: torch.nn.Module | None = None) -> list:
     else:
         dicts = [getattr(module, name, None) for name in _HOOKS]
     return [fn for d in dicts if d for fn in d.values()
-            if getattr(fn, "__module__", None) != "transformers.utils.output_capturing"]
+            if getattr(fn, "__module__", None) != _INERT_HOOKS_MODULE]
 
 
 def _dict_version_works() -> bool:

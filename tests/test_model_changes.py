@@ -188,21 +188,32 @@ def test_a_hook_registered_or_removed_after_a_trace_is_followed(exports):
     assert exports == ["_Forward"] * 5
 
 
-def test_transformers_own_output_hooks_export_again_quietly_and_are_cached(tmp_path, exports):
+def test_transformers_own_output_hooks_change_nothing(tmp_path, exports):
     """A call with ``output_hidden_states`` makes transformers register output-capturing hooks on the
-    model's modules, for good. They do nothing outside such a call: the next trace exports again (hooks are
-    in the fingerprint), says nothing of hooks of the user's, gives the same logits, and is cached on disk."""
+    model's modules, for good. They do nothing outside such a call, so they are not a change: the next
+    trace, even one whose block makes that call, uses the same graph, with no word of hooks of the user's;
+    and a model that has them is cached on disk under the key of one that has not."""
     lm = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
     plain = direct(lm)
-    assert_logits(traced(lm), plain, torch.float32, 1e-5)
-    with torch.no_grad():
-        lm._model(torch.tensor([token_ids(lm, PROMPT_1)]), output_hidden_states=True, output_attentions=True)
-    assert any(m._forward_hooks for m in lm._model.modules())
+    ids = torch.tensor([token_ids(lm, PROMPT_1)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_logits(traced(lm), plain, torch.float32, 1e-5)
-    assert exports == ["_Forward"] * 2
-    assert len(list((tmp_path / "exports").glob("*.fxg"))) == 2
+        with torch.no_grad():
+            lm._model(ids, output_hidden_states=True, output_attentions=True)
+        assert any(m._forward_hooks for m in lm._model.modules())
+        assert_logits(traced(lm), plain, torch.float32, 1e-5)
+        with torch.no_grad(), lm.trace(PROMPT_1):
+            lm._model(ids, output_hidden_states=True)  # inside the block: no refusal either
+            logits = lm.lm_head.output.save()
+        assert_logits([logits[0]], plain[:1], torch.float32, 1e-5)
+        hooked = LanguageModel(AutoModelForCausalLM.from_pretrained(fxpatch.TINY_GPT2), cache_dir=tmp_path)
+        with torch.no_grad():
+            hooked._model(ids, output_hidden_states=True)
+        assert_logits(traced(hooked), plain, torch.float32, 1e-5)
+    assert hooked.site_graph().loaded_from is not None
+    assert exports == ["_Forward"] * 2  # an export, and a load
+    assert len(list((tmp_path / "exports").glob("*.fxg"))) == 1
 
 
 def test_a_forward_patched_on_a_module_after_a_trace_is_followed(exports):
