@@ -108,11 +108,36 @@ def model_fingerprint(model: torch.nn.Module, kept: list | None = None) -> tuple
                     push(child)
     classes, namespaces = code_of(modules)
     for owner in (*classes, *namespaces):  # methods and module functions by id: a monkeypatch changes one
-        code = [(name, v) for name, v in vars(owner).items() if _is_code(v)]
-        add((id(owner), *((name, id(v)) for name, v in code)))
+        entry, values = _code_entry(owner)
+        add(entry)
         if keep is not None:
-            kept.extend(v for _, v in code)
+            keep(values)  # the list: it keeps them all alive
     return tuple(items)
+
+
+# id(class or Python module) -> (it, its dict's version, its entry in fingerprints, the objects named there)
+_CODE_ENTRIES: dict[int, tuple] = {}
+
+
+def _code_entry(owner: type | types.ModuleType) -> tuple[tuple, list]:
+    """``owner``'s functions as a fingerprint names them (by id), and those functions. Remade only after
+    a write to its dict: the dicts of transformers' classes and modules hold thousands of entries, and a
+    walk after a hook registered by hand would otherwise read them all."""
+    version = None
+    if dict_version_works():
+        from torch._C._dynamo.guards import dict_version
+
+        d = _type_dict(owner) if isinstance(owner, type) else vars(owner)
+        if d is not None:
+            version = dict_version(d)
+            cached = _CODE_ENTRIES.get(id(owner))
+            if cached is not None and cached[0] is owner and cached[1] == version:
+                return cached[2], cached[3]
+    code = [(name, v) for name, v in vars(owner).items() if _is_code(v)]
+    entry, values = (id(owner), *((name, id(v)) for name, v in code)), [v for _, v in code]
+    if version is not None:
+        _CODE_ENTRIES[id(owner)] = (owner, version, entry, values)
+    return entry, values
 
 
 def code_of(modules: list) -> tuple[list[type], list[types.ModuleType]]:
@@ -272,6 +297,14 @@ _DICT_VERSION_WORKS: bool | None = None
 _META = attrgetter("dtype", "device", "shape")
 
 
+def dict_version_works() -> bool:
+    """``_dict_version_works()``, asked once a process."""
+    global _DICT_VERSION_WORKS
+    if _DICT_VERSION_WORKS is None:
+        _DICT_VERSION_WORKS = _dict_version_works()
+    return _DICT_VERSION_WORKS
+
+
 class ModelWatch:
     """A few-microsecond answer to "has anything an export depends on possibly changed?", for the
     modules of one fingerprint walk (``modules``, in any order).
@@ -290,11 +323,8 @@ class ModelWatch:
     """
 
     def __init__(self, modules: list[torch.nn.Module], configs: list = ()):
-        global _DICT_VERSION_WORKS
-        if _DICT_VERSION_WORKS is None:
-            _DICT_VERSION_WORKS = _dict_version_works()
         self._check = None
-        if not _DICT_VERSION_WORKS:
+        if not dict_version_works():
             return
         from torch._C._dynamo.guards import dict_version
 
