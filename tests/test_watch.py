@@ -82,6 +82,25 @@ def test_removing_a_hook_that_was_there_ends_the_watch():
     assert model_fingerprint(model) != fingerprint
 
 
+def test_a_hook_registered_and_removed_again_or_elsewhere_keeps_the_watch():
+    """A hook-based tool registers hooks and removes them at every call, and tensors take hooks too:
+    neither leaves a hook on the model, so the watch still vouches (no walk for them)."""
+    model = small_gpt2()
+    fingerprint, watch = watched(model)
+    model.transformer.h[0].register_forward_hook(lambda *a: None).remove()
+    torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None).remove()
+    torch.zeros(2, requires_grad=True).register_hook(lambda grad: grad)
+    other = small_gpt2()
+    other.transformer.h[0].register_forward_hook(lambda *a: None)
+    assert watch.unchanged()
+    assert model_fingerprint(model) == fingerprint
+    handle = model.transformer.ln_f.register_forward_hook(lambda *a: None)  # and one left there is seen
+    try:
+        assert not watch.unchanged()
+    finally:
+        handle.remove()
+
+
 def test_what_an_export_does_not_depend_on_keeps_or_ends_the_watch_without_changing_the_fingerprint():
     model = small_gpt2()
     fingerprint, watch = watched(model)
