@@ -117,19 +117,15 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
 
 def _source_digest(cls: type) -> str | None:
     """A hash of the file defining ``cls`` (a model edited in place, remote code), or None if it has none."""
-    try:
-        path = sys.modules[cls.__module__].__file__
-        st = os.stat(path)
-    except (KeyError, AttributeError, TypeError, OSError):
-        return None
-    return _file_digest(path, st.st_mtime_ns, st.st_size)
+    return _path_digest(getattr(sys.modules.get(cls.__module__), "__file__", None))
 
 
 def _name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _path_digest(path: str) -> str | None:
+def _path_digest(path: str | None) -> str | None:
+    """A hash of the file at ``path``, or None when there is none (a notebook's code, a frozen module)."""
     try:
         st = os.stat(path)
     except (OSError, TypeError, ValueError):

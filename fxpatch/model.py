@@ -227,8 +227,8 @@ class TransformersModel(Envoy):
     def _forget_stale_exports(self) -> None:
         """Drop the exported graphs, and all made from them, if the model changed since they were made.
 
-        An export captures dtypes, devices, train/eval modes and the module objects;
-        weights edited in place need no new export.
+        What an export depends on is ``model_fingerprint``'s (``fxpatch/watch.py``): modules, their
+        settings, hooks and code, dtypes, devices and shapes; weights edited in place need no new export.
         """
         watch = self._watch
         if watch is not None and watch.unchanged():  # a few microseconds, against the walk's tens to hundreds
@@ -243,8 +243,12 @@ class TransformersModel(Envoy):
             self._functional.clear()
             self._state_access.clear()
             object.__setattr__(self, "_fingerprint", fingerprint)
-        # the objects the fingerprint names by id stay alive while it is the one compared against; a write
-        # that changed nothing it covers (an export sets attributes of its own) gets a new watch
+        self._watch_anew(kept)
+
+    def _watch_anew(self, kept: list) -> None:
+        """Watch the model as the walk that ``kept`` these objects saw it (the current fingerprint's walk,
+        or one that found the same fingerprint after a write it does not cover, such as an export's own
+        attributes). The objects the fingerprint names by id stay alive while it is compared against."""
         object.__setattr__(self, "_kept", kept)
         object.__setattr__(self, "_watch", watch_of(kept))
 
@@ -257,9 +261,8 @@ class TransformersModel(Envoy):
         kept: list = []
         if model_fingerprint(self._model, kept) != fingerprint:
             return True
-        if fingerprint is self._fingerprint:  # a write that changed nothing (an export's own): watch anew
-            object.__setattr__(self, "_kept", kept)
-            object.__setattr__(self, "_watch", watch_of(kept))
+        if fingerprint is self._fingerprint:
+            self._watch_anew(kept)
         return False
 
     def state_values(self, mode: str) -> tuple[Any, ...]:

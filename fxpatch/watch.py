@@ -199,11 +199,16 @@ _MODULE_STATE = frozenset(torch.nn.Module().__dict__) - {"training"} | {"_output
 _INERT_HOOKS_MODULE = "transformers.utils.output_capturing"
 
 
+def _is_own(hook: Any) -> bool:
+    """Not one of transformers' inert output-capturing hooks (``own_hooks``)."""
+    return getattr(hook, "__module__", None) != _INERT_HOOKS_MODULE
+
+
 def _hook_ids(hooks: dict | None) -> tuple:
     """The handle ids of ``hooks`` but transformers' inert output-capturing ones."""
     if not hooks:
         return ()
-    return tuple(k for k, fn in hooks.items() if getattr(fn, "__module__", None) != _INERT_HOOKS_MODULE)
+    return tuple(k for k, fn in hooks.items() if _is_own(fn))
 
 
 def _settings(d: dict, add, keep, configs: set[int]) -> tuple:
@@ -268,8 +273,7 @@ def own_hooks(module: torch.nn.Module | None = None) -> list:
         dicts = [getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS]
     else:
         dicts = [getattr(module, name, None) for name in _HOOKS]
-    return [fn for d in dicts if d for fn in d.values()
-            if getattr(fn, "__module__", None) != _INERT_HOOKS_MODULE]
+    return [fn for d in dicts if d for fn in d.values() if _is_own(fn)]
 
 
 def _dict_version_works() -> bool:
