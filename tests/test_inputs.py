@@ -89,3 +89,75 @@ def test_left_pad_positions_count_from_the_first_real_token():
     assert batch.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
     assert batch.lengths == [3, 1]
+
+
+def _bos_tokenizer():
+    """A fast tokenizer of another kind than GPT-2's: a word-level vocabulary, a BOS token added by its
+    post-processor and a special token of its own (as Llama's tokenizers add ``<s>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "<sep>", "the", "cat", "sat", "on", "mat", "é"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                  pad_token="<unk>", additional_special_tokens=["<sep>"], model_max_length=6)
+    return tok
+
+
+TEXTS = ["Madison square garden", "hello", " leading space", "tabs\tand\nnewlines", "é ü 東京 🙂",
+         "the cat<|endoftext|>sat", "<sep> the <sep>", "the cat sat on the mat", "a" * 40]
+
+
+def _by_call(tok, texts):
+    return [list(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bos"])
+def test_text_is_tokenized_as_the_tokenizers_own_call(kind):
+    """The Rust tokenizer is called directly where the tokenizer's call would do only that, with the same ids;
+    where the call would do more (undo truncation or padding an earlier call left on the backend, split
+    special tokens, warn of a too long row, a subclass's own encoding), the call is made."""
+    from transformers import AutoTokenizer
+
+    import fxpatch
+    from fxpatch.inputs import backend_ids
+
+    # a tokenizer of its own: the test leaves its backend truncating and padding
+    tok = AutoTokenizer.from_pretrained(fxpatch.TINY_GPT2) if kind == "gpt2" else _bos_tokenizer()
+    tok.pad_token = tok.pad_token or tok.eos_token
+    limit = tok.model_max_length
+    for texts in ([t] for t in TEXTS):
+        expected = _by_call(tok, texts)
+        fast = backend_ids(tok, texts)
+        assert fast == (None if len(expected[0]) > limit else expected), texts
+        assert to_rows(texts, tok, LOC, None) == expected
+    assert backend_ids(tok, TEXTS[:3]) == _by_call(tok, TEXTS[:3])
+
+    tok(TEXTS[0], truncation=True, max_length=2)  # leaves the backend truncating
+    assert tok.backend_tokenizer.truncation is not None
+    assert backend_ids(tok, TEXTS[:1]) is None
+    assert to_rows(TEXTS[0], tok, LOC, None) == _by_call(tok, TEXTS[:1])  # the call took truncation off
+    assert backend_ids(tok, TEXTS[:1]) == _by_call(tok, TEXTS[:1])
+
+    tok(TEXTS[:2], padding="max_length", max_length=5)  # leaves the backend padding
+    assert backend_ids(tok, TEXTS[:1]) is None
+    assert to_rows(TEXTS[0], tok, LOC, None) == _by_call(tok, TEXTS[:1])
+
+    tok.split_special_tokens = True  # the call encodes special tokens as text
+    try:
+        assert backend_ids(tok, TEXTS[5:7]) is None
+        assert to_rows(TEXTS[5:7], tok, LOC, None) == _by_call(tok, TEXTS[5:7])
+    finally:
+        tok.split_special_tokens = False
+    _by_call(tok, TEXTS[:1])
+
+    class Lower(type(tok)):  # a tokenizer class with its own encoding
+        def _encode_plus(self, text, *args, **kwargs):
+            return super()._encode_plus([t.lower() for t in text], *args, **kwargs)
+
+    if kind == "gpt2":
+        lower = Lower.from_pretrained(fxpatch.TINY_GPT2)
+        assert backend_ids(lower, ["Madison"]) is None
+        assert to_rows("Madison", lower, LOC, None) == _by_call(tok, ["madison"]) != _by_call(tok, ["Madison"])
