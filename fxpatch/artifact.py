@@ -167,10 +167,13 @@ def patched_module(tracer) -> PatchedModule:
         graph, guards = _graph_with_logits(model, sg, program, model_inputs, feeds)
         guards = _width_guards(sg, guards, model_inputs, feeds)
     # a proxy saved twice is one value; a module's tuple or ModelOutput was saved as its tensors, in order
-    saved = list({id(p): p for p in tracer.saved if p.node.meta["fxpatch_phase"] == 0}.values())
+    nodes = tracer.saved_nodes
+    if nodes is None:  # a trace of a session keeps its proxies
+        nodes = list({id(p): p.node for p in tracer.saved}.values())
+    saved = [n for n in nodes if n.meta["fxpatch_phase"] == 0]
     return PatchedModule(
         model._model, graph, sg.state, feeds, [len(i.rows) for i in tracer.invokes if i.rows], len(sg.outputs),
-        [outputs.index(p.node) for p in saved], [str(p.node.meta.get("fxpatch_loc")) for p in saved], position_ids,
+        [outputs.index(n) for n in saved], [str(n.meta.get("fxpatch_loc")) for n in saved], position_ids,
         guards, tracer.batch.input_ids.shape[1])
 
 

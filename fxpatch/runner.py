@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,38 +66,6 @@ def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) ->
                                                    key=lambda t: -1 if t is None else t))}
     key: list = []
     add = key.append
-    Node = torch.fx.Node
-
-    def norm(a):  # the common kinds of argument first
-        t = type(a)
-        if t is Node:
-            add(_NODE_TAG)
-            add(index[a])
-        elif t is int or t is str or t is bool or a is None:
-            add(t)
-            add(a)
-        elif t is tuple or t is list or isinstance(a, (tuple, list)):
-            add(t)
-            for x in a:
-                norm(x)
-            add(_END)
-        elif t is slice:
-            add(slice)
-            norm(a.start)
-            norm(a.stop)
-            norm(a.step)
-        elif isinstance(a, Node):
-            add(_NODE_TAG)
-            add(index[a])
-        elif isinstance(a, dict):
-            add(dict)
-            for k, v in a.items():
-                add(k)
-                norm(v)
-            add(_END)
-        else:
-            add(t)
-            add(repr(a))
 
     for i, node in enumerate(program.nodes):
         index[node] = i
@@ -109,10 +78,47 @@ def program_key(program: torch.fx.Graph, sites: dict[str, int] | None = None) ->
         add("" if op == "placeholder" else _target_key(node.target))
         add(meta.get("fxpatch_invoke"))
         add(meta.get("fxpatch_time") if times is None else times[meta.get("fxpatch_time", -1)])
-        norm(args)
+        _norm(args, add, index)
         if node.kwargs:
-            norm(node.kwargs)
+            _norm(node.kwargs, add, index)
     return tuple(key)
+
+
+def _norm(a: Any, add: Callable[[Any], None], index: dict) -> None:
+    """``a``'s part of a program key, through ``add``; the common kinds of argument first. (Not a closure
+    calling itself: that is a cycle, garbage for a collection to free at every trace.)"""
+    t = type(a)
+    if t is _Node:
+        add(_NODE_TAG)
+        add(index[a])
+    elif t is int or t is str or t is bool or a is None:
+        add(t)
+        add(a)
+    elif t is tuple or t is list or isinstance(a, (tuple, list)):
+        add(t)
+        for x in a:
+            _norm(x, add, index)
+        add(_END)
+    elif t is slice:
+        add(slice)
+        _norm(a.start, add, index)
+        _norm(a.stop, add, index)
+        _norm(a.step, add, index)
+    elif isinstance(a, _Node):
+        add(_NODE_TAG)
+        add(index[a])
+    elif isinstance(a, dict):
+        add(dict)
+        for k, v in a.items():
+            add(k)
+            _norm(v, add, index)
+        add(_END)
+    else:
+        add(t)
+        add(repr(a))
+
+
+_Node = torch.fx.Node
 
 
 class _Tag:

@@ -59,16 +59,17 @@ def flatten(obj: Any) -> tuple[list[tuple[str, Any]], Spec]:
 
 def unflatten(spec: Spec, leaves: list[Any], build: Callable[[Spec, list], Any] | None = None) -> Any:
     """Rebuild a structure from ``leaves``; ``build(spec, items)`` makes each container."""
-    it = iter(leaves)
+    return _rebuild(spec, iter(leaves), build)
 
-    def rebuild(s: Spec) -> Any:
-        if s.kind == "leaf":
-            return next(it)
-        items = [rebuild(c) for c in s.children]
-        if build is not None:
-            return build(s, items)
-        if s.kind == "dict":
-            return s.container(zip(s.keys, items)) if s.container is dict else s.container(**dict(zip(s.keys, items)))
-        return s.container(items)
 
-    return rebuild(spec)
+def _rebuild(s: Spec, it: Any, build: Callable[[Spec, list], Any] | None) -> Any:
+    # a module-level function, not a closure calling itself: that is a cycle, which would keep ``leaves`` (a
+    # trace's values) alive until a garbage collection
+    if s.kind == "leaf":
+        return next(it)
+    items = [_rebuild(c, it, build) for c in s.children]
+    if build is not None:
+        return build(s, items)
+    if s.kind == "dict":
+        return s.container(zip(s.keys, items)) if s.container is dict else s.container(**dict(zip(s.keys, items)))
+    return s.container(items)

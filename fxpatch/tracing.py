@@ -213,6 +213,7 @@ class Tracer:
         self.invokes: list[Invoker] = []
         self.barriers: list[Barrier] = []
         self.saved: list[Proxy] = []
+        self.saved_nodes: list[torch.fx.Node] | None = None  # the saved proxies' nodes, once they are let go
         self.current_invoke: Invoker | None = None
         self.finished = False
         self.shortcut = inputs is not NO_INPUTS
@@ -280,7 +281,24 @@ class Tracer:
         finally:
             self._close()
         bind_saved(frame, self.saved, [*self.saved_containers, *kept], untouched, self.not_run)
+        if session is None:
+            self._release_values()
         return stopped
+
+    def _release_values(self) -> None:
+        """Let go of the saved proxies (and through them their values) once they are bound.
+
+        A saved proxy refers to its trace, and the trace to it: a cycle, which CPython frees only at a garbage
+        collection, and one that lives through a collection waits for a full one, hundreds of traces later.
+        Its value would outlive the user's last reference to it by that long: in a loop of traces saving
+        logits, a score of batches' logits in memory at once. The same for the containers ``fxpatch.save``
+        registered. The proxies the user still holds keep their values; the trace keeps the nodes its saved
+        values came from (``patched_module``)."""
+        self.saved_nodes = list({id(p): p.node for p in self.saved}.values())
+        self.saved = []
+        self.saved_containers = []  # fxpatch.save([]): the user's lists, filled in
+        for barrier in self.barriers:
+            barrier.rounds.clear()
 
     def _close(self) -> None:
         self.finished = True

@@ -116,3 +116,62 @@ def test_saved_containers_bind_wherever_they_are_and_other_lists_are_left_alone(
         plain = [gpt2.lm_head.output.save()]  # a plain local list holding a saved value
     assert isinstance(holder.values[0], torch.Tensor) and isinstance(plain[0], torch.Tensor)
     assert numbers == list(range(20_000))
+
+
+def _freed_without_a_collection(run) -> None:
+    """``run()`` traces and returns the saved values it kept; each is freed as soon as the last reference to it
+    goes, with the garbage collector off (a value a cycle held would wait for a collection: a full one, for a
+    cycle that lived through a younger one)."""
+    import gc
+    import weakref
+
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        values = run()
+        assert values and all(isinstance(v, torch.Tensor) for v in values), values
+        refs = [weakref.ref(v) for v in values]
+        del values
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_a_saved_value_is_freed_when_the_user_lets_go_of_it(gpt2):
+    """A trace's saved values are the user's alone once bound: a loop of traces saving logits holds one
+    trace's logits at a time, not those of the traces a collection has not reached yet."""
+    def patch():
+        with gpt2.trace() as tracer:
+            barrier = tracer.barrier(2)
+            with tracer.invoke(PROMPT_1):
+                x = gpt2.transformer.wte.output
+                barrier()
+            with tracer.invoke(PROMPT_2):
+                barrier()
+                gpt2.transformer.wte.output = x
+                block = gpt2.transformer.h[0].output.save()  # a module's structured value
+                logits = gpt2.lm_head.output.save()
+        return [logits, *(v for v in (block if isinstance(block, tuple) else [block]))]
+
+    def generation():
+        with gpt2.generate(PROMPT_1, max_new_tokens=3) as tracer:
+            hs = fxpatch.save([])
+            for _ in tracer.all():
+                hs.append(gpt2.transformer.h[1].output[:, -1])
+            tokens = gpt2.generator.output.save()
+        return [*hs, tokens]
+
+    def gradient():
+        with torch.enable_grad():
+            with gpt2.trace(PROMPT_1):
+                h = gpt2.transformer.h[0].output
+                h.requires_grad_(True)
+                loss = gpt2.lm_head.output.sum()
+                with loss.backward():
+                    grad = h.grad.save()
+        return [grad]
+
+    for run in (patch, generation, gradient):
+        _freed_without_a_collection(run)
