@@ -298,6 +298,50 @@ def _dict_version_works() -> bool:
         return False
 
 
+def version_guard(dicts: list[dict]) -> Any:
+    """A guard of dynamo's (``RootGuardManager``) whose ``check(dicts)`` is ``True`` only while none of ``dicts``
+    was written since: the comparison of ``dict_version``'s, in C++ (2 us for a small model's 284 dicts, against
+    8 us in Python). ``None`` where torch's guard API differs from what this expects (the caller compares in
+    Python)."""
+    if not _version_guard_works():
+        return None
+    try:
+        return _make_version_guard(dicts)
+    except Exception:  # noqa: BLE001 - a private API
+        return None
+
+
+def _make_version_guard(dicts: list[dict]) -> Any:
+    from torch._C._dynamo.guards import RootGuardManager
+    from torch._dynamo.guards import GuardManagerType
+
+    root = RootGuardManager()
+    for i, d in enumerate(dicts):
+        manager = root.list_getitem_manager(i, f"dicts[{i}]", d, GuardManagerType.GUARD_MANAGER)
+        manager.add_dict_version_guard(d, [f"dict_version(dicts[{i}])"], None)
+    if not root.check(dicts):
+        raise RuntimeError("the guard fails the dicts it was made from")
+    return root
+
+
+@functools.cache
+def _version_guard_works() -> bool:
+    """Whether a guard made by ``_make_version_guard`` sees a write to a module's dict, and only that."""
+    try:
+        module = torch.nn.Module()
+        dicts = [module.__dict__, module._parameters, {}]
+        seen = []
+        for write in (lambda: setattr(module, "training", False),
+                      lambda: module.register_parameter("probe", torch.nn.Parameter(torch.zeros(1)))):
+            guard = _make_version_guard(dicts)
+            same = guard.check(dicts)
+            write()
+            seen.append(same and not guard.check(dicts))
+        return all(seen)
+    except Exception:  # noqa: BLE001 - a private API
+        return False
+
+
 _DICT_VERSION_WORKS: bool | None = None
 _META = attrgetter("dtype", "device", "shape")
 
@@ -371,9 +415,16 @@ class ModelWatch:
                 return list(map(_META, tensors)) == metas
 
         handle_id = [RemovableHandle.next_id]
+        guard = version_guard(dicts)
+        if guard is not None:
+            def same_versions() -> bool:
+                return guard.check(dicts)
+        else:
+            def same_versions() -> bool:
+                return list(map(dict_version, dicts)) == versions
 
         def check() -> bool:
-            if list(map(dict_version, dicts)) != versions or not same_tensors():
+            if not same_versions() or not same_tensors():
                 return False
             if RemovableHandle.next_id != handle_id[0]:
                 # a hook was registered since, somewhere (another model, a tensor, or a hook registered and
