@@ -550,7 +550,7 @@ def generate(tracer: GenerateTracer) -> None:
     """The decoding loop: prefill, then one decode graph run per new token (transformers' ``_sample``)."""
     model = tracer.model
     rows = [r for invoke in tracer.invokes for r in invoke.rows]
-    batch = left_pad(rows, model.pad_token_id, model.device)
+    batch = left_pad(rows, model.pad_token_id, model._input_facts()[2])
     tracer.batch = batch
     config = copy.deepcopy(tracer.generation_config)
     processors, stopping = _processors(model._model, config, batch.input_ids, batch.attention_mask, model.tokenizer,

@@ -122,7 +122,7 @@ class TransformersModel(Envoy):
         super().__init__(self, hf_model, "")
         own = {"_model": hf_model, "tokenizer": tokenizer, "_site_graphs": {}, "_patched": GraphCache(cache_size),
                "_checked": BoundedDict(cache_size), "_functional": GraphCache(cache_size), "_state_access": {},
-               "_fingerprint": None, "_watch": None, "_kept": [], "_lock": threading.RLock(),
+               "_fingerprint": None, "_watch": None, "_kept": [], "_lock": threading.RLock(), "_facts": {},
                "_compile": compile, "task": "text-generation", "_cache_dir": cache_dir}
         for k, v in own.items():
             object.__setattr__(self, k, v)
@@ -159,6 +159,14 @@ class TransformersModel(Envoy):
         if rows is None:
             rows = getattr(getattr(self._model, "config", None), "vocab_size", None)
         return int(rows) if rows else None
+
+    def _input_facts(self) -> tuple[int | None, int | None, torch.device]:
+        """``(max_length, vocab_size, device)``, as a trace checks and pads its inputs: read once per state of the
+        model (its fingerprint covers each of them), not at every trace (~10 us through modules and config)."""
+        facts = self._facts.get("inputs")
+        if facts is None:
+            facts = self._facts["inputs"] = (self.max_length, self.vocab_size, self.device)
+        return facts
 
     @property
     def pad_token_id(self) -> int:
@@ -242,6 +250,7 @@ class TransformersModel(Envoy):
             self._checked.clear()
             self._functional.clear()
             self._state_access.clear()
+            self._facts.clear()
             object.__setattr__(self, "_fingerprint", fingerprint)
         self._watch_anew(kept)
 

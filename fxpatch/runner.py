@@ -644,7 +644,7 @@ def run_trace(tracer) -> None:
 def _run_trace(tracer) -> None:
     model = tracer.model
     rows = [r for invoke in tracer.invokes for r in invoke.rows]
-    batch = left_pad(rows, model.pad_token_id, model.device)
+    batch = left_pad(rows, model.pad_token_id, model._input_facts()[2])
     tracer.batch = batch
     inputs = [batch.input_ids, batch.attention_mask]
     if "position_ids" in model.site_graph("forward").input_names:

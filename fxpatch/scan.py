@@ -53,7 +53,7 @@ def run_scan(tracer: ScanTracer) -> None:
     """Run a scan's program on fake tensors of the run's shapes and bind the saved (fake) values."""
     model = tracer.model
     rows = [r for invoke in tracer.invokes for r in invoke.rows]
-    batch = left_pad(rows, model.pad_token_id, model.device)
+    batch = left_pad(rows, model.pad_token_id, model._input_facts()[2])
     tracer.batch = batch
     sg = model.site_graph("forward")
     inputs = [batch.input_ids, batch.attention_mask]

@@ -394,7 +394,7 @@ class Tracer:
         microseconds through the HF config, and every invoke checks its prompts against them)."""
         limits = self.__dict__.get("_input_limits")
         if limits is None:
-            limits = self._input_limits = (self.model.max_length, self.model.vocab_size)
+            limits = self._input_limits = self.model._input_facts()[:2]
         return limits
 
     def program_of(self, phase: int) -> torch.fx.Graph:

@@ -483,3 +483,31 @@ def line_of(tag: str) -> int:
         hits = [i + 1 for i, text in enumerate(f) if text.rstrip().endswith("# line: " + tag)]
     assert len(hits) == 1, hits
     return hits[0]
+
+
+def test_the_vocabulary_and_context_a_trace_checks_inputs_against_follow_the_model():
+    """A trace checks token ids against the model's vocabulary and context, which it reads once per state of
+    the model: a resized embedding and a changed context length are the next trace's limits."""
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=40, n_positions=16)).eval()
+    lm = LanguageModel(hf, cache_dir=False)
+
+    def last_logits(ids):
+        with lm.trace(ids):
+            out = lm.lm_head.output[:, -1].save()
+        return out
+
+    last_logits([1, 2, 39])
+    with pytest.raises(InputError, match="outside the model's vocabulary of 40 tokens"):
+        last_logits([1, 2, 45])
+    hf.resize_token_embeddings(48)
+    got = last_logits([1, 2, 45])
+    with torch.no_grad():
+        want = hf(torch.tensor([[1, 2, 45]])).logits[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="outside the model's vocabulary of 48 tokens"):
+        last_logits([1, 2, 48])
+    with pytest.raises(InputError, match="more than the model's context of 16"):
+        last_logits(list(range(17)))
+    hf.config.n_positions = 8  # a setting of the config: the next trace's context
+    with pytest.raises(InputError, match="more than the model's context of 8"):
+        last_logits(list(range(9)))
