@@ -220,7 +220,8 @@ class Tracer:
         self._shortcut_invoke = Invoker(self, inputs, self.loc) if self.shortcut else None
         self._constants: dict[tuple[int, int], tuple[Any, torch.fx.Node]] = {}
         self._inputs = 0  # placeholders made, for their names
-        self._weights: tuple | None = None  # at the block's first use of the model: (line, mode, versions)
+        # at the block's first use of the model: (line, mode, what its graph takes, the tensors, their versions)
+        self._weights: tuple | None = None
         self._model_state = getattr(model, "_fingerprint", None)  # the model as the block begins (watch.py)
         self.batch = None
         self.pin = Pin(0)  # outside tracer.iter every read is a module's first call
@@ -674,7 +675,9 @@ class Tracer:
         after it. Before that line a change is the same for eager PyTorch and the trace (the whole forward
         pass runs with it); after, NNsight's forward pass has already used the weights of the modules it ran."""
         mode = self.mode  # a generation's mode is the step being recorded: the same one is compared
-        self._weights = (loc, mode, _versions(self.model.state_values(mode)))
+        values = self.model.state_values(mode)
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        self._weights = (loc, mode, values, tensors, _versions(tensors))
 
     def _check_changes_after_use(self) -> None:
         """Refuse a tensor from outside the trace, or one of the model's weights, that the block changed in
@@ -700,13 +703,16 @@ class Tracer:
                 "scaling, a dtype or device): the trace runs its block's program when the block ends, on "
                 "the model as it was when the block began", at=self.loc,
                 hint="Change the model before the `with` block, or after it.")
-        if self._weights is not None and self._weights[2] is not None:
-            loc, mode, versions = self._weights
-            if _versions(self.model.state_values(mode)) != versions:
+        if self._weights is not None:
+            loc, mode, values, tensors, versions = self._weights
+            # a buffer replaced by one of the same shape (rotary inv_freq) leaves the model's fingerprint as it was
+            now = self.model.state_values(mode)
+            if (len(now) != len(values) or any(map(operator.is_not, now, values))
+                    or versions is not None and _versions(tensors) != versions):
                 raise FlowError(
-                    "the model's weights or buffers were changed in place inside the block after this line "
-                    "used the model: the trace runs when its block ends, so every module would run with the "
-                    "changed weights, also those the forward pass had already run by then", at=loc,
+                    "the model's weights or buffers were changed in place or replaced inside the block after "
+                    "this line used the model: the trace runs when its block ends, so every module would run "
+                    "with the changed weights, also those the forward pass had already run by then", at=loc,
                     hint="Change them before the block's first use of the model, or after the block "
                     "(model.edit() keeps an intervention for every later trace).")
 
@@ -784,11 +790,11 @@ def _is_plain(value: Any, phase: int) -> bool:
     return t in _PLAIN or t is torch.fx.Node and value.meta["fxpatch_phase"] == phase
 
 
-def _versions(values: tuple) -> list | None:
-    """The version counters of the tensors among ``values`` (``None`` if one is an inference tensor, which has
-    none: such a model cannot be changed in place outside inference mode)."""
+def _versions(tensors: list[torch.Tensor]) -> list | None:
+    """The version counters of ``tensors`` (``None`` if one is an inference tensor, which has none: such a model
+    cannot be changed in place outside inference mode)."""
     try:
-        return list(map(_VERSION, [v for v in values if isinstance(v, torch.Tensor)]))
+        return list(map(_VERSION, tensors))
     except RuntimeError:
         return None
 

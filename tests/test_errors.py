@@ -263,6 +263,34 @@ def test_weights_changed_in_place_after_the_blocks_first_use_of_the_model_are_re
             weight.copy_(original)
 
 
+def test_a_buffer_replaced_inside_the_block_after_the_blocks_first_use_of_the_model_is_refused(llama):
+    """A buffer replaced by another of the same shape (rotary ``inv_freq``, for another RoPE scaling) is no new
+    export, but after the block's first use of the model NNsight's forward pass has run the modules before that
+    line with the old buffer, which the trace's one pass would not. Refused as an in-place change is; replaced
+    before the first use, it is the buffer every module runs with."""
+    rotary = llama._model.model.rotary_emb
+    original = rotary.inv_freq
+    reference_logits(llama)  # exported before runs are counted
+    try:
+        with count_runs() as runs:
+            with pytest.raises(FlowError) as info:
+                with torch.no_grad(), llama.trace(PROMPT_1):
+                    llama.model.layers[0].output.save()  # line: buffer-use
+                    rotary.inv_freq = original * 0.5
+        assert runs == []
+        check_message(info.value, "buffer-use", "weights or buffers", "replaced")
+        rotary.inv_freq = original
+        with torch.no_grad(), llama.trace(PROMPT_1):
+            rotary.inv_freq = original * 0.5  # before the block's first use of the model
+            out = llama.lm_head.output.save()
+        want = run_alone(llama, PROMPT_1).logits
+        torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-5)
+        rotary.inv_freq = original
+        assert not torch.allclose(want, run_alone(llama, PROMPT_1).logits, rtol=1e-3, atol=1e-3)
+    finally:
+        rotary.inv_freq = original
+
+
 def test_a_setting_changed_inside_the_block_is_refused(lm):
     """NNsight runs the forward pass as the block runs, so a module setting changed in the block applies
     to the modules the pass reaches after that line; the trace's one pass at the block's end would run the
