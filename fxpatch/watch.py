@@ -318,16 +318,24 @@ def _make_version_guard(dicts: list[dict]) -> Any:
     root = RootGuardManager()
     for i, d in enumerate(dicts):
         manager = root.list_getitem_manager(i, f"dicts[{i}]", d, GuardManagerType.GUARD_MANAGER)
-        manager.add_dict_version_guard(d, [f"dict_version(dicts[{i}])"], None)
+        manager.add_dict_version_guard(d, [f"dict_version(dicts[{i}])"], *_GUARD_EXTRA)
     if not root.check(dicts):
         raise RuntimeError("the guard fails the dicts it was made from")
     return root
 
 
+_GUARD_EXTRA: tuple = (None,)  # add_dict_version_guard's arguments after the code parts
+
+
 @functools.cache
 def _version_guard_works() -> bool:
     """Whether a guard made by ``_make_version_guard`` sees a write to a module's dict, and only that."""
+    global _GUARD_EXTRA
     try:
+        try:
+            _make_version_guard([{}])
+        except TypeError:  # torch before 2.13: no user stack argument
+            _GUARD_EXTRA = ()
         module = torch.nn.Module()
         dicts = [module.__dict__, module._parameters, {}]
         seen = []

@@ -164,13 +164,17 @@ def test_a_saved_value_is_freed_when_the_user_lets_go_of_it(gpt2):
         return [*hs, tokens]
 
     def gradient():
-        with torch.enable_grad():
-            with gpt2.trace(PROMPT_1):
-                h = gpt2.transformer.h[0].output
-                h.requires_grad_(True)
-                loss = gpt2.lm_head.output.sum()
-                with loss.backward():
-                    grad = h.grad.save()
+        try:
+            with torch.enable_grad():
+                with gpt2.trace(PROMPT_1):
+                    h = gpt2.transformer.h[0].output
+                    h.requires_grad_(True)
+                    loss = gpt2.lm_head.output.sum()
+                    with loss.backward():
+                        grad = h.grad.save()
+        finally:
+            for p in gpt2._model.parameters():  # the backward pass filled them: the model is shared by the tests
+                p.grad = None
         return [grad]
 
     for run in (patch, generation, gradient):
