@@ -164,6 +164,8 @@ def keep_appended(tracer, containers: list) -> tuple[list, list]:
     together (their elements, then what those hold, ...), so that a deep dataset that comes first in
     the scope cannot spend the limit before ``acts = []`` next to it is looked at.
     """
+    if _hold_no_proxies(tracer, containers):  # the common answer, in one pass over all of them
+        return [], list(containers)
     walks = [_Walk(top) for top in containers]
     seen: set[int] = set()
     budget = _VISIT_LIMIT
@@ -175,6 +177,40 @@ def keep_appended(tracer, containers: list) -> tuple[list, list]:
     kept = [w.top for w in walks if w.found]
     untouched = [w.top for w in walks if w.complete and not w.found]
     return kept, untouched
+
+
+def _hold_no_proxies(tracer, containers: list) -> bool:
+    """Whether ``containers`` hold none of ``tracer``'s proxies, however deep, found by one walk over all of them
+    together within the walk's limits; ``False`` where they hold one, or a container past the limits is met
+    (``keep_appended``'s walk then tells which container holds what, and which it walked to the end).
+
+    Most traces put nothing into containers made before them: this answers for all of them with a
+    ``gc.get_referents`` call and a few set operations per depth, where the full walk keeps account per
+    container (a few microseconds each, at every trace, for every list and dict in the module's globals).
+    """
+    level, budget = containers, _VISIT_LIMIT
+    for _ in range(_DEPTH_LIMIT):
+        if not level:
+            return True
+        # no account of what was looked at: a container reached twice counts twice, and a cycle ends the walk
+        # by the budget or the depth (the full walk then answers)
+        sizes = list(map(len, level))
+        budget -= sum(sizes)
+        if budget < 0 or max(sizes) > _SCAN_LIMIT:
+            return False
+        items = gc.get_referents(*level)
+        kinds = list(map(type, items))
+        types = set(kinds)
+        if types <= _ATOMS:
+            return True
+        if Proxy in types and any(type(v) is Proxy and v.tracer is tracer for v in items):
+            return False
+        below = {t for t in types - _ATOMS if issubclass(t, (list, dict, tuple))}
+        level = list(compress(items, map(below.__contains__, kinds))) if below else []
+    return False
+
+
+_DEPTH_LIMIT = 32  # depths the one-pass walk goes to before it leaves the answer to the full walk
 
 
 class _Walk:
