@@ -117,7 +117,11 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
 
 def _source_digest(cls: type) -> str | None:
     """A hash of the file defining ``cls`` (a model edited in place, remote code), or None if it has none."""
-    return _path_digest(getattr(sys.modules.get(cls.__module__), "__file__", None))
+    return _path_digest(_defining_file(cls))
+
+
+def _defining_file(cls: type) -> str | None:
+    return getattr(sys.modules.get(cls.__module__), "__file__", None)
 
 
 def _name(cls: type) -> str:
@@ -143,7 +147,7 @@ def _code_key(modules: list) -> list | None:
     out = []
     for owner in (*classes, *namespaces):
         if isinstance(owner, type):
-            name, own = _name(owner), getattr(sys.modules.get(owner.__module__), "__file__", None)
+            name, own = _name(owner), _defining_file(owner)
         else:
             name, own = owner.__name__, getattr(owner, "__file__", None)
         for attr, value in vars(owner).items():

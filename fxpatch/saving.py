@@ -29,6 +29,7 @@ from .active import active_tracer
 from .errors import FxpatchError, user_location
 from .module_values import SiteContainer, SiteDict
 from .proxy import _UNSET, Proxy
+from .watch import type_dict
 
 
 def save(value: Any) -> Any:
@@ -81,12 +82,7 @@ _MOUNTED_ON = (list, dict, set, tuple)
 _previous: dict[type, Any] = {}  # what each type's ``save`` was before fxpatch mounted its own
 
 
-def _type_dict(cls: type) -> dict:
-    """A builtin type's own attribute dict (``cls.__dict__`` is a read-only view of it)."""
-    return gc.get_referents(cls.__dict__)[0]
-
-
-_TYPE_DICTS = {cls: _type_dict(cls) for cls in _MOUNTED_ON}  # a type's dict object lives as long as the type
+_TYPE_DICTS = {cls: type_dict(cls) for cls in _MOUNTED_ON}  # a type's dict object lives as long as the type
 
 
 def _set_save(cls: type, value: Any) -> None:

@@ -391,12 +391,9 @@ class Tracer:
 
     # -- recording ---------------------------------------------------------------------
     def input_limits(self) -> tuple[int | None, int | None]:
-        """The model's context length and vocabulary size, asked once per trace (each costs tens of
-        microseconds through the HF config, and every invoke checks its prompts against them)."""
-        limits = self.__dict__.get("_input_limits")
-        if limits is None:
-            limits = self._input_limits = self.model._input_facts()[:2]
-        return limits
+        """The model's context length and vocabulary size, which every invoke checks its prompts against (kept
+        by the model until it changes: ``_input_facts``)."""
+        return self.model._input_facts()[:2]
 
     def program_of(self, phase: int) -> torch.fx.Graph:
         """The program of one phase (step of a run): 0 for a trace or a generation's prompt pass."""

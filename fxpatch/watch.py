@@ -128,7 +128,7 @@ def _code_entry(owner: type | types.ModuleType) -> tuple[tuple, list]:
     if dict_version_works():
         from torch._C._dynamo.guards import dict_version
 
-        d = _type_dict(owner) if isinstance(owner, type) else vars(owner)
+        d = type_dict(owner) if isinstance(owner, type) else vars(owner)
         if d is not None:
             version = dict_version(d)
             cached = _CODE_ENTRIES.get(id(owner))
@@ -186,8 +186,14 @@ def function_of(value: Any) -> types.FunctionType | None:
     return value if isinstance(value, types.FunctionType) else None
 
 
-def _type_dict(cls: type) -> dict | None:
-    """The dict under a class's read-only ``__dict__`` view (CPython's ``mappingproxy`` refers to it)."""
+def type_dict(cls: type) -> dict | None:
+    """The dict under a class's read-only ``__dict__`` view (CPython's ``mappingproxy`` refers to it), or None
+    where the view refers to something else.
+
+    Example::
+
+        type_dict(list)["append"] is list.__dict__["append"]   # True
+    """
     referents = gc.get_referents(vars(cls))
     return referents[0] if len(referents) == 1 and type(referents[0]) is dict else None
 
@@ -285,7 +291,7 @@ def _dict_version_works() -> bool:
         dicts = [module.__dict__, module._forward_hooks, torch.nn.modules.module._global_forward_hooks]
         probe = type("_Probe", (torch.nn.Module,), {"forward": lambda self, x: x})
         namespace = types.ModuleType("_fxpatch_probe")
-        dicts += [_type_dict(probe), vars(namespace)]
+        dicts += [type_dict(probe), vars(namespace)]
         before = list(map(dict_version, dicts))
         handle_id = RemovableHandle.next_id
         module.training = False  # through Module.__setattr__, as .eval() does
@@ -391,7 +397,7 @@ class ModelWatch:
         empty = [d for d in hook_dicts if not d]  # hook dicts with no hook: no hook there while still empty
         dicts += [config.__dict__ for config in configs]
         classes, namespaces = code_of(modules)
-        code = [_type_dict(c) for c in classes] + [vars(ns) for ns in namespaces]
+        code = [type_dict(c) for c in classes] + [vars(ns) for ns in namespaces]
         if any(d is None for d in code):
             return  # a class whose dict cannot be watched: never vouch
         dicts += code
@@ -404,7 +410,6 @@ class ModelWatch:
             dicts += [w for w in hooks if w]
             empty += [w for w in hooks if not w]
             tensors += [t for t in (*d["_parameters"].values(), *d["_buffers"].values()) if t is not None]
-        versions = list(map(dict_version, dicts))
         tensors = list({id(t): t for t in tensors}.values())  # a tied weight once: TensorGuards fails repeats
         try:
             from torch._C._dynamo.guards import TensorGuards
@@ -428,6 +433,8 @@ class ModelWatch:
             def same_versions() -> bool:
                 return guard.check(dicts)
         else:
+            versions = list(map(dict_version, dicts))
+
             def same_versions() -> bool:
                 return list(map(dict_version, dicts)) == versions
 
@@ -455,5 +462,6 @@ def watch_of(kept: list) -> ModelWatch:
                       [c for c in kept if isinstance(c, PreTrainedConfig)])
 
 
-__all__ = ["ModelWatch", "code_of", "function_of", "model_fingerprint", "own_hooks", "plain_settings", "watch_of"]
+__all__ = ["ModelWatch", "code_of", "function_of", "model_fingerprint", "own_hooks", "plain_settings", "type_dict",
+           "watch_of"]
 
