@@ -23,7 +23,7 @@ from .errors import FxpatchError, user_location
 from .export import TRACING_LOCK
 from .gradients import make_differentiable, mark_requires_grad, run_backwards
 from .inputs import left_pad
-from .passes import InlineProgram, MaterializeIndexed, StripSites
+from .passes import IndexBeforeLinear, InlineProgram, MaterializeIndexed, StripSites
 from .passes.functionalize_program import (
     Chains,
     TensorSpec,
@@ -536,7 +536,9 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
         for sub in gm.modules():
             if isinstance(sub, _LazyGraphModule):
                 _LazyGraphModule.force_recompile(sub)
-        target = MaterializeIndexed()(copy_graph_module(gm)).graph_module  # the eager graph stays as it is
+        target = copy_graph_module(gm)  # the eager graph stays as it is
+        for rewrite in (IndexBeforeLinear(), MaterializeIndexed()):
+            target = rewrite(target).graph_module
         _LazyGraphModule.force_recompile(target)
         fn = cache[(mode, dynamic)] = torch.compile(target, dynamic=dynamic, mode=mode)
     return fn

@@ -146,3 +146,37 @@ def test_a_compiled_write_of_an_outside_tensor_at_a_position_equals_eager(gpt2):
         return logits
 
     torch.testing.assert_close(run(compiled), run(gpt2), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_reads_of_a_few_positions_logits_equal_the_hooked_model_and_compute_no_others(gpt2):
+    """Reading ``lm_head.output`` at a position per invoke, compiled, runs the head on those rows alone
+    (fxpatch/passes/index_before_linear.py); every read equals the plain model's, alone, with the patch
+    in a hook."""
+    torch._dynamo.reset()
+    model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+    prompts = [PROMPT_1, "hello", "The Eiffel Tower is in Paris"]
+    with torch.no_grad(), model.trace() as tracer:
+        with tracer.invoke(prompts[0]):
+            h = model.transformer.h[1].output[:, -1]
+            first = model.lm_head.output[:, -1].save()
+        with tracer.invoke(prompts[1]):
+            model.transformer.h[1].output[:, -1] = h * 2
+            second = model.lm_head.output[:, -1].save()
+        with tracer.invoke(prompts[2]):
+            third = model.lm_head.output[0][-3:-1].save()
+    src = run_alone(gpt2, prompts[0], capture=["transformer.h.1"]).outputs["transformer.h.1"][:, -1]
+
+    def edit(out):
+        out = out.clone()
+        out[:, -1] = src * 2
+        return out
+
+    torch.testing.assert_close(first[0], run_alone(gpt2, prompts[0]).logits[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second[0], run_alone(gpt2, prompts[1], outputs={"transformer.h.1": edit}).logits[-1],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(third, run_alone(gpt2, prompts[2]).logits[-3:-1], atol=1e-5, rtol=1e-5)
+    (compiled,) = tracer.graph._fxpatch_compiled.values()
+    heads = [n for n in compiled._orig_mod.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(heads) == 3, compiled._orig_mod.code  # one per read, none over every row and position
+    for node in heads:
+        assert node.args[0].target in (torch.ops.aten.select.int, torch.ops.aten.slice.Tensor), node.format_node()
