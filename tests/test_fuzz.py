@@ -31,7 +31,8 @@ values (no padding in them), so the generator never relies on what padding
 holds.
 
 ``python -m pytest -q tests/test_fuzz.py`` runs 100 programs (50 per
-architecture); ``python -m pytest -q -m slow tests/test_fuzz.py`` runs 1,000.
+architecture); ``python -m pytest -q -m slow tests/test_fuzz.py`` runs 1,000, and 16 more with
+every trace compiled.
 """
 
 from __future__ import annotations
@@ -474,3 +475,22 @@ def test_random_programs(lm, data):
 def test_random_programs_slow(lm, data):
     """500 random programs per architecture (1,000 in all), up to 4 steps per invoke."""
     _draw_and_check(lm, data, max_steps=4)
+
+
+@pytest.fixture(scope="module")
+def compiled_lm(lm):
+    """``lm``'s model again, every trace through torch.compile (its own graph cache, the same weights)."""
+    from fxpatch import LanguageModel
+
+    torch._dynamo.reset()
+    return LanguageModel(lm._model, tokenizer=lm.tokenizer, compile=True)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=8)
+@given(data=st.data())
+def test_random_programs_compiled(compiled_lm, data):
+    """8 random programs per architecture, compiled (each its own graph: seconds of inductor each), give the
+    hook reference's logits and saved values: the graph torch.compile gets (``IndexBeforeLinear``,
+    ``MaterializeIndexed``) computes what the eager one does."""
+    _draw_and_check(compiled_lm, data, max_steps=3)
