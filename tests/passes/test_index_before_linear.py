@@ -31,6 +31,14 @@ def linears(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
 
 
+def reads_into(linear):
+    """The reads a linear's input is made of: itself, or the reads a merged linear concatenates."""
+    rows = linear.args[0]
+    if rows.target is aten.cat.default:
+        return [flat.args[0] for flat in rows.args[0]]
+    return [rows]
+
+
 X = torch.randn(3, 5, 8)
 
 READS = {
@@ -52,10 +60,39 @@ def test_each_read_runs_the_linear_on_its_rows_alone_with_the_same_values(read):
     after = linears(result.graph_module)
     assert before == 1 and len(after) >= 1
     for node in after:  # no linear takes the whole (rows, tokens, hidden) input any more
-        assert node.args[0].op == "call_function" and node.args[0].target in (aten.select.int, aten.slice.Tensor)
+        for rows in reads_into(node):
+            assert rows.op == "call_function" and rows.target in (aten.select.int, aten.slice.Tensor)
     with torch.no_grad():
         got = result.graph_module(X)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_reads_of_fixed_sizes_from_one_linear_are_one_linear_of_their_rows():
+    """Three invokes' last positions: one linear on the three rows (the weight read once), split after."""
+    module, gm = exported(READS["each row's last position"], X)
+    with torch.no_grad():
+        want = module(X)
+    result = IndexBeforeLinear()(gm)
+    (linear,) = linears(result.graph_module)
+    assert len(reads_into(linear)) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(X), want, atol=1e-6, rtol=1e-6)
+
+
+def test_reads_of_sizes_known_at_run_time_alone_are_one_linear_with_sizes_from_the_run():
+    """Exported with a dynamic number of tokens, a read of every token (``y[0]``) has a size only the run
+    knows: the merged linear splits its rows by sizes it takes at run time, for any number of tokens."""
+    torch.manual_seed(0)
+    module = Head(lambda y: (y[:, -1], y[0], y[1:3, 1:3])).eval()
+    tokens = torch.export.Dim("tokens", min=4, max=64)
+    gm = torch.export.export(module, (X,), dynamic_shapes={"x": {1: tokens}}).module()
+    result = IndexBeforeLinear()(gm)
+    (linear,) = linears(result.graph_module)
+    assert len(reads_into(linear)) == 3
+    for n in (5, 9, 4):
+        x = torch.randn(3, n, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(result.graph_module(x), module(x), atol=1e-6, rtol=1e-6)
 
 
 KEPT = {
