@@ -522,14 +522,16 @@ def _feeds(program: torch.fx.Graph, values: dict) -> list[Any]:
     return feeds
 
 
-def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = True):
-    """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph and mode.
+def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = True, numbers: tuple = ()):
+    """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph, mode and
+    ``numbers`` (the places of the inputs fed Python ints: positions an index may be moved above a linear
+    with, ``IndexBeforeLinear``; a graph fed a tensor there gets its own).
 
     ``mode`` is torch.compile's (``"reduce-overhead"`` uses CUDA graphs on a GPU). ``dynamic=False``
     compiles for the inputs' fixed sizes (a static-cache decode step), once per set of sizes.
     """
     cache = gm.__dict__.setdefault("_fxpatch_compiled", {})
-    fn = cache.get((mode, dynamic))
+    fn = cache.get((mode, dynamic, numbers))
     if fn is None:
         # Dynamo will not trace a lazy graph module's first forward (torch.fx is on its skip list): a
         # segment called through a Chain would be a graph break and run eagerly, op by op
@@ -537,10 +539,13 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
             if isinstance(sub, _LazyGraphModule):
                 _LazyGraphModule.force_recompile(sub)
         target = copy_graph_module(gm)  # the eager graph stays as it is
+        inputs = [n for n in target.graph.nodes if n.op == "placeholder"]
+        for i in numbers:
+            inputs[i].meta = {**inputs[i].meta, "fxpatch_number": True}  # a copy: gm's node shares the dict
         for rewrite in (IndexBeforeLinear(), MaterializeIndexed()):
             target = rewrite(target).graph_module
         _LazyGraphModule.force_recompile(target)
-        fn = cache[(mode, dynamic)] = torch.compile(target, dynamic=dynamic, mode=mode)
+        fn = cache[(mode, dynamic, numbers)] = torch.compile(target, dynamic=dynamic, mode=mode)
     return fn
 
 
@@ -574,7 +579,11 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
     state = model.state_values(mode)
     mode_ = compile if isinstance(compile, str) else None
-    run = compiled(gm, mode_, dynamic) if compile else gm
+    if compile:
+        start = 1 + len(model_inputs)  # the state, the model's inputs, then the program's
+        run = compiled(gm, mode_, dynamic, tuple(start + i for i, v in enumerate(feeds) if type(v) is int))
+    else:
+        run = gm
     graphs = compile and uses_cuda_graphs(mode_) and any(t.is_cuda for t in model_inputs)
     if graphs:
         # a run replays into memory the last run's outputs live in: begin a new step, and give out copies

@@ -12,6 +12,7 @@ import torch._dynamo
 
 from fxpatch import LanguageModel
 from fxpatch.errors import FxpatchError
+from fxpatch.runner import compiled
 from fxpatch.segments import Chain
 from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, skip_compiled_generation_before_torch_2_13, state
 from tests.markers import Markers
@@ -181,3 +182,38 @@ def test_compiled_reads_of_a_few_positions_logits_equal_the_hooked_model_and_com
     assert len(heads) == 1 and heads[0].args[0].target is torch.ops.aten.cat.default, compiled._orig_mod.code
     for flat in heads[0].args[0].args[0]:
         assert flat.args[0].target in (torch.ops.aten.select.int, torch.ops.aten.slice.Tensor), flat.format_node()
+
+
+def test_a_compiled_program_that_only_reads_runs_the_head_on_its_positions_and_a_tensor_index_on_all(gpt2):
+    """A program that only reads keeps an invoke's rows and ``[:, p]`` as they are written; compiled, they move
+    above the head where ``p`` is fed an int, and not where a tensor is (it can be a mask reaching the last
+    dim): the graph is compiled per set of inputs fed ints. Both equal the plain model alone."""
+    torch._dynamo.reset()
+    model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+    prompts = [PROMPT_1, "hello", "The Eiffel Tower is in Paris"]
+
+    def run(index):
+        outs = []
+        with torch.no_grad(), model.trace() as tracer:
+            for prompt in prompts:
+                with tracer.invoke(prompt):
+                    outs.append(model.lm_head.output[:, index].save())
+        for prompt, out in zip(prompts, outs):
+            torch.testing.assert_close(out.reshape(-1, out.shape[-1])[0], run_alone(gpt2, prompt).logits[-1],
+                                       atol=1e-5, rtol=1e-5)
+        return tracer.graph
+
+    def head_input(graph, numbers=None):
+        fn = compiled(graph, None, True, numbers) if numbers is not None else one(graph._fxpatch_compiled.values())
+        (head,) = [n for n in fn._orig_mod.graph.nodes if n.target is torch.ops.aten.linear.default]
+        return head.args[0]
+
+    def one(values):
+        (value,) = values
+        return value
+
+    by_int = run(-1)
+    rows = head_input(by_int)
+    assert rows.target is torch.ops.aten.cat.default and len(rows.args[0]) == 3
+    assert head_input(by_int, ()).target is not torch.ops.aten.cat.default  # compiled as if no input were an int
+    assert head_input(run(torch.tensor([-1]))).target is not torch.ops.aten.cat.default

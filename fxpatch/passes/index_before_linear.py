@@ -1,7 +1,8 @@
 """Pass: a linear whose output is only indexed computes only the rows that are read, in one call.
 
-After it runs, no ``aten.linear`` node's users are all ``select``/``slice`` on dims other than its last
-(the functional form of a program that writes in place): each such read takes its rows of the linear's
+After it runs, no ``aten.linear`` node's users are all reads of dims other than its last (``select``,
+``slice``, an invoke's ``capture`` of rows, ``[...]`` with numbers, slices and positions: placeholders
+whose ``meta["fxpatch_number"]`` says they are fed ints): each such read takes its rows of the linear's
 input instead, and the linear runs on those rows alone.
 ``linear(x)[..., i, ...] == linear(x[..., i, ...])`` for every index of a leading dim (the linear acts
 on the last dim only), so values are the same up to the order in which the GEMM sums (a few float32
@@ -20,6 +21,8 @@ from collections import defaultdict
 
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .ops import capture
 
 aten = torch.ops.aten
 _INDEX = (aten.select.int, aten.slice.Tensor)
@@ -45,8 +48,8 @@ class IndexBeforeLinear(PassBase):
             if rank is None or _rank(linear.args[0], ranks) != rank or not linear.users:
                 continue
             out_rank = {user: _read_rank(user, linear, rank) for user in linear.users}
-            if None in out_rank.values():
-                continue
+            if None in out_rank.values() or not all(_narrows(u, rank, out_rank[u]) for u in linear.users):
+                continue  # an invoke's rows read whole: the same rows in pieces, no fewer
             first, features = made.pop(linear, (linear.args[0], _features(linear)))
             for user in list(linear.users):
                 with graph.inserting_before(user):
@@ -130,7 +133,7 @@ def _chain(rows: torch.fx.Node, x: torch.fx.Node) -> list[torch.fx.Node] | None:
     while node is not x:
         if not isinstance(node, torch.fx.Node) or node.op != "call_function" or len(node.users) != 1:
             return None
-        if any(isinstance(a, torch.fx.Node) and a.op != "placeholder" for a in (*node.args[1:], *node.kwargs.values())):
+        if any(a is not node.args[0] and a.op != "placeholder" for a in node.all_input_nodes):
             return None
         chain.append(node)
         node = node.args[0]
@@ -152,13 +155,61 @@ def _rank(node, ranks: dict) -> int | None:
 
 
 def _read_rank(user: torch.fx.Node, linear: torch.fx.Node, rank: int) -> int | None:
-    """The rank of ``user``'s result if it is a select or slice of ``linear``'s output along a dim other than
-    its last, else ``None``."""
-    if user.op != "call_function" or user.target not in _INDEX or user.args[0] is not linear:
+    """The rank of ``user``'s result if it reads ``linear``'s output along dims other than its last (its
+    last stays whole), else ``None``."""
+    if user.op != "call_function" or not user.args or user.args[0] is not linear:
         return None
-    if any(v is linear for v in (*user.args[1:], *user.kwargs.values())):
+    if any(n is linear for n in user.all_input_nodes[1:]) or user.all_input_nodes.count(linear) > 1:
         return None
-    dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
-    if not (isinstance(dim, int) and -rank <= dim < rank and dim % rank != rank - 1):
+    if user.target in _INDEX:
+        dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+        if not (isinstance(dim, int) and -rank <= dim < rank and dim % rank != rank - 1):
+            return None
+        return rank - 1 if user.target is aten.select.int else rank
+    if user.target is capture and rank >= 2 and not user.kwargs:  # an invoke's rows
+        return rank
+    if user.target is operator.getitem and len(user.args) == 2 and not user.kwargs:
+        return _basic_index_rank(user.args[1], rank)
+    return None
+
+
+def _narrows(read: torch.fx.Node, rank: int, out_rank: int, depth: int = 0) -> bool:
+    """Whether ``read`` (from a tensor of ``rank`` to one of ``out_rank``), or every read of it in turn, takes
+    fewer rows than the tensor has: a dim dropped, or a range of a dim after the first (the first is the
+    batch, which the invokes' rows partition)."""
+    if out_rank < rank:
+        return True
+    if read.target is aten.slice.Tensor and (read.args[1] if len(read.args) > 1 else 0) % rank != 0:
+        return True
+    if read.target is operator.getitem:
+        items = read.args[1] if type(read.args[1]) is tuple else (read.args[1],)
+        if any(type(item) is slice and item != slice(None) for item in items[1:]):
+            return True
+    if depth > 8 or not read.users:
+        return False
+    return all((r := _read_rank(u, read, out_rank)) is not None and _narrows(u, out_rank, r, depth + 1)
+               for u in read.users)
+
+
+def _basic_index_rank(index, rank: int) -> int | None:
+    """The rank ``t[index]`` has for ``t`` of ``rank``, if ``index`` is numbers, slices and the program's
+    positions on dims before the last; else ``None`` (``None``, ``...``, tensors and masks: a mask can
+    reach the last dim)."""
+    items = index if type(index) is tuple else (index,)
+    if len(items) >= rank:
         return None
-    return rank - 1 if user.target is aten.select.int else rank
+    kept = rank
+    for item in items:
+        if type(item) is slice:
+            if not all(b is None or type(b) is int or _is_position(b) for b in (item.start, item.stop, item.step)):
+                return None
+        elif type(item) is int or _is_position(item):
+            kept -= 1
+        else:
+            return None
+    return kept
+
+
+def _is_position(node) -> bool:
+    """An input of the graph that is fed a Python int (marked ``fxpatch_number`` by whoever runs the pass)."""
+    return isinstance(node, torch.fx.Node) and node.op == "placeholder" and node.meta.get("fxpatch_number") is True

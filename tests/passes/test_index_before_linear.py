@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 
 from fxpatch.passes import IndexBeforeLinear
+from fxpatch.passes.ops import capture
 
 aten = torch.ops.aten
 
@@ -112,3 +115,38 @@ def test_a_linear_whose_output_is_used_otherwise_is_left_as_it_is(read):
     assert result.graph_module.code == code
     with torch.no_grad():
         torch.testing.assert_close(result.graph_module(X), module(X))
+
+
+def invoke_reads(marked: bool):
+    """A graph as a program that only reads gets it: each invoke's rows of the head's output (``capture``),
+    then ``[:, p]`` with ``p`` an input of the graph (marked as fed an int when ``marked``)."""
+    g = torch.fx.Graph()
+    x, w, p = g.placeholder("x"), g.placeholder("w"), g.placeholder("p")
+    x.meta["val"] = torch.empty(3, 5, 8, device="meta")
+    if marked:
+        p.meta["fxpatch_number"] = True
+    head = g.call_function(aten.linear.default, (x, w))
+    head.meta["val"] = torch.empty(3, 5, 13, device="meta")
+    reads = [g.call_function(operator.getitem, (g.call_function(capture, (head, a, b)), (slice(None), p)))
+             for a, b in ((0, 1), (1, 3))]
+    g.output(tuple(reads))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_an_invokes_rows_read_at_a_position_fed_as_a_number_move_above_the_linear():
+    w = torch.randn(13, 8)
+    want = invoke_reads(True)(X, w, -1)
+    result = IndexBeforeLinear()(invoke_reads(True))
+    (linear,) = linears(result.graph_module)
+    assert [r.target for r in reads_into(linear)] == [operator.getitem, operator.getitem]
+    for p in (-1, 2, -4):
+        torch.testing.assert_close(result.graph_module(X, w, p), invoke_reads(False)(X, w, p), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(result.graph_module(X, w, -1), want, atol=1e-6, rtol=1e-6)
+
+
+def test_an_index_input_not_known_to_be_a_number_keeps_the_linear_whole():
+    """A tensor there could be a mask that reaches the last dim: nothing moves."""
+    gm = invoke_reads(False)
+    code = gm.code
+    result = IndexBeforeLinear()(gm)
+    assert not result.modified and result.graph_module.code == code
