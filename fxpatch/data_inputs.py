@@ -67,7 +67,9 @@ def lift_data(op: str, target: Any, args: tuple, kwargs: dict, is_traced: Callab
     """
     if op == "call_function" and target in (operator.getitem, operator.setitem):
         if len(args) >= 2 and is_traced(args[0]) and isinstance(args[1], tuple):
-            return (args[0], tuple(_lift_index(i, lift) for i in args[1]), *args[2:]), kwargs
+            return (args[0], tuple(_lift_index(_as_int(i), lift) for i in args[1]), *args[2:]), kwargs
+        if len(args) >= 2 and is_traced(args[0]):  # a bare index: an int there is structure
+            return (args[0], _as_int(args[1]), *args[2:]), kwargs
         return args, kwargs
     if op == "call_method":
         positions, names = _VALUE_METHODS.get(target, ((), ()))
@@ -83,6 +85,19 @@ def lift_data(op: str, target: Any, args: tuple, kwargs: dict, is_traced: Callab
     args = tuple(lift(a) if i in positions and _is_float(a) else a for i, a in enumerate(args))
     kwargs = {k: lift(v) if k in names and _is_float(v) else v for k, v in kwargs.items()}
     return args, kwargs
+
+
+def _as_int(i: Any) -> Any:
+    """``i``, or the int a 0-d integer tensor of the user's holds, which eager torch indexes with as with that
+    int (``h[:, torch.tensor(-1)]`` is ``h[:, -1]``); its value now, when the line runs, as NNsight reads it."""
+    if isinstance(i, torch.Tensor) and i.dim() == 0 and i.dtype in _INDEX_INTS:
+        return int(i)
+    if isinstance(i, slice) and any(isinstance(b, torch.Tensor) for b in (i.start, i.stop, i.step)):
+        return slice(_as_int(i.start), _as_int(i.stop), _as_int(i.step))
+    return i
+
+
+_INDEX_INTS = frozenset((torch.int64, torch.int32, torch.int16, torch.int8))  # uint8 and bool index as masks
 
 
 def _lift_index(i: Any, lift: Callable[[Any], Any]) -> Any:

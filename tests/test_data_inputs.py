@@ -146,3 +146,22 @@ def test_compiled_positions_do_not_recompile(gpt2):
     for p, scale in [(1, 2.0), (3, 0.5), (4, -1.0)]:
         close(run(p, scale), reference(gpt2, p, scale), f"compiled, position {p}")
     assert frames[0] >= 1 and frames[-1] == frames[0], frames
+
+
+def test_a_0d_integer_tensor_of_the_users_indexes_as_its_int_and_is_data(lm):
+    """Eager torch indexes with a 0-d integer tensor as with its int (``h[:, torch.tensor(-1)]`` is
+    ``h[:, -1]``): as a position, a slice bound, a bare index and in a write, each equals the int's run, and a
+    position reuses the int's graph (its value at the line is data)."""
+    path = layer_path(lm, 1)
+    close(patched(lm, torch.tensor(-2), 1.5), reference(lm, -2, 1.5), "patch at torch.tensor(-2)")
+    lm.cache_clear()
+    patched(lm, -1, 2.0)
+    patched(lm, torch.tensor(-3), 2.0)
+    assert lm.cache_info().misses == 1
+    want = hidden(run_alone(lm, PROMPTS[1], capture=[path]).outputs[path])
+    with lm.trace(PROMPTS[1]):
+        out = hidden(envoy(lm, path).output)
+        span = out[:, torch.tensor(2):torch.tensor(5)].save()
+        row = out[torch.tensor(0)].save()
+    close(span, want[:, 2:5], "[:, tensor(2):tensor(5)]")
+    close(row, want[0], "[tensor(0)]")

@@ -240,6 +240,23 @@ def test_a_traced_value_written_in_place_into_an_outside_tensor_is_refused(lm, w
     assert torch.count_nonzero(outside) == 0
 
 
+def test_an_index_computed_from_a_traced_value_is_refused_before_the_model_runs(lm):
+    """``h[:, p]`` with ``p`` made in the trace (an argmax): its position is a value of the run, which the
+    check before the run does not have. Eager torch runs it, so the error says that, and what does run:
+    ``index_select`` with ``p`` as a tensor (its shape does not depend on the value)."""
+    envoys, _ = layers(lm)
+    with raises_cleanly(lm, ShapeError) as info:
+        with lm.trace(PROMPT_1):
+            p = envoys[0].output[0].sum(-1).argmax(-1)
+            envoys[1].output[:, p].save()  # line: traced-index
+    check_message(info.value, "traced-index", "needs a number computed in the trace", "index_select")
+    with lm.trace(PROMPT_1):
+        p = envoys[0].output[0].sum(-1).argmax(-1).save()
+        picked = envoys[1].output.index_select(1, p.reshape(1)).save()
+        whole = envoys[1].output.save()
+    torch.testing.assert_close(picked, whole[:, int(p)].unsqueeze(1))
+
+
 def test_weights_changed_in_place_after_the_blocks_first_use_of_the_model_are_refused(lm):
     """NNsight runs the block interleaved with the forward pass, so a weight changed after a module value
     was read is changed after the modules before it ran; the trace's one pass at the block's end would run

@@ -43,7 +43,7 @@ from torch._functorch.eager_transforms import _unwrap_all_tensors_from_functiona
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch.fx.experimental.symbolic_shapes import DimDynamic, GuardOnDataDependentSymNode, ShapeEnv
 from torch.fx.node import map_aggregate
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._sympy.printers import PythonPrinter
@@ -1005,6 +1005,13 @@ def _fake(mode: FakeTensorMode, value, symbols: dict | None = None, sizes: dict 
 
 
 def _raise_at(loc: Location | None, e: Exception):
+    if isinstance(e, GuardOnDataDependentSymNode):  # eager torch runs it: what it needs is a value of the run
+        raise ShapeError(
+            "this operation needs a number computed in the trace (an index or size from a traced value, as in "
+            "h[:, logits.argmax()]); fxpatch checks and rewrites a program before the model runs, so its "
+            "positions and sizes must not come from the run's values", at=loc,
+            hint="Index with a tensor that keeps its shape: h.index_select(1, i.reshape(1)) or torch.gather "
+            "(a non-negative i), or compute the position outside the trace.") from e
     raise ShapeError(f"this operation fails on values of the shapes the run will have: "
                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", at=loc,
                      hint="Check the shapes (save .shape and print it after a trace) and index or reshape "
