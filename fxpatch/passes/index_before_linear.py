@@ -85,11 +85,13 @@ def _merge_reads(graph: torch.fx.Graph, made: dict, ranks: dict) -> None:
         # the reads use x and the program's inputs only: they can all go right after x (and the inputs),
         # so that one linear there comes before every use of its rows
         anchor = x if x.op != "placeholder" else [n for n in graph.nodes if n.op == "placeholder"][-1]
-        if any(isinstance(a, torch.fx.Node) and order[a] > order[anchor] for a in members[0].args[1:]):
-            continue  # a weight computed after x: each linear stays where its read is
+        chains = [_chain(m.args[0], x) for m in members]
+        needed = [*members[0].args[1:], *(a for chain in chains for n in chain for a in n.all_input_nodes[1:])]
+        if any(isinstance(a, torch.fx.Node) and order[a] > order[anchor] for a in needed):
+            continue  # a weight or position defined after x: each linear stays where its read is
         members.sort(key=order.__getitem__)
         for member in members:
-            for node in _chain(member.args[0], x):
+            for node in _chain(member.args[0], x):  # the chains of the sorted members, in their order
                 anchor.append(node)
                 anchor = node
         first = members[0]
