@@ -158,6 +158,12 @@ class Proxy:
         return BackwardBlock(self, gradient, retain_graph, create_graph, inputs, user_location())
 
     def __getitem__(self, index) -> Proxy:
+        if type(index) is Proxy or (type(index) is tuple and Proxy in map(type, index)):
+            from .traced_index import read_at_traced_positions
+
+            read = read_at_traced_positions(self, index, lambda v: type(v) is Proxy)
+            if read is not None:
+                return read
         return self._record("call_function", operator.getitem, (self, index))
 
     def __setitem__(self, index, value) -> None:

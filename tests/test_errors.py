@@ -34,7 +34,7 @@ from fxpatch.errors import (
 )
 from fxpatch.proxy import Proxy
 from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, count_checks, layers, module_calls, state
-from tests.reference import run_alone
+from tests.reference import paths, run_alone
 
 SHORT = "_ _ _"  # 3 tokens; PROMPT_1 and PROMPT_2 have 10
 _SOURCE = open(__file__, encoding="utf-8").read().splitlines()
@@ -240,21 +240,29 @@ def test_a_traced_value_written_in_place_into_an_outside_tensor_is_refused(lm, w
     assert torch.count_nonzero(outside) == 0
 
 
-def test_an_index_computed_from_a_traced_value_is_refused_before_the_model_runs(lm):
-    """``h[:, p]`` with ``p`` made in the trace (an argmax): its position is a value of the run, which the
-    check before the run does not have. Eager torch runs it, so the error says that, and what does run:
-    ``index_select`` with ``p`` as a tensor (its shape does not depend on the value)."""
-    envoys, _ = layers(lm)
+def test_a_write_at_a_position_computed_from_a_traced_value_is_refused_before_the_model_runs(lm):
+    """``h[:, p] = 0`` with ``p`` made in the trace (an argmax): the write's position is a value of the run,
+    which the check before the run does not have. Eager torch runs it, so the error says that, and what
+    does run: ``index_fill_`` at ``p`` as a tensor, which equals the hooked model's write."""
+    envoys, modules = layers(lm)
     with raises_cleanly(lm, ShapeError) as info:
         with lm.trace(PROMPT_1):
             p = envoys[0].output[0].sum(-1).argmax(-1)
-            envoys[1].output[:, p].save()  # line: traced-index
-    check_message(info.value, "traced-index", "needs a number computed in the trace", "index_select")
+            envoys[1].output[:, p] = 0  # line: traced-write
+    check_message(info.value, "traced-write", "needs a number computed in the trace", "index_fill_")
     with lm.trace(PROMPT_1):
-        p = envoys[0].output[0].sum(-1).argmax(-1).save()
-        picked = envoys[1].output.index_select(1, p.reshape(1)).save()
-        whole = envoys[1].output.save()
-    torch.testing.assert_close(picked, whole[:, int(p)].unsqueeze(1))
+        envoys[1].output.index_fill_(1, envoys[0].output[0].sum(-1).argmax(-1).reshape(1), 0.0)
+        logits = lm.lm_head.output.save()
+    first = run_alone(lm, PROMPT_1, capture=[paths(lm).layer(0)]).outputs[paths(lm).layer(0)]
+    position = int(first[0].sum(-1).argmax(-1))
+
+    def write(out):
+        out = out.clone()
+        out[:, position] = 0
+        return out
+
+    torch.testing.assert_close(logits[0], run_alone(lm, PROMPT_1, outputs={paths(lm).layer(1): write}).logits,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_weights_changed_in_place_after_the_blocks_first_use_of_the_model_are_refused(lm):

@@ -1007,11 +1007,12 @@ def _fake(mode: FakeTensorMode, value, symbols: dict | None = None, sizes: dict 
 def _raise_at(loc: Location | None, e: Exception):
     if isinstance(e, GuardOnDataDependentSymNode):  # eager torch runs it: what it needs is a value of the run
         raise ShapeError(
-            "this operation needs a number computed in the trace (an index or size from a traced value, as in "
-            "h[:, logits.argmax()]); fxpatch checks and rewrites a program before the model runs, so its "
-            "positions and sizes must not come from the run's values", at=loc,
-            hint="Index with a tensor that keeps its shape: h.index_select(1, i.reshape(1)) or torch.gather "
-            "(a non-negative i), or compute the position outside the trace.") from e
+            "this operation needs a number computed in the trace (a position or size from a traced value, as in "
+            "h[:, p] = v or h[:, :p] with p = logits.argmax()); fxpatch checks and rewrites a program before the "
+            "model runs, so such numbers must not come from the run's values", at=loc,
+            hint="Read at a traced position as h[:, p] (it runs as index_select); write with "
+            "h.index_fill_(1, p.reshape(1), value) or h.index_copy_(1, p.reshape(1), v.unsqueeze(1)); or compute "
+            "the number outside the trace.") from e
     raise ShapeError(f"this operation fails on values of the shapes the run will have: "
                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", at=loc,
                      hint="Check the shapes (save .shape and print it after a trace) and index or reshape "
