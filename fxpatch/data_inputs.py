@@ -67,8 +67,8 @@ def lift_data(op: str, target: Any, args: tuple, kwargs: dict, is_traced: Callab
     """
     if op == "call_function" and target in (operator.getitem, operator.setitem):
         if len(args) >= 2 and is_traced(args[0]) and isinstance(args[1], tuple):
-            return (args[0], tuple(_lift_index(_as_int(i), lift) for i in args[1]), *args[2:]), kwargs
-        if len(args) >= 2 and is_traced(args[0]):  # a bare index: an int there is structure
+            return (args[0], tuple(_lift_index(i, lift) for i in args[1]), *args[2:]), kwargs
+        if len(args) >= 2 and isinstance(args[1], torch.Tensor) and is_traced(args[0]):  # a bare index: structure
             return (args[0], _as_int(args[1]), *args[2:]), kwargs
         return args, kwargs
     if op == "call_method":
@@ -103,7 +103,14 @@ _INDEX_INTS = frozenset((torch.int64, torch.int32, torch.int16, torch.int8))  # 
 def _lift_index(i: Any, lift: Callable[[Any], Any]) -> Any:
     if _is_int(i):
         return lift(i)
-    if isinstance(i, slice) and i.step is None:
-        return slice(lift(i.start) if _is_int(i.start) else i.start,
-                     lift(i.stop) if _is_int(i.stop) else i.stop)
+    if isinstance(i, slice):
+        if isinstance(i.start, torch.Tensor) or isinstance(i.stop, torch.Tensor) or isinstance(i.step, torch.Tensor):
+            i = _as_int(i)
+        if i.step is None:
+            return slice(lift(i.start) if _is_int(i.start) else i.start,
+                         lift(i.stop) if _is_int(i.stop) else i.stop)
+        return i
+    if isinstance(i, torch.Tensor):  # the ints and slices above first: most indices are those
+        i = _as_int(i)
+        return lift(i) if _is_int(i) else i
     return i

@@ -162,6 +162,8 @@ def test_a_0d_integer_tensor_of_the_users_indexes_as_its_int_and_is_data(lm):
     with lm.trace(PROMPTS[1]):
         out = hidden(envoy(lm, path).output)
         span = out[:, torch.tensor(2):torch.tensor(5)].save()
+        tail = out[:, 1:torch.tensor(-1)].save()
         row = out[torch.tensor(0)].save()
     close(span, want[:, 2:5], "[:, tensor(2):tensor(5)]")
+    close(tail, want[:, 1:-1], "[:, 1:tensor(-1)]")
     close(row, want[0], "[tensor(0)]")
