@@ -538,10 +538,10 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
         for sub in gm.modules():
             if isinstance(sub, _LazyGraphModule):
                 _LazyGraphModule.force_recompile(sub)
-        target = copy_graph_module(gm)  # the eager graph stays as it is
+        target = copy_graph_module(gm)  # the eager graph stays as it is (the copy's nodes have their own meta)
         inputs = [n for n in target.graph.nodes if n.op == "placeholder"]
         for i in numbers:
-            inputs[i].meta = {**inputs[i].meta, "fxpatch_number": True}  # a copy: gm's node shares the dict
+            inputs[i].meta["fxpatch_number"] = True
         for rewrite in (IndexBeforeLinear(), MaterializeIndexed()):
             target = rewrite(target).graph_module
         _LazyGraphModule.force_recompile(target)
