@@ -74,24 +74,25 @@ class IndexBeforeLinear(PassBase):
 def _merge_reads(graph: torch.fx.Graph, made: dict, ranks: dict) -> None:
     """Make the linears moved from one linear one linear of their rows concatenated, split after."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
+    groups: dict[tuple, list[tuple]] = defaultdict(list)  # -> (a linear made here, the reads it takes)
     for node, (x, features) in made.items():
-        if type(features) is int and _chain(node.args[0], x) is not None:
-            groups[(x, features, *node.args[1:], *sorted(node.kwargs.items()))].append(node)
-    for (x, features, *_), members in groups.items():
+        chain = _chain(node.args[0], x) if type(features) is int else None
+        if chain is not None:
+            groups[(x, features, *node.args[1:], *sorted(node.kwargs.items()))].append((node, chain))
+    for (x, features, *_), found in groups.items():
         val = x.meta.get("val")
-        if len(members) < 2 or not isinstance(val, torch.Tensor) or type(val.shape[-1]) is not int:
+        if len(found) < 2 or not isinstance(val, torch.Tensor) or type(val.shape[-1]) is not int:
             continue
         # the reads use x and the program's inputs only: they can all go right after x (and the inputs),
         # so that one linear there comes before every use of its rows
         anchor = x if x.op != "placeholder" else [n for n in graph.nodes if n.op == "placeholder"][-1]
-        chains = [_chain(m.args[0], x) for m in members]
-        needed = [*members[0].args[1:], *(a for chain in chains for n in chain for a in n.all_input_nodes[1:])]
+        needed = [*found[0][0].args[1:], *(a for _, chain in found for n in chain for a in n.all_input_nodes[1:])]
         if any(isinstance(a, torch.fx.Node) and order[a] > order[anchor] for a in needed):
             continue  # a weight or position defined after x: each linear stays where its read is
-        members.sort(key=order.__getitem__)
-        for member in members:
-            for node in _chain(member.args[0], x):  # the chains of the sorted members, in their order
+        found.sort(key=lambda pair: order[pair[0]])
+        members = [member for member, _ in found]
+        for _, chain in found:
+            for node in chain:
                 anchor.append(node)
                 anchor = node
         first = members[0]
@@ -161,7 +162,7 @@ def _read_rank(user: torch.fx.Node, linear: torch.fx.Node, rank: int) -> int | N
     last stays whole), else ``None``."""
     if user.op != "call_function" or not user.args or user.args[0] is not linear:
         return None
-    if any(n is linear for n in user.all_input_nodes[1:]) or user.all_input_nodes.count(linear) > 1:
+    if any(a is linear for a in (*user.args[1:], *user.kwargs.values())):  # a tuple index: _basic_index_rank
         return None
     if user.target in _INDEX:
         dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
