@@ -90,14 +90,12 @@ def lift_data(op: str, target: Any, args: tuple, kwargs: dict, is_traced: Callab
 def _as_int(i: Any) -> Any:
     """``i``, or the int a 0-d integer tensor of the user's holds, which eager torch indexes with as with that
     int (``h[:, torch.tensor(-1)]`` is ``h[:, -1]``); its value now, when the line runs, as NNsight reads it."""
-    if isinstance(i, torch.Tensor) and i.dim() == 0 and i.dtype in _INDEX_INTS:
+    if isinstance(i, torch.Tensor) and i.dim() == 0 and i.dtype in INDEX_INTS:
         return int(i)
-    if isinstance(i, slice) and any(isinstance(b, torch.Tensor) for b in (i.start, i.stop, i.step)):
-        return slice(_as_int(i.start), _as_int(i.stop), _as_int(i.step))
     return i
 
 
-_INDEX_INTS = frozenset((torch.int64, torch.int32, torch.int16, torch.int8))  # uint8 and bool index as masks
+INDEX_INTS = frozenset((torch.int64, torch.int32, torch.int16, torch.int8))  # uint8 and bool index as masks
 
 
 def _lift_index(i: Any, lift: Callable[[Any], Any]) -> Any:
@@ -105,7 +103,7 @@ def _lift_index(i: Any, lift: Callable[[Any], Any]) -> Any:
         return lift(i)
     if isinstance(i, slice):
         if isinstance(i.start, torch.Tensor) or isinstance(i.stop, torch.Tensor) or isinstance(i.step, torch.Tensor):
-            i = _as_int(i)
+            i = slice(_as_int(i.start), _as_int(i.stop), _as_int(i.step))
         if i.step is None:
             return slice(lift(i.start) if _is_int(i.start) else i.start,
                          lift(i.stop) if _is_int(i.stop) else i.stop)

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
+from .data_inputs import INDEX_INTS
 from .fake_values import fake_of
-
-_INTS = frozenset((torch.int64, torch.int32, torch.int16, torch.int8))  # uint8 and bool index as masks
 
 
 def read_at_traced_positions(value, index: Any, is_proxy) -> Any | None:
@@ -35,7 +34,7 @@ def read_at_traced_positions(value, index: Any, is_proxy) -> Any | None:
     for k, item in enumerate(items):
         if k in traced:
             fake = fake_of(item)
-            if not isinstance(fake, torch.Tensor) or fake.dim() != 0 or fake.dtype not in _INTS:
+            if not isinstance(fake, torch.Tensor) or fake.dim() != 0 or fake.dtype not in INDEX_INTS:
                 return None
         elif not (type(item) is int or (type(item) is slice
                                           and not any(map(is_proxy, (item.start, item.stop, item.step))))):
