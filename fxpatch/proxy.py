@@ -48,6 +48,8 @@ class Proxy:
         _SAVED_SET(self, False)
         _VALUE_SET(self, _UNSET)
         _OWNER_SET(self, None)
+        if not tracer.finished:  # every proxy of a recording trace, for saving.keep_appended's count of references
+            tracer.proxies.append(self)
 
     # -- recording -----------------------------------------------------------------
     def _record(self, op: str, target: Any, args: tuple, kwargs: dict | None = None, **extra) -> Proxy:

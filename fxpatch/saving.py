@@ -12,7 +12,8 @@ methods) would then see a ``save`` on every class imported during a trace.
 Lists and dicts that existed before a trace and that the
 block fills with traced values (``acts.append(h)``) are filled with the real
 values after it, without ``.save()``: ``outside_containers`` notes them when
-the block starts and ``keep_appended`` keeps what was put in them.
+the block starts and ``keep_appended`` keeps what was put in them, counting
+references first so that what nothing was put in is not looked through.
 """
 
 from __future__ import annotations
@@ -147,10 +148,14 @@ def outside_containers(frame) -> list:
     return list(found.values())
 
 
-def keep_appended(tracer, containers: list) -> tuple[list, list]:
+def keep_appended(tracer, containers: list, frame=None) -> tuple[list, list]:
     """Keep the traced values of ``tracer`` put into ``containers`` (made before the trace) or into what they
     hold. Returns the containers that hold any, to fill after the run, and those walked to the end that
-    hold none, which need no second look.
+    hold none, which need no second look. ``frame``: the frame running the block.
+
+    First it counts references (``_held_elsewhere``): where every reference to the trace's proxies is from
+    the block's variables, the trace itself, or one of ``containers`` directly, no container can hold one
+    deeper, and nothing is walked. A notebook's dataset in scope then costs nothing at each trace.
 
     A walk over everything they hold, each list and dict looked at once, within the limits of
     ``_SCAN_LIMIT`` (longer containers are passed over) and ``_VISIT_LIMIT`` (elements in all). The
@@ -160,6 +165,12 @@ def keep_appended(tracer, containers: list) -> tuple[list, list]:
     together (their elements, then what those hold, ...), so that a deep dataset that comes first in
     the scope cannot spend the limit before ``acts = []`` next to it is looked at.
     """
+    elsewhere = _held_elsewhere(tracer, frame)
+    if not elsewhere:
+        return [], list(containers)
+    found = _held_at_top(containers, elsewhere)
+    if found is not None:
+        return found, [c for c in containers if not any(c is k for k in found)]
     if _hold_no_proxies(tracer, containers):  # the common answer, in one pass over all of them
         return [], list(containers)
     walks = [_Walk(top) for top in containers]
@@ -173,6 +184,86 @@ def keep_appended(tracer, containers: list) -> tuple[list, list]:
     kept = [w.top for w in walks if w.found]
     untouched = [w.top for w in walks if w.complete and not w.found]
     return kept, untouched
+
+
+_CO_OPTIMIZED = 0x0001  # a function's frame: its variables live in the frame, not in a dict
+# before 3.13 reading a function frame's ``f_locals`` fills a dict with its variables: a second reference each
+_DICT_OF_FRAME = sys.version_info < (3, 13)
+
+
+def _refs(values: list) -> list[int]:
+    return list(map(sys.getrefcount, values))
+
+
+_HELD_BY_LIST = _refs([object()])[0]  # the count ``_refs`` gives an object that only its list holds
+
+
+def _held_elsewhere(tracer, frame) -> dict[int, int]:
+    """The proxies of ``tracer`` referred to from places other than the block's variables and the trace itself
+    (``id`` -> how many such references): where this is empty, no container holds one.
+
+    Every proxy of a recording trace is in ``tracer.proxies``. CPython counts references exactly: a proxy's
+    count, less those from that list, the frame's variables (and the module's), the trace's attributes and
+    barriers and other proxies (``h.shape`` refers to ``h``), is the number of references from anywhere
+    else. Counted exactly or too few, never too many: a reference not accounted for sends the caller to the
+    walk, which finds what holds it, as it would without the count.
+    """
+    live = tracer.proxies
+    if not live:
+        return {}
+    known: dict[int, int] = {}
+
+    def count(values) -> None:
+        for v in values:
+            if isinstance(v, Proxy):
+                known[id(v)] = known.get(id(v), 0) + 1
+
+    if frame is not None:
+        scope = frame.f_locals  # read now: before 3.13 this also brings its dict up to date with the frame
+        count(scope.values())
+        if frame.f_code.co_flags & _CO_OPTIMIZED:
+            if _DICT_OF_FRAME:  # the frame's own reference (or its cell's) to each variable the dict has
+                code = frame.f_code
+                names = {*code.co_varnames, *code.co_cellvars, *code.co_freevars}  # an argument in a cell is in two
+                count(scope[n] for n in names if n in scope)
+            count(frame.f_globals.values())
+        elif scope is not frame.f_globals:
+            count(frame.f_globals.values())
+    count(vars(tracer).values())
+    count(tracer.saved)
+    for barrier in tracer.barriers:
+        for by_invoke in barrier.rounds.values():
+            for traced in by_invoke.values():
+                count(traced.values())
+    count([p._owner for p in live])
+    counts = _refs(live)  # after ``f_locals`` was read: its dict's references are counted, and are there
+    elsewhere = {}
+    for p, refs in zip(live, counts):
+        extra = refs - _HELD_BY_LIST - known.get(id(p), 0)
+        if extra:
+            elsewhere[id(p)] = extra
+    return elsewhere
+
+
+def _held_at_top(containers: list, elsewhere: dict[int, int]) -> list | None:
+    """The ``containers`` that hold the proxies ``elsewhere`` counts as their own items (``acts.append(h)``),
+    with those proxies saved, if these are all the references it counts; else ``None``."""
+    left = sum(elsewhere.values())
+    found = []
+    for c in containers:
+        if len(c) > _SCAN_LIMIT:
+            continue
+        hits = [v for v in gc.get_referents(c) if type(v) is Proxy and id(v) in elsewhere]
+        if hits:
+            found.append((c, hits))
+            left -= len(hits)
+    if left:
+        return None
+    for _, hits in found:
+        for v in hits:
+            if not v.saved:
+                v.save()
+    return [c for c, _ in found]
 
 
 def _hold_no_proxies(tracer, containers: list) -> bool:

@@ -213,6 +213,7 @@ class Tracer:
         self.invokes: list[Invoker] = []
         self.barriers: list[Barrier] = []
         self.saved: list[Proxy] = []
+        self.proxies: list[Proxy] = []  # every Proxy made while recording (saving.keep_appended)
         self.saved_nodes: list[torch.fx.Node] | None = None  # the saved proxies' nodes, once they are let go
         self.current_invoke: Invoker | None = None
         self.finished = False
@@ -273,7 +274,7 @@ class Tracer:
             self._close()
             return False
         frame = sys._getframe(1)  # the frame running the `with` statement
-        kept, untouched = keep_appended(self, self._outside)
+        kept, untouched = keep_appended(self, self._outside, frame)
         session = active_session()
         if session is not None:  # in a session every value the block's variables hold flows on
             session.keep(self, frame)
@@ -304,6 +305,7 @@ class Tracer:
     def _close(self) -> None:
         self.finished = True
         self._outside = []
+        self.proxies = []
         self.__dict__.pop("_fake_values", None)  # fake tensors of the recording (fake_values.py)
         unmount_save(self)
         active.remove(self)

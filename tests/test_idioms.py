@@ -407,6 +407,63 @@ def test_a_large_container_first_in_scope_does_not_hide_one_filled_in_the_trace(
     assert len(data) == 10_000 and all(row == [0] * 10 for row in data)
 
 
+class _CountedRow(list):
+    """A dataset row that counts how often its length is asked (the walk over containers asks each one)."""
+
+    asked = 0
+
+    def __len__(self) -> int:
+        type(self).asked += 1
+        return super().__len__()
+
+
+def test_a_dataset_in_scope_is_not_walked_when_the_block_puts_nothing_into_containers(gpt2):
+    """Counting references tells that no container made before the trace holds its values: the rows of a
+    dataset in scope are not looked at, by a block that reads and saves (its ``acts`` filled at top level
+    are found without them too), while a value put deep into one still sends the walk through them."""
+    dataset = [_CountedRow([i, i + 1]) for i in range(200)]
+    acts: list = []
+    _CountedRow.asked = 0
+    with gpt2.trace(PROMPT_1):
+        h = gpt2.transformer.h[0].output
+        shape = h.shape.save()  # a proxy whose owner is h
+        logits = gpt2.lm_head.output[:, -1].save()
+        acts.append(h[:, -1])
+    assert _CountedRow.asked == 0
+    ref = run_alone(gpt2, PROMPT_1, capture=["transformer.h.0"])
+    close(logits[0], ref.logits[-1], "saved")
+    close(acts[0][0], ref.outputs["transformer.h.0"][:, -1][0], "appended at top level")
+    assert tuple(shape) == tuple(ref.outputs["transformer.h.0"].shape)
+    with gpt2.trace(PROMPT_1):
+        dataset[7].append(gpt2.lm_head.output[:, -1])
+    assert _CountedRow.asked > 0
+    close(dataset[7][2][0], ref.logits[-1], "put into a row")
+    assert [list(row) for row in dataset[:7]] == [[i, i + 1] for i in range(7)]
+
+
+def _fill_from_a_closure(lm, holder: dict, h=None):
+    """``h`` is an argument that a nested function captures: held by a cell, named twice in the code."""
+    p = paths(lm)
+    with lm.trace(PROMPT_1):
+        h = envoy(lm, p.layer(0)).output[:, -1]
+        doubled = lambda: h * 2  # noqa: E731
+        holder["deep"]["acts"].append(h)
+    return doubled
+
+
+def test_values_held_by_closures_and_put_deep_into_containers_are_filled(lm):
+    """A traced value held by a variable a closure captures, and put two levels into a dict made before the
+    trace: the reference count of a captured variable is not taken for a reason to skip the walk."""
+    p = paths(lm)
+    holder = {"deep": {"acts": []}}
+    doubled = _fill_from_a_closure(lm, holder)
+    got = holder["deep"]["acts"]
+    assert [type(v) for v in got] == [torch.Tensor], got
+    want = run_alone(lm, PROMPT_1, capture=[p.layer(0)]).outputs[p.layer(0)][:, -1]
+    close(got[0], want, "the captured value")
+    close(doubled(), want * 2, "through the closure")
+
+
 def test_a_modules_tuple_value_put_into_containers_made_outside_is_a_tuple_of_real_values(lm):
     """``acts.append(attn.output)``: the module's tuple value, held by a list and a dict made before the
     trace and by a tuple in the list, is a plain tuple of real values in each after it (as the module
