@@ -25,7 +25,7 @@ import torch
 from .aliases import bind_aliases
 from .envoy import Envoy
 from .errors import FxpatchError, InputError, user_location
-from .export import SiteGraph, export_sites
+from .export import TRACING_LOCK, SiteGraph, export_sites
 from .inputs import NO_INPUTS
 from .passes.functionalize_program import forget_source
 from .tracing import Tracer
@@ -242,17 +242,18 @@ class TransformersModel(Envoy):
         if watch is not None and watch.unchanged():  # a few microseconds, against the walk's tens to hundreds
             return
         kept: list = []
-        fingerprint = model_fingerprint(self._model, kept)
-        if fingerprint != self._fingerprint:
-            _check_one_device(self._model)  # a part moved elsewhere (model.lm_head.to("cuda")) splits the model
-            self._site_graphs.clear()
-            self._patched.clear()
-            self._checked.clear()
-            self._functional.clear()
-            self._state_access.clear()
-            self._facts.clear()
-            object.__setattr__(self, "_fingerprint", fingerprint)
-        self._watch_anew(kept)
+        with TRACING_LOCK:  # not while another thread's export has patched torch's classes (the walk sees code)
+            fingerprint = model_fingerprint(self._model, kept)
+            if fingerprint != self._fingerprint:
+                _check_one_device(self._model)  # a part moved elsewhere (model.lm_head.to("cuda")) splits the model
+                self._site_graphs.clear()
+                self._patched.clear()
+                self._checked.clear()
+                self._functional.clear()
+                self._state_access.clear()
+                self._facts.clear()
+                object.__setattr__(self, "_fingerprint", fingerprint)
+            self._watch_anew(kept)
 
     def _watch_anew(self, kept: list) -> None:
         """Watch the model as the walk that ``kept`` these objects saw it (the current fingerprint's walk,
@@ -268,10 +269,11 @@ class TransformersModel(Envoy):
         if fingerprint is self._fingerprint and watch is not None and watch.unchanged():
             return False
         kept: list = []
-        if model_fingerprint(self._model, kept) != fingerprint:
-            return True
-        if fingerprint is self._fingerprint:
-            self._watch_anew(kept)
+        with TRACING_LOCK:  # as in _forget_stale_exports
+            if model_fingerprint(self._model, kept) != fingerprint:
+                return True
+            if fingerprint is self._fingerprint:
+                self._watch_anew(kept)
         return False
 
     def state_values(self, mode: str) -> tuple[Any, ...]:

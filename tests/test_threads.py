@@ -58,3 +58,38 @@ def test_two_threads_trace_the_same_model_at_once(gpt2):
         ref = run_alone(gpt2, prompt, outputs={"transformer.h.0": lambda x, s=scale: x * s})
         close(logits[0], ref.logits, prompt)
     assert not torch.allclose(out[0], out[1])
+
+
+def test_traces_end_cleanly_while_another_thread_exports_a_model(gpt2, tokenizer):
+    """torch.export patches torch's own classes while it runs, process-wide, and a trace's check that the
+    model did not change inside its block looks at those classes' code: traces of one model, one after
+    another while another thread exports another model, each wait for the export to end rather than
+    take its patches for a change (a FlowError) or drop the model's exports."""
+    from fxpatch import LanguageModel
+    from tests.conftest import tiny_llama
+
+    fresh = LanguageModel(tiny_llama(len(tokenizer), seed=3), tokenizer=tokenizer, cache_dir=False)
+    done, errors = threading.Event(), []
+
+    def export():
+        try:
+            with fresh.trace(PROMPT_1):
+                fresh.lm_head.output.save()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+        finally:
+            done.set()
+
+    exporter = threading.Thread(target=export)
+    exporter.start()
+    traces = 0
+    try:
+        while not done.is_set():
+            with gpt2.trace(PROMPT_1):
+                logits = gpt2.lm_head.output.save()
+            traces += 1
+    finally:
+        exporter.join(120)
+    assert not errors, errors
+    assert traces >= 1
+    close(logits[0], run_alone(gpt2, PROMPT_1).logits, "the last trace")
