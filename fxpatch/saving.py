@@ -211,38 +211,32 @@ def _held_elsewhere(tracer, frame) -> dict[int, int]:
     live = tracer.proxies
     if not live:
         return {}
-    known: dict[int, int] = {}
+    scope = frame.f_locals if frame is not None else {}  # read first: before 3.13 this fills a dict of them
+    elsewhere = {id(p): refs - _HELD_BY_LIST for p, refs in zip(live, _refs(live)) if refs != _HELD_BY_LIST}
 
-    def count(values) -> None:
-        for v in values:
-            if isinstance(v, Proxy):
-                known[id(v)] = known.get(id(v), 0) + 1
+    def account(values) -> bool:
+        """Take the references from ``values`` off; whether any are left to account for."""
+        for i in [id(v) for v in values if type(v) is Proxy]:  # a MethodProxy is not listed: not counted
+            if i in elsewhere:
+                elsewhere[i] -= 1
+        return any(elsewhere.values())
 
-    if frame is not None:
-        scope = frame.f_locals  # read now: before 3.13 this also brings its dict up to date with the frame
-        count(scope.values())
-        if frame.f_code.co_flags & _CO_OPTIMIZED:
-            if _DICT_OF_FRAME:  # the frame's own reference (or its cell's) to each variable the dict has
-                code = frame.f_code
-                names = {*code.co_varnames, *code.co_cellvars, *code.co_freevars}  # an argument in a cell is in two
-                count(scope[n] for n in names if n in scope)
-            count(frame.f_globals.values())
-        elif scope is not frame.f_globals:
-            count(frame.f_globals.values())
-    count(vars(tracer).values())
-    count(tracer.saved)
-    for barrier in tracer.barriers:
-        for by_invoke in barrier.rounds.values():
-            for traced in by_invoke.values():
-                count(traced.values())
-    count([p._owner for p in live])
-    counts = _refs(live)  # after ``f_locals`` was read: its dict's references are counted, and are there
-    elsewhere = {}
-    for p, refs in zip(live, counts):
-        extra = refs - _HELD_BY_LIST - known.get(id(p), 0)
-        if extra:
-            elsewhere[id(p)] = extra
-    return elsewhere
+    optimized = frame is not None and frame.f_code.co_flags & _CO_OPTIMIZED
+    if _DICT_OF_FRAME and optimized:  # the frame's own reference (or its cell's) to each variable the dict has
+        code = frame.f_code
+        names = {*code.co_varnames, *code.co_cellvars, *code.co_freevars}  # an argument in a cell is in two
+        account(scope[n] for n in names if n in scope)
+    # most traces' values are held by the block's variables alone: a large module scope is looked at last
+    sources = [lambda: scope.values(), lambda: vars(tracer).values(), lambda: tracer.saved,
+               lambda: [v for b in tracer.barriers for by_invoke in b.rounds.values()
+                        for traced in by_invoke.values() for v in traced.values()],
+               lambda: [p._owner for p in live]]
+    if frame is not None and (optimized or scope is not frame.f_globals):
+        sources.append(lambda: frame.f_globals.values())
+    for values in sources:
+        if not any(elsewhere.values()) or not account(values()):
+            break
+    return {i: n for i, n in elsewhere.items() if n}
 
 
 def _held_at_top(containers: list, elsewhere: dict[int, int]) -> list | None:
