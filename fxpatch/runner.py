@@ -23,7 +23,7 @@ from .errors import FxpatchError, user_location
 from .export import TRACING_LOCK
 from .gradients import make_differentiable, mark_requires_grad, run_backwards
 from .inputs import left_pad
-from .passes import IndexBeforeLinear, InlineProgram, MaterializeIndexed, StripSites
+from .passes import IndexBeforeLinear, InlineProgram, MaterializeIndexed, OneDNNLinear, StripSites
 from .passes.functionalize_program import (
     Chains,
     TensorSpec,
@@ -542,9 +542,11 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
         inputs = [n for n in target.graph.nodes if n.op == "placeholder"]
         for i in numbers:
             inputs[i].meta["fxpatch_number"] = True
-        for rewrite in (IndexBeforeLinear(), MaterializeIndexed()):
+        for rewrite in (IndexBeforeLinear(), MaterializeIndexed(), OneDNNLinear()):
             target = rewrite(target).graph_module
-        _LazyGraphModule.force_recompile(target)
+        for sub in target.modules():  # a pass's recompile() leaves a graph module lazy again
+            if isinstance(sub, _LazyGraphModule):
+                _LazyGraphModule.force_recompile(sub)
         fn = cache[(mode, dynamic, numbers)] = torch.compile(target, dynamic=dynamic, mode=mode)
     return fn
 

@@ -59,6 +59,53 @@ def test_compiled_trace_equals_eager_and_the_hooked_model(gpt2):
     torch.testing.assert_close(again, again_eager, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_linears_run_onednns_gemm_on_the_weights_as_they_are_at_each_run(gpt2, monkeypatch):
+    """With its size limit at 0, every linear of the tiny GPT-2 runs oneDNN's GEMM when compiled
+    (fxpatch/passes/onednn_linear.py): the patch equals the hooked model, and a weight changed through
+    ``.data`` (which its version counter does not see) is the one the next run of the same compiled graph
+    uses."""
+    import copy
+
+    from fxpatch.passes.onednn_linear import available
+    from fxpatch.passes.ops import ONEDNN_LINEAR_OP
+
+    if not available():
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr("fxpatch.passes.onednn_linear.MIN_NUMEL", 0)
+    torch._dynamo.reset()
+    hf = copy.deepcopy(gpt2._model)
+    model = LanguageModel(hf, tokenizer=gpt2.tokenizer, compile=True)
+    plain = LanguageModel(hf, tokenizer=gpt2.tokenizer)  # the hooked reference runs ``plain._model``: hf
+
+    def check(logits):
+        src = run_alone(plain, PROMPT_1, capture=["transformer.h.1"]).outputs["transformer.h.1"][:, -1]
+
+        def edit(out):
+            out = out.clone()
+            out[:, -1] = src * 2
+            return out
+
+        ref = run_alone(plain, "hello", outputs={"transformer.h.1": edit})
+        torch.testing.assert_close(unpad(logits, 1, len(ref.ids)), ref.logits, atol=1e-5, rtol=1e-5)
+
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    tracer, logits = patch(model, PROMPT_1, "hello", compile=True)
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks  # the segments recompiled
+    (run,) = tracer.graph._fxpatch_compiled.values()
+    nodes = [n for m in run._orig_mod.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+    # every Conv1D and the head (layers of one form share a segment module, looked at once)
+    assert sum(n.target is ONEDNN_LINEAR_OP for n in nodes) >= 4 + 1
+    assert not [n for n in nodes if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default)]
+    check(logits)
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    with torch.no_grad():
+        hf.transformer.h[0].mlp.c_fc.weight.data[:, :8] = 0
+        hf.lm_head.weight.data.mul_(0.5)  # tied: the token embeddings too
+    _, logits = patch(model, PROMPT_1, "hello", compile=True)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+    check(logits)
+
+
 def test_a_graph_the_compiler_cannot_build_is_an_error_at_the_trace_that_says_to_run_eagerly(gpt2, monkeypatch):
     """torch.compile's backend failing on a rewritten graph (as inductor's C++ code for generation's masks does
     on the CPU before torch 2.13) is an FxpatchError at the trace's line, with torch's error chained, and

@@ -3,8 +3,8 @@
 They import torch only. ``functionalize_program`` turns a recorded program
 into a functional graph with eager torch's meaning (and checks its shapes on
 fake tensors), ``InlineProgram`` puts it into an exported graph and
-``StripSites`` removes the site markers and dead code; ``IndexBeforeLinear`` and ``MaterializeIndexed``
-ready a graph for ``torch.compile``.
+``StripSites`` removes the site markers and dead code; ``IndexBeforeLinear``, ``MaterializeIndexed`` and
+``OneDNNLinear`` ready a graph for ``torch.compile``.
 """
 
 from .functionalize_program import (
@@ -17,7 +17,8 @@ from .functionalize_program import (
 from .index_before_linear import IndexBeforeLinear
 from .inline_program import InlineProgram
 from .materialize_indexed import MaterializeIndexed
+from .onednn_linear import OneDNNLinear
 from .strip_sites import StripSites
 
 __all__ = ["CheckedProgram", "FunctionalProgram", "IndexBeforeLinear", "InlineProgram", "MaterializeIndexed",
-           "StripSites", "check_program", "check_program_symbolic", "functionalize_program"]
+           "OneDNNLinear", "StripSites", "check_program", "check_program_symbolic", "functionalize_program"]

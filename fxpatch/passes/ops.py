@@ -94,3 +94,41 @@ def assign(base, index, value):
         value = value.to(dtype=out.dtype, device=out.device)
     operator.setitem(out, index, value)
     return out
+
+
+@torch.library.custom_op(f"{SITE_NAMESPACE}::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """``x @ w.T + bias`` by oneDNN's GEMM, reading ``weight`` as it is at each call (nothing packed or kept);
+    ``w`` is ``weight``, or ``weight.T`` where ``transposed`` (GPT-2's ``Conv1D`` keeps ``(in, out)``)."""
+    w = weight.t() if transposed else weight
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _onednn_linear_fake(x, weight, bias, transposed):
+    return x.new_empty((*x.shape[:-1], weight.shape[1] if transposed else weight.shape[0]))
+
+
+def _onednn_linear_context(ctx, inputs, output) -> None:
+    x, weight, bias, transposed = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.transposed, ctx.has_bias = transposed, bias is not None
+
+
+def _onednn_linear_backward(ctx, grad: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    w = weight.t() if ctx.transposed else weight  # (out, in)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    flat = grad.reshape(-1, grad.shape[-1])
+    grad_x = grad @ w if need_x else None
+    grad_w = None
+    if need_w:
+        grad_w = flat.t() @ x.reshape(-1, x.shape[-1])
+        grad_w = grad_w.t() if ctx.transposed else grad_w
+    grad_b = flat.sum(0) if need_b and ctx.has_bias else None
+    return grad_x, grad_w, grad_b, None
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_context)
+
+ONEDNN_LINEAR_OP = torch.ops.fxpatch.onednn_linear.default
