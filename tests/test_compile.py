@@ -30,6 +30,19 @@ def patch(model, source, target, compile):
     return tracer, logits
 
 
+def assert_patch_is_the_hooked_models(lm, source, target, logits) -> None:
+    """``patch``'s logits of ``target`` equal the plain model's, alone, with ``source``'s doubled value in a hook."""
+    src = run_alone(lm, source, capture=["transformer.h.1"]).outputs["transformer.h.1"][:, -1]
+
+    def edit(out):
+        out = out.clone()
+        out[:, -1] = src * 2
+        return out
+
+    ref = run_alone(lm, target, outputs={"transformer.h.1": edit})
+    torch.testing.assert_close(unpad(logits, 1, len(ref.ids)), ref.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_trace_equals_eager_and_the_hooked_model(gpt2):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters  # global, counting earlier tests' compiles too
@@ -42,15 +55,7 @@ def test_compiled_trace_equals_eager_and_the_hooked_model(gpt2):
     eager_tracer, eager = patch(gpt2, PROMPT_1, "hello", compile=False)
     assert tracer.graph is eager_tracer.graph  # one rewritten graph; compiled is how it runs
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    src = run_alone(gpt2, PROMPT_1, capture=["transformer.h.1"]).outputs["transformer.h.1"][:, -1]
-
-    def edit(out):
-        out = out.clone()
-        out[:, -1] = src * 2
-        return out
-
-    ref = run_alone(gpt2, "hello", outputs={"transformer.h.1": edit})
-    torch.testing.assert_close(unpad(compiled, 1, len(ref.ids)), ref.logits, atol=1e-5, rtol=1e-5)
+    assert_patch_is_the_hooked_models(gpt2, PROMPT_1, "hello", compiled)
     # another prompt length runs the same compiled graph (dynamic sizes)
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     _, again = patch(gpt2, "The Eiffel Tower is in Paris", PROMPT_2, compile=True)
@@ -77,17 +82,6 @@ def test_compiled_linears_run_onednns_gemm_on_the_weights_as_they_are_at_each_ru
     model = LanguageModel(hf, tokenizer=gpt2.tokenizer, compile=True)
     plain = LanguageModel(hf, tokenizer=gpt2.tokenizer)  # the hooked reference runs ``plain._model``: hf
 
-    def check(logits):
-        src = run_alone(plain, PROMPT_1, capture=["transformer.h.1"]).outputs["transformer.h.1"][:, -1]
-
-        def edit(out):
-            out = out.clone()
-            out[:, -1] = src * 2
-            return out
-
-        ref = run_alone(plain, "hello", outputs={"transformer.h.1": edit})
-        torch.testing.assert_close(unpad(logits, 1, len(ref.ids)), ref.logits, atol=1e-5, rtol=1e-5)
-
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     tracer, logits = patch(model, PROMPT_1, "hello", compile=True)
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks  # the segments recompiled
@@ -96,14 +90,14 @@ def test_compiled_linears_run_onednns_gemm_on_the_weights_as_they_are_at_each_ru
     # every Conv1D and the head (layers of one form share a segment module, looked at once)
     assert sum(n.target is ONEDNN_LINEAR_OP for n in nodes) >= 4 + 1
     assert not [n for n in nodes if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default)]
-    check(logits)
+    assert_patch_is_the_hooked_models(plain, PROMPT_1, "hello", logits)
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     with torch.no_grad():
         hf.transformer.h[0].mlp.c_fc.weight.data[:, :8] = 0
         hf.lm_head.weight.data.mul_(0.5)  # tied: the token embeddings too
     _, logits = patch(model, PROMPT_1, "hello", compile=True)
     assert torch._dynamo.utils.counters["frames"]["ok"] == frames
-    check(logits)
+    assert_patch_is_the_hooked_models(plain, PROMPT_1, "hello", logits)
 
 
 def test_a_graph_the_compiler_cannot_build_is_an_error_at_the_trace_that_says_to_run_eagerly(gpt2, monkeypatch):
