@@ -225,3 +225,46 @@ def test_static_cache_refused_for_sliding_window_layers(tokenizer):
     lm = fxpatch.LanguageModel(MistralForCausalLM(config).eval(), tokenizer=tokenizer)
     msg = refused(lm, {"cache_implementation": "static"})
     assert "StaticSlidingWindowLayer" in msg and "Drop cache_implementation" in msg, msg
+
+
+@pytest.mark.slow  # compiles a prefill and a decode graph
+def test_compiled_generation_through_onednns_gemm_equals_transformers(gpt2, monkeypatch):
+    """With its size limit at 0, every linear of the compiled prefill and static decode graphs runs oneDNN's
+    GEMM (fxpatch/passes/onednn_linear.py); the tokens of an edited generation equal transformers'
+    static-cache ``generate`` with the edit in a hook, prompt by prompt, and the values saved at each step
+    equal the eager run's."""
+    from fxpatch.passes.onednn_linear import available
+    from fxpatch.passes.ops import ONEDNN_LINEAR_OP
+
+    skip_compiled_generation_before_torch_2_13(gpt2.device)
+    if not available():
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr("fxpatch.passes.onednn_linear.MIN_NUMEL", 0)
+    torch._dynamo.reset()
+    lm = fxpatch.LanguageModel(copy.deepcopy(gpt2._model), tokenizer=gpt2.tokenizer)
+    h = lm.transformer.h
+
+    def run(compile):
+        with lm.generate(max_new_tokens=N, cache_implementation="static", compile=compile) as tracer:
+            for p in (PROMPT_1, HELLO):
+                with tracer.invoke(p):
+                    hs = fxpatch.save([])
+                    for _ in tracer.all():
+                        h[1].output[:] = h[1].output * 1.5
+                        hs.append(h[1].output[:, -1])
+            out = tracer.result.save()
+        return tracer, out, hs
+
+    tracer, compiled, hs = run(True)
+    for step in (0, 1):  # the prefill graph and the decode graph
+        (fn,) = tracer.graphs[step]._fxpatch_compiled.values()
+        nodes = [n for m in fn._orig_mod.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+        assert any(n.target is ONEDNN_LINEAR_OP for n in nodes), f"graph of step {step}"
+        assert not [n for n in nodes if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default)]
+    _, eager, eager_hs = run(False)
+    edits = [(lm._model.transformer.h[1], scale_all(1.5))]
+    refs = [hf_static(lm, p, N, edits=edits).sequences[0].tolist() for p in (PROMPT_1, HELLO)]
+    assert_tokens(lm, compiled, expected_batch(lm, [PROMPT_1, HELLO], refs))
+    assert torch.equal(compiled, eager)
+    for step, (a, b) in enumerate(zip(hs, eager_hs)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=ATOL, msg=lambda m, s=step: f"step {s}: {m}")

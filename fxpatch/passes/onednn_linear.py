@@ -27,8 +27,10 @@ MIN_NUMEL = 1 << 18  # 1 MiB of float32: smaller weights stay in the caches, whe
 
 
 def available() -> bool:
-    """Whether this torch has oneDNN's linear (CPU builds with MKLDNN)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch has oneDNN's linear (CPU builds with MKLDNN), and it is not turned off
+    (``torch.backends.mkldnn.enabled = False`` keeps torch's BLAS for graphs compiled after it)."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 class OneDNNLinear(PassBase):

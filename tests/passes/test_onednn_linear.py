@@ -12,7 +12,7 @@ from fxpatch.passes.onednn_linear import available
 from fxpatch.passes.ops import ONEDNN_LINEAR_OP
 
 aten = torch.ops.aten
-pytestmark = pytest.mark.skipif(not available(), reason="this torch has no oneDNN linear")
+pytestmark = pytest.mark.skipif(not available(), reason="this torch has no oneDNN linear, or it is off")
 
 X = torch.randn(3, 5, 16)
 
@@ -127,3 +127,9 @@ def test_small_weights_are_left_to_torchs_gemm():
     gm, weights = lifted(big, torch.randn(2, 512))
     result = OneDNNLinear()(gm)
     assert result.modified and ops(result.graph_module) == [ONEDNN_LINEAR_OP]
+
+
+def test_turning_onednn_off_keeps_torchs_gemm(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    gm, _ = lifted(Layers().eval(), X)
+    assert not OneDNNLinear(min_numel=0)(gm).modified
