@@ -135,25 +135,30 @@ def _compile_counts() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], counters["frames"]["ok"]
 
 
+def generate_scaled(lm, prompts, compile, **settings):
+    """A static-cache generation of ``prompts``, each an invoke scaling layer 1's output by 1.5 at every step
+    and saving its last position: ``(tracer, the sequences, the last invoke's saved values)``."""
+    h = lm.transformer.h
+    with lm.generate(max_new_tokens=N, cache_implementation="static", compile=compile, **settings) as tracer:
+        for p in prompts:
+            with tracer.invoke(p):
+                hs = fxpatch.save([])
+                for _ in tracer.all():
+                    h[1].output[:] = h[1].output * 1.5
+                    hs.append(h[1].output[:, -1])
+        out = tracer.result.save()
+    return tracer, out, hs
+
+
 @pytest.mark.slow  # about a minute (compiling / two spawned exporting processes): run with -m slow
 def test_compiled_static_generation_compiles_once_per_maximum_length(gpt2):
     """Under compile=True the static decode graph is compiled once for its sizes: not again at the next
     decode steps, nor for two prompts of another width with the same max_cache_len. Tokens equal the
     eager run's and transformers'; the values saved at every step equal the eager run's."""
     skip_compiled_generation_before_torch_2_13(gpt2.device)
-    h = gpt2.transformer.h
 
     def run(prompts, compile):
-        with gpt2.generate(max_new_tokens=N, cache_implementation="static", max_cache_len=16,
-                           compile=compile) as tracer:
-            for p in prompts:
-                with tracer.invoke(p):
-                    hs = fxpatch.save([])
-                    for _ in tracer.all():
-                        h[1].output[:] = h[1].output * 1.5
-                        hs.append(h[1].output[:, -1])
-            out = tracer.result.save()
-        return tracer, out, hs
+        return generate_scaled(gpt2, prompts, compile, max_cache_len=16)
 
     torch._dynamo.reset()
     before = _compile_counts()
@@ -242,26 +247,14 @@ def test_compiled_generation_through_onednns_gemm_equals_transformers(gpt2, monk
     monkeypatch.setattr("fxpatch.passes.onednn_linear.MIN_NUMEL", 0)
     torch._dynamo.reset()
     lm = fxpatch.LanguageModel(copy.deepcopy(gpt2._model), tokenizer=gpt2.tokenizer)
-    h = lm.transformer.h
 
-    def run(compile):
-        with lm.generate(max_new_tokens=N, cache_implementation="static", compile=compile) as tracer:
-            for p in (PROMPT_1, HELLO):
-                with tracer.invoke(p):
-                    hs = fxpatch.save([])
-                    for _ in tracer.all():
-                        h[1].output[:] = h[1].output * 1.5
-                        hs.append(h[1].output[:, -1])
-            out = tracer.result.save()
-        return tracer, out, hs
-
-    tracer, compiled, hs = run(True)
+    tracer, compiled, hs = generate_scaled(lm, [PROMPT_1, HELLO], True)
     for step in (0, 1):  # the prefill graph and the decode graph
         (fn,) = tracer.graphs[step]._fxpatch_compiled.values()
         nodes = [n for m in fn._orig_mod.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
         assert any(n.target is ONEDNN_LINEAR_OP for n in nodes), f"graph of step {step}"
         assert not [n for n in nodes if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default)]
-    _, eager, eager_hs = run(False)
+    _, eager, eager_hs = generate_scaled(lm, [PROMPT_1, HELLO], False)
     edits = [(lm._model.transformer.h[1], scale_all(1.5))]
     refs = [hf_static(lm, p, N, edits=edits).sequences[0].tolist() for p in (PROMPT_1, HELLO)]
     assert_tokens(lm, compiled, expected_batch(lm, [PROMPT_1, HELLO], refs))
