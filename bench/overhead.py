@@ -10,7 +10,8 @@ one that hands back the outputs of its last run: the Python work alone, without 
 on the caches around it (on the 2-core VM the work costs more right after a real run). A third row
 runs the patch with a notebook-sized dataset (9,000 rows of a few fields) in the calling module's
 globals, which a trace looks through for traced values put into containers made before it
-(NNsight's ``acts.append(h)`` idiom).
+(NNsight's ``acts.append(h)`` idiom) where counting references does not rule that out; a fourth adds
+6,000 names, as a long notebook session has (``_i1``, ``_1``, ...).
 """
 
 from __future__ import annotations
@@ -52,9 +53,14 @@ def main() -> None:
     print(f"tiny GPT-2, {'compiled' if args.compile else 'eager'}, {args.threads} threads, "
           f"{args.rounds} rounds of 10 calls (medians, ms)")
     cases["reference page's patch, a 9,000-row dataset in scope"] = cases["reference page's patch"]
+    cases["reference page's patch, and 6,000 more names in its module"] = cases["reference page's patch"]
     for name, (trace, by_hand) in cases.items():
         if "dataset" in name:  # reference_patch's module is where its trace looks
             bench.suite.dataset = [{"prompt": f"p{i}", "label": i, "tokens": [1, 2, 3, 4]} for i in range(9000)]
+        if "names" in name:  # a long notebook session's _i1, _1, ... (and the dataset still)
+            for i in range(3000):
+                setattr(bench.suite, f"_i{i}", f"cell {i}")
+                setattr(bench.suite, f"_{i}", [i])
         for _ in range(5):
             trace()
             by_hand()

@@ -11,9 +11,9 @@ attributes when they are imported (torch inductor lists its ops handler's
 methods) would then see a ``save`` on every class imported during a trace.
 Lists and dicts that existed before a trace and that the
 block fills with traced values (``acts.append(h)``) are filled with the real
-values after it, without ``.save()``: ``outside_containers`` notes them when
-the block starts and ``keep_appended`` keeps what was put in them, counting
-references first so that what nothing was put in is not looked through.
+values after it, without ``.save()``: ``scope_of`` notes them when the block
+starts and ``keep_appended`` keeps what was put in them, counting references
+first so that what nothing was put in is not looked through.
 """
 
 from __future__ import annotations
@@ -128,34 +128,45 @@ def _is_container(value: Any) -> bool:
     return isinstance(value, (list, dict)) and not isinstance(value, SiteContainer)
 
 
-def outside_containers(frame) -> list:
-    """The lists, dicts and tuples that ``frame``'s variables (and its module's) are bound to when a trace
-    starts: the containers NNsight's users fill inside a trace without ``.save()`` (``acts.append(h)``), and
-    through them every container they hold.
+def scope_of(frame) -> list[dict]:
+    """The variables of ``frame`` (and of its module) as a trace starts: copies of their dicts, made in C.
 
-    Only the variables are looked at, not what the containers hold: a notebook's globals may hold a
-    dataset of many thousands of rows, and a trace must not cost a walk over it to start. Strong
-    references, so that no container made inside the trace can take one's id.
-    """
+    The containers among them are what ``keep_appended`` looks through, and only where counting
+    references says it must: a notebook's namespace may hold thousands of names (``_i1``, ``_1``, ...),
+    and a trace must not cost a Python step per name to start. The copies hold strong references, so that
+    no container made inside the trace can take one's id."""
     if frame is None:
         return []
-    found: dict[int, Any] = {}
     scopes = [frame.f_locals] + ([frame.f_globals] if frame.f_globals is not frame.f_locals else [])
-    for scope in scopes:
-        for name, value in list(scope.items()):
+    return [dict(scope) for scope in scopes]
+
+
+def outside_containers(scope: list[dict]) -> list:
+    """The lists, dicts and tuples ``scope`` (``scope_of``'s) binds names to: the containers NNsight's users
+    fill inside a trace without ``.save()`` (``acts.append(h)``), and through them every container they hold.
+
+    Only the variables are looked at, not what the containers hold: a notebook's globals may hold a
+    dataset of many thousands of rows, and a trace must not cost a walk over it to start.
+    """
+    found: dict[int, Any] = {}
+    for variables in scope:
+        for name, value in variables.items():
             if (_is_container(value) or type(value) is tuple) and not name.startswith("__"):  # not __builtins__
                 found[id(value)] = value
     return list(found.values())
 
 
-def keep_appended(tracer, containers: list, frame=None) -> tuple[list, list]:
-    """Keep the traced values of ``tracer`` put into ``containers`` (made before the trace) or into what they
-    hold. Returns the containers that hold any, to fill after the run, and those walked to the end that
-    hold none, which need no second look. ``frame``: the frame running the block.
+def keep_appended(tracer, scope: list[dict], frame=None) -> tuple[list, list | None]:
+    """Keep the traced values of ``tracer`` put into the containers ``scope`` (``scope_of``'s, made before the
+    trace) binds names to, or into what they hold. Returns the containers that hold any, to fill after the
+    run, and those walked to the end that hold none, which need no second look; ``None`` for the second
+    where no container at all holds one (``bind_saved`` then binds variables alone). ``frame``: the frame
+    running the block.
 
     First it counts references (``_held_elsewhere``): where every reference to the trace's proxies is from
-    the block's variables, the trace itself, or one of ``containers`` directly, no container can hold one
-    deeper, and nothing is walked. A notebook's dataset in scope then costs nothing at each trace.
+    the block's variables or the trace itself, no container holds one, and nothing is looked through; where
+    the others are items of the containers themselves, those items are enough. A notebook's dataset in
+    scope then costs nothing at each trace.
 
     A walk over everything they hold, each list and dict looked at once, within the limits of
     ``_SCAN_LIMIT`` (longer containers are passed over) and ``_VISIT_LIMIT`` (elements in all). The
@@ -167,7 +178,8 @@ def keep_appended(tracer, containers: list, frame=None) -> tuple[list, list]:
     """
     elsewhere = _held_elsewhere(tracer, frame)
     if not elsewhere:
-        return [], list(containers)
+        return [], None
+    containers = outside_containers(scope)
     found = _held_at_top(containers, elsewhere)
     if found is not None:
         return found, [c for c in containers if not any(c is k for k in found)]
@@ -434,18 +446,24 @@ def bind_saved(frame, saved: list[Proxy], containers: list[Any] = (), untouched:
 
     ``containers`` (registered with ``fxpatch.save``, or made before the trace and filled in it) get their
     values wherever they are; ``untouched`` (made before the trace, walked to the end by ``keep_appended``
-    and found holding none of its values) are not looked through again.
+    and found holding none of its values) are not looked through again, and where it is ``None`` no
+    container holds one of the trace's values (``keep_appended`` counted), so only the variables bound to
+    one change: a notebook's thousands of names are not each looked into.
     """
     registered = {id(c) for c in containers}
-    seen: dict = {id(c): (c, c) for c in untouched if id(c) not in registered}
+    seen: dict = {id(c): (c, c) for c in untouched or () if id(c) not in registered}
     for container in containers:
         _replace_saved(container, seen, registered, dropped)
     if frame is None or not saved:
         return
     local_vars = frame.f_locals
     is_module_level = local_vars is frame.f_globals
+    if untouched is None:
+        items = [(name, value) for name, value in local_vars.items() if type(value) is Proxy]
+    else:
+        items = list(local_vars.items())
     changed = {}
-    for name, value in list(local_vars.items()):
+    for name, value in items:
         new = _replace_saved(value, seen, registered, dropped)
         if new is not value:
             changed[name] = new

@@ -54,7 +54,7 @@ from .passes.diagnostics import Location
 from .passes.ops import read_site, write_site
 from .proxy import _UNSET, Proxy
 from .runner import chains_of, inserted_nodes, run_trace
-from .saving import bind_saved, keep_appended, mount_save, outside_containers, unmount_save
+from .saving import bind_saved, keep_appended, mount_save, scope_of, unmount_save
 from .session import active_session
 from .structure import unflatten
 
@@ -252,7 +252,7 @@ class Tracer:
                                hint="Use several tracer.invoke(...) blocks in one trace instead.")
         active.push(self)
         self._grad = torch.is_grad_enabled()  # the program runs in one grad mode: this one (see record)
-        self._outside = outside_containers(sys._getframe(1))  # filled in after the run when used (NNsight's idiom)
+        self._scope = scope_of(sys._getframe(1))  # its containers are filled in after the run (NNsight's idiom)
         mount_save(self)  # x.save() on any object while recording
         try:
             from .edit import replay_edits
@@ -274,7 +274,7 @@ class Tracer:
             self._close()
             return False
         frame = sys._getframe(1)  # the frame running the `with` statement
-        kept, untouched = keep_appended(self, self._outside, frame)
+        kept, untouched = keep_appended(self, self._scope, frame)
         session = active_session()
         if session is not None:  # in a session every value the block's variables hold flows on
             session.keep(self, frame)
@@ -304,7 +304,7 @@ class Tracer:
 
     def _close(self) -> None:
         self.finished = True
-        self._outside = []
+        self._scope = []
         self.proxies = []
         self.__dict__.pop("_fake_values", None)  # fake tensors of the recording (fake_values.py)
         unmount_save(self)

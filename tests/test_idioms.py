@@ -441,6 +441,27 @@ def test_a_dataset_in_scope_is_not_walked_when_the_block_puts_nothing_into_conta
     assert [list(row) for row in dataset[:7]] == [[i, i + 1] for i in range(7)]
 
 
+def test_a_notebooks_namespace_binds_its_saved_values_without_looking_into_each_name(gpt2):
+    """A trace at a module's top level (a notebook cell: its variables are the module's), with thousands of
+    names as a long notebook session has (``_i1``, ``_1``, ...) and a dataset: the saved value and the list
+    filled at top level hold real values after it (found by counting references: the names are copied as
+    the block starts, not each looked into), the dataset's rows are not looked at, the other names are as
+    they were."""
+    namespace = {"gpt2": gpt2, "PROMPT_1": PROMPT_1,
+                 "dataset": [_CountedRow([i, i + 1]) for i in range(200)], "acts": []}
+    namespace.update({f"_i{i}": f"cell {i}" for i in range(3000)})
+    namespace.update({f"_{i}": [i] for i in range(3000)})
+    _CountedRow.asked = 0
+    exec(compile("with gpt2.trace(PROMPT_1):\n"
+                 "    logits = gpt2.lm_head.output[:, -1].save()\n"
+                 "    acts.append(gpt2.transformer.h[0].output[:, -1])\n", "<cell>", "exec"), namespace)
+    assert _CountedRow.asked == 0
+    ref = run_alone(gpt2, PROMPT_1, capture=["transformer.h.0"])
+    close(namespace["logits"][0], ref.logits[-1], "saved")
+    close(namespace["acts"][0][0], ref.outputs["transformer.h.0"][:, -1][0], "appended")
+    assert namespace["_i2999"] == "cell 2999" and namespace["_2999"] == [2999]
+
+
 def _fill_from_a_closure(lm, holder: dict, h=None):
     """``h`` is an argument that a nested function captures: held by a cell, named twice in the code."""
     p = paths(lm)

@@ -1,7 +1,8 @@
 """``keep_appended``: which containers made before a trace hold its values, and which need no second look.
 
-Its one-pass answer (``_hold_no_proxies``, for the common trace that puts nothing into them) must agree with
-the full walk, which keeps account per container, on every shape of container."""
+Its quick answers (the reference count, and the one-pass ``_hold_no_proxies``, for the common trace that puts
+nothing into them) must agree with the full walk, which keeps account per container, on every shape of
+container."""
 
 from __future__ import annotations
 
@@ -43,13 +44,20 @@ def structures(h) -> dict:
     return out
 
 
+def scope(containers) -> list[dict]:
+    """``containers`` as ``scope_of`` gives a frame's variables."""
+    return [{f"c{i}": c for i, c in enumerate(containers)}]
+
+
 def full_walk(tracer, containers):
-    saved = fxpatch.saving._hold_no_proxies
+    """``keep_appended`` with neither the reference count nor the one-pass answer: the walk alone."""
+    saved = fxpatch.saving._hold_no_proxies, fxpatch.saving._held_elsewhere
     fxpatch.saving._hold_no_proxies = lambda tracer, containers: False
+    fxpatch.saving._held_elsewhere = lambda tracer, frame: {0: 1}  # a reference no container's items explain
     try:
-        return keep_appended(tracer, containers)
+        return keep_appended(tracer, scope(containers))
     finally:
-        fxpatch.saving._hold_no_proxies = saved
+        fxpatch.saving._hold_no_proxies, fxpatch.saving._held_elsewhere = saved
 
 
 @pytest.mark.parametrize("with_values", [False, True])
@@ -64,6 +72,11 @@ def test_the_one_pass_answer_agrees_with_the_full_walk(gpt2, with_values):
             if one_pass:  # said only where the full walk finds nothing and looks at everything
                 assert not holds and kept == [] and untouched == [c], name
             assert one_pass is not (holds or name.startswith(("a cycle", "deeper", "longer"))), name
-            assert keep_appended(tracer, [c]) == (kept, untouched), name
+            got, untouched_now = keep_appended(tracer, scope([c]))
+            assert got == kept, name
+            if untouched_now is None:  # the count: no container holds a value (past the walk's limits too)
+                assert not holds, name
+            else:
+                assert untouched_now == untouched, name
         out = gpt2.lm_head.output.save()
     assert out.shape[-1] == gpt2.config.vocab_size
