@@ -182,7 +182,8 @@ def keep_appended(tracer, scope: list[dict], frame=None) -> tuple[list, list | N
     containers = outside_containers(scope)
     found = _held_at_top(containers, elsewhere)
     if found is not None:
-        return found, [c for c in containers if not any(c is k for k in found)]
+        holding = set(map(id, found))
+        return found, [c for c in containers if id(c) not in holding]
     if _hold_no_proxies(tracer, containers):  # the common answer, in one pass over all of them
         return [], list(containers)
     walks = [_Walk(top) for top in containers]
@@ -234,10 +235,11 @@ def _held_elsewhere(tracer, frame) -> dict[int, int]:
         return any(elsewhere.values())
 
     optimized = frame is not None and frame.f_code.co_flags & _CO_OPTIMIZED
-    if _DICT_OF_FRAME and optimized:  # the frame's own reference (or its cell's) to each variable the dict has
+    left = any(elsewhere.values())
+    if left and _DICT_OF_FRAME and optimized:  # the frame's own reference (or its cell's) to each variable
         code = frame.f_code
         names = {*code.co_varnames, *code.co_cellvars, *code.co_freevars}  # an argument in a cell is in two
-        account(scope[n] for n in names if n in scope)
+        left = account(scope[n] for n in names if n in scope)
     # most traces' values are held by the block's variables alone: a large module scope is looked at last
     sources = [lambda: scope.values(), lambda: vars(tracer).values(), lambda: tracer.saved,
                lambda: [v for b in tracer.barriers for by_invoke in b.rounds.values()
@@ -246,8 +248,9 @@ def _held_elsewhere(tracer, frame) -> dict[int, int]:
     if frame is not None and (optimized or scope is not frame.f_globals):
         sources.append(lambda: frame.f_globals.values())
     for values in sources:
-        if not any(elsewhere.values()) or not account(values()):
+        if not left:
             break
+        left = account(values())
     return {i: n for i, n in elsewhere.items() if n}
 
 

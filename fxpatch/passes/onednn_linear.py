@@ -66,10 +66,12 @@ class OneDNNLinear(PassBase):
                 new = graph.call_function(ONEDNN_LINEAR_OP, (x, weight, bias, transposed))
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
+            operand = node.args[2] if node.target is aten.addmm.default else node.args[1]
             graph.erase_node(node)
+            if operand is not weight and not operand.users:  # a transpose of the weight only the linear used
+                graph.erase_node(operand)
             changed = True
         if changed:
-            graph.eliminate_dead_code()  # a transpose of the weight that only the linear used
             graph.lint()
         return changed
 
@@ -89,13 +91,10 @@ class OneDNNLinear(PassBase):
             transposed = True
         else:
             return None
-        if not transposed or not isinstance(w, torch.fx.Node):
-            weight = w
-        elif w.op == "call_function" and (w.target is aten.t.default
-                                          or w.target is aten.permute.default and list(w.args[1]) == [1, 0]):
+        weight = w
+        if transposed and isinstance(w, torch.fx.Node) and w.op == "call_function" and (
+                w.target is aten.t.default or w.target is aten.permute.default and list(w.args[1]) == [1, 0]):
             weight, transposed = w.args[0], False  # x @ w.T: the weight as nn.Linear keeps it
-        else:
-            weight = w
         if not (_is_input(weight) and self._large(weight)):
             return None
         if not (_float32_cpu(x) and _val(x).dim() >= 2 and (b is None or _float32_cpu(b) and _val(b).dim() == 1)):
