@@ -174,6 +174,46 @@ def test_a_compiled_patch_at_a_negative_position_of_a_reshaped_value_is_the_hook
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+IN_PLACE_THROUGH_VIEWS = {
+    "unflatten, transpose, select": "t = h.unflatten(2, (2, -1)).transpose(2, 3)[..., 0]\nt.add_(t * 0.5)",
+    "narrow, unflatten, transpose, select": "t = h.narrow(1, h.shape[1] - 1, 1).unflatten(2, (2, -1))"
+                                            ".transpose(2, 3)[..., 0]\nt.add_(t * 0.5)",
+    "permute, select": "t = h.permute(2, 0, 1)[:, :, -1]\nt.mul_(-1.0)",
+    "unfold, select": "t = h[0, -1].unfold(0, 4, 4)[:, 1]\nt.fill_(2.0)",
+}
+
+
+@pytest.mark.parametrize("body", IN_PLACE_THROUGH_VIEWS, ids=list(IN_PLACE_THROUGH_VIEWS))
+def test_the_compile_only_passes_keep_a_tensors_layout_for_the_views_after_it(gpt2, monkeypatch, body):
+    """An in-place write through views indexed at a program's position: the functionalized graph writes the
+    new values back through the views' inverses, and replays ``view``s that hold only for eager's layout. The
+    copy ``MaterializeIndexed`` makes of the indexed tensor keeps its layout (a contiguous copy of the
+    transposed tensor made the ``view`` back to ``(1, 1, 96)`` fail: found by the random fuzz, compiled). The
+    compile-only passes' graph runs here eagerly (torch.compile replaced by the graph itself, so no inductor)
+    and equals the plain model with the same code in a hook."""
+    monkeypatch.setattr(torch, "compile", lambda gm, **kwargs: gm)
+    model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+    code = IN_PLACE_THROUGH_VIEWS[body]
+    with torch.no_grad(), model.trace(PROMPT_1) as tracer:
+        exec(code, {"h": model.transformer.h[1].output})
+        logits = model.lm_head.output[:, -1].save()
+    assert any(n.target is torch.ops.fxpatch.materialize.default for n in compiled_graph(tracer).graph.nodes)
+
+    def edit(out):
+        exec(code, {"h": out})
+        return out
+
+    with torch.no_grad():
+        expected = run_alone(gpt2, PROMPT_1, outputs={"transformer.h.1": edit}).logits[-1]
+    torch.testing.assert_close(logits[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def compiled_graph(tracer) -> torch.fx.GraphModule:
+    """The graph ``compile=True`` hands torch.compile for the trace's rewritten graph (after its passes)."""
+    (fn,) = tracer.graph.__dict__["_fxpatch_compiled"].values()
+    return fn
+
+
 def test_a_compiled_write_of_an_outside_tensor_at_a_position_equals_eager(gpt2):
     """An outside tensor indexed at a program's position (``v[:, p]``) is a graph input; its copy
     (fxpatch/passes/materialize_indexed.py) goes after the graph's inputs. Compiled equals eager for p = -1."""

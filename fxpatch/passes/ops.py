@@ -42,13 +42,16 @@ def is_site(node: torch.fx.Node) -> bool:
 
 @torch.library.custom_op(f"{SITE_NAMESPACE}::materialize", mutates_args=())
 def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``x`` that ``torch.compile`` cannot see through (``MaterializeIndexed``)."""
-    return x.clone(memory_format=torch.contiguous_format)
+    """A copy of ``x`` that ``torch.compile`` cannot see through (``MaterializeIndexed``), laid out as ``x`` is
+    (``clone``'s ``preserve_format``: its strides where it is dense, else its order of dims, densely): what
+    follows it makes tensors laid out as eager's, so a ``view`` that the functionalized graph replays (an
+    in-place write through ``transpose``) is one eager torch can make."""
+    return x.clone()
 
 
 @materialize.register_fake
 def _materialize_fake(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x)
 
 
 def _materialize_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
