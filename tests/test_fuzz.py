@@ -31,7 +31,7 @@ values (no padding in them), so the generator never relies on what padding
 holds.
 
 ``python -m pytest -q tests/test_fuzz.py`` runs 100 programs (50 per
-architecture); ``python -m pytest -q -m slow tests/test_fuzz.py`` runs 1,000, and 16 more with
+architecture); ``python -m pytest -q -m slow tests/test_fuzz.py`` runs 1,000, and 40 more with
 every trace compiled.
 """
 
@@ -487,10 +487,10 @@ def compiled_lm(lm):
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=8)
+@settings(FUZZ, max_examples=20)
 @given(data=st.data())
 def test_random_programs_compiled(compiled_lm, data):
-    """8 random programs per architecture, compiled (each its own graph: seconds of inductor each), give the
+    """20 random programs per architecture, compiled (each its own graph: seconds of inductor each), give the
     hook reference's logits and saved values: the graph torch.compile gets (``IndexBeforeLinear``,
     ``MaterializeIndexed``) computes what the eager one does."""
     _draw_and_check(compiled_lm, data, max_steps=3)
