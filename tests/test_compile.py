@@ -12,6 +12,7 @@ import torch._dynamo
 
 from fxpatch import LanguageModel
 from fxpatch.errors import FxpatchError
+from fxpatch.passes.ops import MATERIALIZE_OP
 from fxpatch.runner import compiled
 from fxpatch.segments import Chain
 from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, skip_compiled_generation_before_torch_2_13, state
@@ -197,7 +198,7 @@ def test_the_compile_only_passes_keep_a_tensors_layout_for_the_views_after_it(gp
     with torch.no_grad(), model.trace(PROMPT_1) as tracer:
         exec(code, {"h": model.transformer.h[1].output})
         logits = model.lm_head.output[:, -1].save()
-    assert any(n.target is torch.ops.fxpatch.materialize.default for n in compiled_graph(tracer).graph.nodes)
+    assert any(n.target is MATERIALIZE_OP for n in compiled_graph(tracer).graph.nodes)
 
     def edit(out):
         exec(code, {"h": out})

@@ -2,7 +2,7 @@
 
 After it runs, the tensor that every ``select``/``select_scatter`` (and ``slice``/``slice_scatter``)
 whose position comes from a graph input (a program's position, fed at each run) indexes, or the
-tensor it takes an invoke's rows of, is ``fxpatch::materialize`` of it, for all its users: a
+tensor it takes an invoke's rows of, is ``fxpatch::materialize_as_laid_out`` of it, for all its users: a
 copy with its layout (its strides where it is dense) that inductor runs as its own kernel. Without
 it, inductor fuses the read into what follows and reaches the element through the views before it;
 where those undo a reshape (OPT's layer output is ``(rows * tokens, hidden)`` viewed as ``(rows,

@@ -40,7 +40,10 @@ def is_site(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is SITE_OP
 
 
-@torch.library.custom_op(f"{SITE_NAMESPACE}::materialize", mutates_args=())
+# The name carries the layout: inductor's on-disk cache keys a compiled graph by its code, which names the op
+# but not its Python body, and code compiled for the contiguous copy this op made before (``materialize``)
+# indexes the copy by contiguous strides: a new name keeps such entries from being used for this one.
+@torch.library.custom_op(f"{SITE_NAMESPACE}::materialize_as_laid_out", mutates_args=())
 def materialize(x: torch.Tensor) -> torch.Tensor:
     """A copy of ``x`` that ``torch.compile`` cannot see through (``MaterializeIndexed``), laid out as ``x`` is
     (``clone``'s ``preserve_format``: its strides where it is dense, else its order of dims, densely): what
@@ -60,7 +63,7 @@ def _materialize_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
 
 materialize.register_autograd(_materialize_backward)
 
-MATERIALIZE_OP = torch.ops.fxpatch.materialize.default
+MATERIALIZE_OP = torch.ops.fxpatch.materialize_as_laid_out.default
 
 
 def read_site(name: str, start: int, stop: int | None) -> torch.Tensor:
