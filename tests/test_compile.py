@@ -299,3 +299,23 @@ def test_a_compiled_program_that_only_reads_runs_the_head_on_its_positions_and_a
     assert rows.target is torch.ops.aten.cat.default and len(rows.args[0]) == 3
     assert head_input(by_int, ()).target is not torch.ops.aten.cat.default  # compiled as if no input were an int
     assert head_input(run(torch.tensor([-1]))).target is not torch.ops.aten.cat.default
+
+
+@pytest.mark.xfail(strict=True, reason="open bug: inductor with dynamic sizes reads garbage for this view chain")
+def test_a_compiled_read_through_split_flatten_and_a_negative_slice_equals_eager(gpt2):
+    """KNOWN WRONG VALUES, compiled (found by the random compiled fuzz, 2026-11-29): a read through
+    ``split(16, dim=2)[1].flatten(1)[:, -24:]`` of a replaced layer output, saved at ``[-1]``, gives values
+    like 1e35. Eager, the compile-only passes' graph run eagerly, ``aot_eager`` and inductor with static sizes
+    give the eager values; inductor with dynamic sizes does not, with or without autograd. Strict: this test
+    fails once the bug is fixed, so that its mark is removed."""
+    torch._dynamo.reset()
+    compiled = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+
+    def run(model):
+        with torch.no_grad(), model.trace(PROMPT_1):
+            layer = model.transformer.h[0]
+            layer.output = torch.relu(layer.output) * -0.25
+            value = layer.output.split(16, dim=2)[1].flatten(1)[:, -24:][-1].save()
+        return value
+
+    torch.testing.assert_close(run(compiled), run(gpt2), atol=1e-5, rtol=1e-5)
