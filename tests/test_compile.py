@@ -86,8 +86,7 @@ def test_compiled_linears_run_onednns_gemm_on_the_weights_as_they_are_at_each_ru
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     tracer, logits = patch(model, PROMPT_1, "hello", compile=True)
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks  # the segments recompiled
-    (run,) = tracer.graph._fxpatch_compiled.values()
-    nodes = [n for m in run._orig_mod.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+    nodes = [n for m in compiled_graph(tracer).modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
     # every Conv1D and the head (layers of one form share a segment module, looked at once)
     assert sum(n.target is ONEDNN_LINEAR_OP for n in nodes) >= 4 + 1
     assert not [n for n in nodes if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default)]
@@ -210,9 +209,10 @@ def test_the_compile_only_passes_keep_a_tensors_layout_for_the_views_after_it(gp
 
 
 def compiled_graph(tracer) -> torch.fx.GraphModule:
-    """The graph ``compile=True`` hands torch.compile for the trace's rewritten graph (after its passes)."""
+    """The graph ``compile=True`` hands torch.compile for the trace's rewritten graph (after its passes); the
+    graph itself where a test replaced torch.compile by it."""
     (fn,) = tracer.graph.__dict__["_fxpatch_compiled"].values()
-    return fn
+    return getattr(fn, "_orig_mod", fn)
 
 
 def test_a_compiled_write_of_an_outside_tensor_at_a_position_equals_eager(gpt2):
@@ -258,10 +258,10 @@ def test_compiled_reads_of_a_few_positions_logits_equal_the_hooked_model_and_com
     torch.testing.assert_close(second[0], run_alone(gpt2, prompts[1], outputs={"transformer.h.1": edit}).logits[-1],
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(third, run_alone(gpt2, prompts[2]).logits[-3:-1], atol=1e-5, rtol=1e-5)
-    (compiled,) = tracer.graph._fxpatch_compiled.values()
+    graph = compiled_graph(tracer)
     # one linear on the three reads' rows (concatenated: the weight read once), none over every row and position
-    heads = [n for n in compiled._orig_mod.graph.nodes if n.target is torch.ops.aten.linear.default]
-    assert len(heads) == 1 and heads[0].args[0].target is torch.ops.aten.cat.default, compiled._orig_mod.code
+    heads = [n for n in graph.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(heads) == 1 and heads[0].args[0].target is torch.ops.aten.cat.default, graph.code
     for flat in heads[0].args[0].args[0]:
         assert flat.args[0].target in (torch.ops.aten.select.int, torch.ops.aten.slice.Tensor), flat.format_node()
 
