@@ -12,7 +12,6 @@ import torch._dynamo
 
 from fxpatch import LanguageModel
 from fxpatch.errors import FxpatchError
-from fxpatch.passes.ops import MATERIALIZE_OP
 from fxpatch.runner import compiled
 from fxpatch.segments import Chain
 from tests.conftest import PROMPT_1, PROMPT_2, assert_state_unchanged, skip_compiled_generation_before_torch_2_13, state
@@ -152,7 +151,7 @@ def test_compile_set_on_the_model_applies_to_generate(tokenizer):
 def test_a_compiled_patch_at_a_negative_position_of_a_reshaped_value_is_the_hooked_models(opt):
     """OPT's layer output is its (rows * tokens, hidden) residual viewed as (rows, tokens, hidden). Compiled,
     inductor used to read ``h[:, -1]`` of it through that view at an offset it computes with C's ``%``: memory
-    before the tensor, another wrong value at each run (fxpatch/passes/materialize_indexed.py). Three runs of
+    before the tensor, another wrong value at each run (fxpatch/passes/non_negative_inputs.py). Three runs of
     the compiled patch each equal the plain model with the patch in a hook, on the same batch."""
     torch._dynamo.reset()
     model = LanguageModel(opt._model, tokenizer=opt.tokenizer, compile=True)
@@ -184,20 +183,19 @@ IN_PLACE_THROUGH_VIEWS = {
 
 
 @pytest.mark.parametrize("body", IN_PLACE_THROUGH_VIEWS, ids=list(IN_PLACE_THROUGH_VIEWS))
-def test_the_compile_only_passes_keep_a_tensors_layout_for_the_views_after_it(gpt2, monkeypatch, body):
+def test_the_compile_only_passes_keep_in_place_writes_through_views_at_a_position(gpt2, monkeypatch, body):
     """An in-place write through views indexed at a program's position: the functionalized graph writes the
-    new values back through the views' inverses, and replays ``view``s that hold only for eager's layout. The
-    copy ``MaterializeIndexed`` makes of the indexed tensor keeps its layout (a contiguous copy of the
-    transposed tensor made the ``view`` back to ``(1, 1, 96)`` fail: found by the random fuzz, compiled). The
-    compile-only passes' graph runs here eagerly (torch.compile replaced by the graph itself, so no inductor)
-    and equals the plain model with the same code in a hook."""
+    new values back through the views' inverses, and replays ``view``s that hold only for eager's layout (a
+    contiguous copy of the indexed tensor, which a compile-only pass once made, made the ``view`` back to
+    ``(1, 1, 96)`` fail: found by the random fuzz, compiled). The compile-only passes' graph runs here
+    eagerly (torch.compile replaced by the graph itself, so no inductor) and equals the plain model with the
+    same code in a hook."""
     monkeypatch.setattr(torch, "compile", lambda gm, **kwargs: gm)
     model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
     code = IN_PLACE_THROUGH_VIEWS[body]
-    with torch.no_grad(), model.trace(PROMPT_1) as tracer:
+    with torch.no_grad(), model.trace(PROMPT_1):
         exec(code, {"h": model.transformer.h[1].output})
         logits = model.lm_head.output[:, -1].save()
-    assert any(n.target is MATERIALIZE_OP for n in compiled_graph(tracer).graph.nodes)
 
     def edit(out):
         exec(code, {"h": out})
@@ -216,8 +214,9 @@ def compiled_graph(tracer) -> torch.fx.GraphModule:
 
 
 def test_a_compiled_write_of_an_outside_tensor_at_a_position_equals_eager(gpt2):
-    """An outside tensor indexed at a program's position (``v[:, p]``) is a graph input; its copy
-    (fxpatch/passes/materialize_indexed.py) goes after the graph's inputs. Compiled equals eager for p = -1."""
+    """An outside tensor indexed at a program's position (``v[:, p]``) is a graph input: compiled, its read at
+    p = -1 fused into the write read memory before it (fxpatch/passes/non_negative_inputs.py). Compiled equals
+    eager for p = -1."""
     torch._dynamo.reset()
     compiled = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
     v = torch.randn(1, 7, gpt2._model.config.n_embd)
@@ -301,21 +300,23 @@ def test_a_compiled_program_that_only_reads_runs_the_head_on_its_positions_and_a
     assert head_input(run(torch.tensor([-1]))).target is not torch.ops.aten.cat.default
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: inductor with dynamic sizes reads garbage for this view chain")
-def test_a_compiled_read_through_split_flatten_and_a_negative_slice_equals_eager(gpt2):
-    """KNOWN WRONG VALUES, compiled (found by the random compiled fuzz, 2026-11-29): a read through
-    ``split(16, dim=2)[1].flatten(1)[:, -24:]`` of a replaced layer output, saved at ``[-1]``, gives values
-    like 1e35. Eager, the compile-only passes' graph run eagerly, ``aot_eager`` and inductor with static sizes
-    give the eager values; inductor with dynamic sizes does not, with or without autograd. Strict: this test
-    fails once the bug is fixed, so that its mark is removed."""
+def test_compiled_reads_at_negative_positions_through_a_flattened_view_equal_the_hooked_model(gpt2):
+    """Found by the random compiled fuzz: ``split(16, dim=2)[1].flatten(1)[:, p:]`` of a replaced layer output
+    gave values near 1e35 for a negative ``p`` (fxpatch/passes/non_negative_inputs.py: inductor took the
+    position as a symbol it assumes non-negative). Positions -24, -3 and 5, and the same read stopped at -1,
+    each equal the plain model's layer output, replaced in a hook, read the same way; the two negative
+    positions share one compiled graph (the program's numbers are data), which the positive one does not."""
     torch._dynamo.reset()
-    compiled = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
-
-    def run(model):
-        with torch.no_grad(), model.trace(PROMPT_1):
+    model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+    replaced = run_alone(gpt2, PROMPT_1, outputs={"transformer.h.0": lambda out: torch.relu(out) * -0.25},
+                         capture=["transformer.h.0"]).outputs["transformer.h.0"]
+    for p in (-24, -3, 5):
+        with torch.no_grad(), model.trace(PROMPT_1) as tracer:
             layer = model.transformer.h[0]
             layer.output = torch.relu(layer.output) * -0.25
-            value = layer.output.split(16, dim=2)[1].flatten(1)[:, -24:][-1].save()
-        return value
-
-    torch.testing.assert_close(run(compiled), run(gpt2), atol=1e-5, rtol=1e-5)
+            value = layer.output.split(16, dim=2)[1].flatten(1)[:, p:][-1].save()
+            stopped = layer.output.flatten(1)[:, p:-1].save()
+        expected = replaced.split(16, dim=2)[1].flatten(1)[:, p:][-1]
+        torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stopped, replaced.flatten(1)[:, p:-1], atol=1e-5, rtol=1e-5)
+    assert len(tracer.graph.__dict__["_fxpatch_compiled"]) == 2  # (-24, -3) and (5,)

@@ -14,6 +14,9 @@ import operator
 import torch
 
 SITE_NAMESPACE = "fxpatch"
+# An op whose behaviour changes takes a new name: inductor's on-disk cache keys compiled code by the code,
+# which names an op but holds neither its Python body nor its fake, so code compiled for the old behaviour
+# would be served for the new one.
 
 
 @torch.library.custom_op(f"{SITE_NAMESPACE}::site", mutates_args=())
@@ -38,32 +41,6 @@ SITE_OP = torch.ops.fxpatch.site.default
 def is_site(node: torch.fx.Node) -> bool:
     """True for a ``site`` node of an exported graph."""
     return node.op == "call_function" and node.target is SITE_OP
-
-
-# The name carries the layout: inductor's on-disk cache keys a compiled graph by its code, which names the op
-# but not its Python body, and code compiled for the contiguous copy this op made before (``materialize``)
-# indexes the copy by contiguous strides: a new name keeps such entries from being used for this one.
-@torch.library.custom_op(f"{SITE_NAMESPACE}::materialize_as_laid_out", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A copy of ``x`` that ``torch.compile`` cannot see through (``MaterializeIndexed``), laid out as ``x`` is
-    (``clone``'s ``preserve_format``: its strides where it is dense, else its order of dims, densely): what
-    follows it makes tensors laid out as eager's, so a ``view`` that the functionalized graph replays (an
-    in-place write through ``transpose``) is one eager torch can make."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _materialize_fake(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def _materialize_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-    return grad  # a copy: the gradient passes as it is
-
-
-materialize.register_autograd(_materialize_backward)
-
-MATERIALIZE_OP = torch.ops.fxpatch.materialize_as_laid_out.default
 
 
 def read_site(name: str, start: int, stop: int | None) -> torch.Tensor:
