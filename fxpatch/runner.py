@@ -23,7 +23,7 @@ from .errors import FxpatchError, user_location
 from .export import TRACING_LOCK
 from .gradients import make_differentiable, mark_requires_grad, run_backwards
 from .inputs import left_pad
-from .passes import IndexBeforeLinear, InlineProgram, NonNegativeInputs, OneDNNLinear, StripSites
+from .passes import IndexBeforeLinear, InlineProgram, OneDNNLinear, SpecializeNegativeInts, StripSites
 from .passes.functionalize_program import (
     Chains,
     TensorSpec,
@@ -522,18 +522,21 @@ def _feeds(program: torch.fx.Graph, values: dict) -> list[Any]:
     return feeds
 
 
+_COMPILED_PER_GRAPH = 16  # compiled forms kept per rewritten graph, the oldest made dropped first
+
+
 def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = True, numbers: tuple = (),
-             negated: tuple = ()):
+             negative: tuple = ()):
     """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph, mode,
     ``numbers`` (the places of the inputs fed Python ints: positions an index may be moved above a linear
-    with, ``IndexBeforeLinear``; a graph fed a tensor there gets its own) and ``negated`` (those of them
-    whose int is negative: the compiled graph is fed its negation, ``NonNegativeInputs``).
+    with, ``IndexBeforeLinear``; a graph fed a tensor there gets its own) and ``negative`` (pairs ``(place,
+    int)`` of those fed a negative int at this run: the compiled graph has the int, ``SpecializeNegativeInts``).
 
     ``mode`` is torch.compile's (``"reduce-overhead"`` uses CUDA graphs on a GPU). ``dynamic=False``
     compiles for the inputs' fixed sizes (a static-cache decode step), once per set of sizes.
     """
     cache = gm.__dict__.setdefault("_fxpatch_compiled", {})
-    fn = cache.get((mode, dynamic, numbers, negated))
+    fn = cache.get((mode, dynamic, numbers, negative))
     if fn is None:
         # Dynamo will not trace a lazy graph module's first forward (torch.fx is on its skip list): a
         # segment called through a Chain would be a graph break and run eagerly, op by op
@@ -544,14 +547,16 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
         inputs = [n for n in target.graph.nodes if n.op == "placeholder"]
         for i in numbers:
             inputs[i].meta["fxpatch_number"] = True
-        for i in negated:
-            inputs[i].meta["fxpatch_negated"] = True
-        for rewrite in (IndexBeforeLinear(), OneDNNLinear(), NonNegativeInputs()):
+        for i, value in negative:
+            inputs[i].meta["fxpatch_int"] = value
+        for rewrite in (IndexBeforeLinear(), OneDNNLinear(), SpecializeNegativeInts()):
             target = rewrite(target).graph_module
         for sub in target.modules():  # a pass's recompile() leaves a graph module lazy again
             if isinstance(sub, _LazyGraphModule):
                 _LazyGraphModule.force_recompile(sub)
-        fn = cache[(mode, dynamic, numbers, negated)] = torch.compile(target, dynamic=dynamic, mode=mode)
+        if len(cache) >= _COMPILED_PER_GRAPH:  # a loop over negative positions: each is a graph of its own
+            del cache[next(iter(cache))]
+        fn = cache[(mode, dynamic, numbers, negative)] = torch.compile(target, dynamic=dynamic, mode=mode)
     return fn
 
 
@@ -588,10 +593,8 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     if compile:
         start = 1 + len(model_inputs)  # the state, the model's inputs, then the program's
         ints = [i for i, v in enumerate(feeds) if type(v) is int]
-        negative = [i for i in ints if feeds[i] < 0]
-        run = compiled(gm, mode_, dynamic, tuple(start + i for i in ints), tuple(start + i for i in negative))
-        if negative:
-            feeds = [-v if i in negative else v for i, v in enumerate(feeds)]
+        negative = tuple((start + i, feeds[i]) for i in ints if feeds[i] < 0)
+        run = compiled(gm, mode_, dynamic, tuple(start + i for i in ints), negative)
     else:
         run = gm
     graphs = compile and uses_cuda_graphs(mode_) and any(t.is_cuda for t in model_inputs)

@@ -151,7 +151,7 @@ def test_compile_set_on_the_model_applies_to_generate(tokenizer):
 def test_a_compiled_patch_at_a_negative_position_of_a_reshaped_value_is_the_hooked_models(opt):
     """OPT's layer output is its (rows * tokens, hidden) residual viewed as (rows, tokens, hidden). Compiled,
     inductor used to read ``h[:, -1]`` of it through that view at an offset it computes with C's ``%``: memory
-    before the tensor, another wrong value at each run (fxpatch/passes/non_negative_inputs.py). Three runs of
+    before the tensor, another wrong value at each run (fxpatch/passes/specialize_negative_ints.py). Three runs of
     the compiled patch each equal the plain model with the patch in a hook, on the same batch."""
     torch._dynamo.reset()
     model = LanguageModel(opt._model, tokenizer=opt.tokenizer, compile=True)
@@ -215,7 +215,7 @@ def compiled_graph(tracer) -> torch.fx.GraphModule:
 
 def test_a_compiled_write_of_an_outside_tensor_at_a_position_equals_eager(gpt2):
     """An outside tensor indexed at a program's position (``v[:, p]``) is a graph input: compiled, its read at
-    p = -1 fused into the write read memory before it (fxpatch/passes/non_negative_inputs.py). Compiled equals
+    p = -1 fused into the write read memory before it (fxpatch/passes/specialize_negative_ints.py). Compiled equals
     eager for p = -1."""
     torch._dynamo.reset()
     compiled = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
@@ -302,10 +302,10 @@ def test_a_compiled_program_that_only_reads_runs_the_head_on_its_positions_and_a
 
 def test_compiled_reads_at_negative_positions_through_a_flattened_view_equal_the_hooked_model(gpt2):
     """Found by the random compiled fuzz: ``split(16, dim=2)[1].flatten(1)[:, p:]`` of a replaced layer output
-    gave values near 1e35 for a negative ``p`` (fxpatch/passes/non_negative_inputs.py: inductor took the
+    gave values near 1e35 for a negative ``p`` (fxpatch/passes/specialize_negative_ints.py: inductor took the
     position as a symbol it assumes non-negative). Positions -24, -3 and 5, and the same read stopped at -1,
-    each equal the plain model's layer output, replaced in a hook, read the same way; the two negative
-    positions share one compiled graph (the program's numbers are data), which the positive one does not."""
+    each equal the plain model's layer output, replaced in a hook, read the same way. The eager graph is one
+    for all three (the program's numbers are data); compiled, each negative position is a graph of its own."""
     torch._dynamo.reset()
     model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
     replaced = run_alone(gpt2, PROMPT_1, outputs={"transformer.h.0": lambda out: torch.relu(out) * -0.25},
@@ -319,4 +319,37 @@ def test_compiled_reads_at_negative_positions_through_a_flattened_view_equal_the
         expected = replaced.split(16, dim=2)[1].flatten(1)[:, p:][-1]
         torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stopped, replaced.flatten(1)[:, p:-1], atol=1e-5, rtol=1e-5)
-    assert len(tracer.graph.__dict__["_fxpatch_compiled"]) == 2  # (-24, -3) and (5,)
+    assert len(tracer.graph.__dict__["_fxpatch_compiled"]) == 3
+
+
+def test_compiled_writes_at_the_same_negative_positions_in_two_invokes_equal_the_hooked_model(gpt2):
+    """Found by the random compiled fuzz, when negative positions were fed to the compiled graph negated:
+    inductor's code named a symbol it never bound (``NameError: name 's78' is not defined``) for writes
+    ``[:, -2:, -8:]`` in two invokes. Each invoke's last logits equal the plain model's, alone, with the same
+    code in a hook."""
+    torch._dynamo.reset()
+    model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+    first = ("h[:, -2:, -8:] = h[:, -2:, :8] * -0.25 + -1.0\nh = h * 1.5 + 0.25")
+    second = ("h[:, -2:, -8:] = h[:, -2:, -8:] * 0.5 + 0.25\nu = h.clone()\n"
+              "t = u.view(u.shape[0], u.shape[1], 4, -1)[:, :, 1].movedim(-1, 0).movedim(-1, 0)\nt.fill_(0.5)\nh = u")
+    layer = model.transformer.h[0]
+    logits = []
+    with torch.no_grad(), model.trace() as tracer:
+        for code in (first, second):
+            with tracer.invoke("_ _ _"):
+                scope = {"h": layer.output}
+                exec(code, scope)
+                layer.output = scope["h"]
+                logits.append(model.lm_head.output[:, -1].save())
+
+    def edit(code):
+        def run(out):
+            scope = {"h": out}
+            exec(code, scope)
+            return scope["h"]
+        return run
+
+    for code, value in zip((first, second), logits):
+        with torch.no_grad():
+            expected = run_alone(gpt2, "_ _ _", outputs={"transformer.h.0": edit(code)}).logits[-1]
+        torch.testing.assert_close(value[0], expected, atol=1e-5, rtol=1e-5)

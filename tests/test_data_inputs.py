@@ -127,7 +127,7 @@ def test_the_bound_of_a_position_is_a_guard_without_torchs_own(monkeypatch):
 
 
 def test_compiled_positions_do_not_recompile(gpt2):
-    """Under compile=True the positions and scales are inputs of the compiled graph: no recompile."""
+    """Under compile=True non-negative positions and scales are inputs of the compiled graph: no recompile."""
     import torch._dynamo
 
     torch._dynamo.reset()

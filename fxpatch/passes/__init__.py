@@ -4,7 +4,7 @@ They import torch only. ``functionalize_program`` turns a recorded program
 into a functional graph with eager torch's meaning (and checks its shapes on
 fake tensors), ``InlineProgram`` puts it into an exported graph and
 ``StripSites`` removes the site markers and dead code; ``IndexBeforeLinear``, ``OneDNNLinear`` and
-``NonNegativeInputs`` ready a graph for ``torch.compile``.
+``SpecializeNegativeInts`` ready a graph for ``torch.compile``.
 """
 
 from .functionalize_program import (
@@ -16,9 +16,9 @@ from .functionalize_program import (
 )
 from .index_before_linear import IndexBeforeLinear
 from .inline_program import InlineProgram
-from .non_negative_inputs import NonNegativeInputs
 from .onednn_linear import OneDNNLinear
+from .specialize_negative_ints import SpecializeNegativeInts
 from .strip_sites import StripSites
 
-__all__ = ["CheckedProgram", "FunctionalProgram", "IndexBeforeLinear", "InlineProgram", "NonNegativeInputs",
-           "OneDNNLinear", "StripSites", "check_program", "check_program_symbolic", "functionalize_program"]
+__all__ = ["CheckedProgram", "FunctionalProgram", "IndexBeforeLinear", "InlineProgram", "OneDNNLinear",
+           "SpecializeNegativeInts", "StripSites", "check_program", "check_program_symbolic", "functionalize_program"]
