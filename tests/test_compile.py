@@ -353,3 +353,20 @@ def test_compiled_writes_at_the_same_negative_positions_in_two_invokes_equal_the
         with torch.no_grad():
             expected = run_alone(gpt2, "_ _ _", outputs={"transformer.h.0": edit(code)}).logits[-1]
         torch.testing.assert_close(value[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_loop_over_negative_positions_keeps_at_most_16_compiled_forms_of_a_graph(gpt2, monkeypatch):
+    """Each negative position is a compiled form of its own (a constant of the graph); a loop over 20 of them
+    keeps the 16 made last, and every read equals the plain model's. torch.compile is replaced by the graph
+    itself (no inductor), so the forms are the graphs the compile-only passes make."""
+    monkeypatch.setattr(torch, "compile", lambda gm, **kwargs: gm)
+    model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+    prompt = " ".join(["word"] * 20)
+    layer = run_alone(gpt2, prompt, capture=["transformer.h.0"]).outputs["transformer.h.0"]
+    for p in range(-1, -21, -1):
+        with torch.no_grad(), model.trace(prompt) as tracer:
+            value = model.transformer.h[0].output[:, p].save()
+        torch.testing.assert_close(value, layer[:, p], atol=1e-6, rtol=1e-6)
+    forms = tracer.graph.__dict__["_fxpatch_compiled"]
+    assert len(forms) == 16
+    assert [dict(key[3]).popitem()[1] for key in forms] == list(range(-5, -21, -1))
