@@ -182,6 +182,15 @@ IN_PLACE_THROUGH_VIEWS = {
 }
 
 
+def running(code: str):
+    """A hook edit that runs ``code`` on the output as ``h`` and returns ``h`` as the code leaves it."""
+    def edit(out):
+        scope = {"h": out}
+        exec(code, scope)
+        return scope["h"]
+    return edit
+
+
 @pytest.mark.parametrize("body", IN_PLACE_THROUGH_VIEWS, ids=list(IN_PLACE_THROUGH_VIEWS))
 def test_the_compile_only_passes_keep_in_place_writes_through_views_at_a_position(gpt2, monkeypatch, body):
     """An in-place write through views indexed at a program's position: the functionalized graph writes the
@@ -196,13 +205,8 @@ def test_the_compile_only_passes_keep_in_place_writes_through_views_at_a_positio
     with torch.no_grad(), model.trace(PROMPT_1):
         exec(code, {"h": model.transformer.h[1].output})
         logits = model.lm_head.output[:, -1].save()
-
-    def edit(out):
-        exec(code, {"h": out})
-        return out
-
     with torch.no_grad():
-        expected = run_alone(gpt2, PROMPT_1, outputs={"transformer.h.1": edit}).logits[-1]
+        expected = run_alone(gpt2, PROMPT_1, outputs={"transformer.h.1": running(code)}).logits[-1]
     torch.testing.assert_close(logits[0], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -341,17 +345,9 @@ def test_compiled_writes_at_the_same_negative_positions_in_two_invokes_equal_the
                 exec(code, scope)
                 layer.output = scope["h"]
                 logits.append(model.lm_head.output[:, -1].save())
-
-    def edit(code):
-        def run(out):
-            scope = {"h": out}
-            exec(code, scope)
-            return scope["h"]
-        return run
-
     for code, value in zip((first, second), logits):
         with torch.no_grad():
-            expected = run_alone(gpt2, "_ _ _", outputs={"transformer.h.0": edit(code)}).logits[-1]
+            expected = run_alone(gpt2, "_ _ _", outputs={"transformer.h.0": running(code)}).logits[-1]
         torch.testing.assert_close(value[0], expected, atol=1e-5, rtol=1e-5)
 
 

@@ -35,9 +35,12 @@ class SpecializeNegativeInts(PassBase):
             value = node.meta["fxpatch_int"]
             if type(value) is not int or value >= 0:
                 raise ValueError(f"{node.name} is marked with {value!r}: only a negative int is made a constant")
+
+            def constant(a, node=node, value=value):
+                return value if a is node else a
+
             for user in list(node.users):
-                user.args = torch.fx.node.map_arg(user.args, lambda a, node=node, v=value: v if a is node else a)
-                user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a, node=node, v=value: v if a is node else a)
+                user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs), constant)
         if baked:
             graph.lint()
             gm.recompile()
