@@ -23,7 +23,16 @@ from .errors import FxpatchError, user_location
 from .export import TRACING_LOCK
 from .gradients import make_differentiable, mark_requires_grad, run_backwards
 from .inputs import left_pad
-from .passes import IndexBeforeLinear, InlineProgram, OneDNNLinear, SpecializeNegativeInts, StripSites
+from .passes import (
+    CountFromEnd,
+    IndexBeforeLinear,
+    IndexToOps,
+    InlineProgram,
+    OneDNNLinear,
+    SpecializeNegativeInts,
+    StripSites,
+)
+from .passes.count_from_end import from_end_uses
 from .passes.functionalize_program import (
     Chains,
     TensorSpec,
@@ -526,17 +535,20 @@ _COMPILED_PER_GRAPH = 16  # compiled forms kept per rewritten graph, the oldest 
 
 
 def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = True, numbers: tuple = (),
-             negative: tuple = ()):
+             negative: tuple = (), from_end: tuple = ()):
     """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph, mode,
     ``numbers`` (the places of the inputs fed Python ints: positions an index may be moved above a linear
-    with, ``IndexBeforeLinear``; a graph fed a tensor there gets its own) and ``negative`` (pairs ``(place,
-    int)`` of those fed a negative int at this run: the compiled graph has the int, ``SpecializeNegativeInts``).
+    with, ``IndexBeforeLinear``; a graph fed a tensor there gets its own), ``from_end`` (the places of those
+    fed a negative position ``p``, which the run feeds as ``-p``: the graph counts it from the end of its
+    dim, ``CountFromEnd``) and ``negative`` (pairs ``(place, int)`` of those fed a negative int that is
+    not only a position at this run: the compiled graph has the int, ``SpecializeNegativeInts``).
 
     ``mode`` is torch.compile's (``"reduce-overhead"`` uses CUDA graphs on a GPU). ``dynamic=False``
     compiles for the inputs' fixed sizes (a static-cache decode step), once per set of sizes.
     """
     cache = gm.__dict__.setdefault("_fxpatch_compiled", {})
-    fn = cache.get((mode, dynamic, numbers, negative))
+    key = (mode, dynamic, numbers, negative, from_end)
+    fn = cache.get(key)
     if fn is None:
         # Dynamo will not trace a lazy graph module's first forward (torch.fx is on its skip list): a
         # segment called through a Chain would be a graph break and run eagerly, op by op
@@ -549,15 +561,28 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
             inputs[i].meta["fxpatch_number"] = True
         for i, value in negative:
             inputs[i].meta["fxpatch_int"] = value
-        for rewrite in (IndexBeforeLinear(), OneDNNLinear(), SpecializeNegativeInts()):
+        for i in from_end:
+            inputs[i].meta["fxpatch_from_end"] = True
+        for rewrite in (IndexBeforeLinear(), IndexToOps(), CountFromEnd(), OneDNNLinear(), SpecializeNegativeInts()):
             target = rewrite(target).graph_module
         for sub in target.modules():  # a pass's recompile() leaves a graph module lazy again
             if isinstance(sub, _LazyGraphModule):
                 _LazyGraphModule.force_recompile(sub)
-        if len(cache) >= _COMPILED_PER_GRAPH:  # a loop over negative positions: each is a graph of its own
+        if len(cache) >= _COMPILED_PER_GRAPH:  # a loop over negative ints that are not positions: each is its own
             del cache[next(iter(cache))]
-        fn = cache[(mode, dynamic, numbers, negative)] = torch.compile(target, dynamic=dynamic, mode=mode)
+        fn = cache[key] = torch.compile(target, dynamic=dynamic, mode=mode)
     return fn
+
+
+def counted_from_end(gm: torch.fx.GraphModule, numbers: tuple) -> frozenset:
+    """Of the inputs at ``numbers`` (fed ints), the places of those used only as positions, which a compiled
+    graph takes counted from the end when they are negative (``CountFromEnd``); once per graph and places."""
+    known = gm.__dict__.setdefault("_fxpatch_from_end", {})
+    if numbers not in known:
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        ints = {inputs[i] for i in numbers}
+        known[numbers] = frozenset(i for i in numbers if from_end_uses(inputs[i], ints) is not None)
+    return known[numbers]
 
 
 @functools.cache
@@ -590,11 +615,19 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
     gm = patched_graph(model, mode, program, list(model_inputs), feeds)
     state = model.state_values(mode)
     mode_ = compile if isinstance(compile, str) else None
+    run_feeds = feeds
     if compile:
         start = 1 + len(model_inputs)  # the state, the model's inputs, then the program's
-        ints = [i for i, v in enumerate(feeds) if type(v) is int]
-        negative = tuple((start + i, feeds[i]) for i in ints if feeds[i] < 0)
-        run = compiled(gm, mode_, dynamic, tuple(start + i for i in ints), negative)
+        numbers = tuple(start + i for i, v in enumerate(feeds) if type(v) is int)
+        below = [place for place in numbers if feeds[place - start] < 0]
+        counted = counted_from_end(gm, numbers) if below else frozenset()
+        negative = tuple((place, feeds[place - start]) for place in below if place not in counted)
+        from_end = tuple(place for place in below if place in counted)
+        run = compiled(gm, mode_, dynamic, numbers, negative, from_end)
+        if from_end:
+            run_feeds = list(feeds)
+            for place in from_end:
+                run_feeds[place - start] = -run_feeds[place - start]
     else:
         run = gm
     graphs = compile and uses_cuda_graphs(mode_) and any(t.is_cuda for t in model_inputs)
@@ -603,7 +636,7 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
         torch.compiler.cudagraph_mark_step_begin()
     with torch.set_grad_enabled(grad):
         try:
-            out = call_graph(run, (state, *model_inputs, *feeds))
+            out = call_graph(run, (state, *model_inputs, *run_feeds))
         except torch._dynamo.exc.BackendCompilerFailed as e:  # raised while compiling: nothing has run yet
             raise compile_failed(e) from e
         if graphs:

@@ -151,7 +151,7 @@ def test_compile_set_on_the_model_applies_to_generate(tokenizer):
 def test_a_compiled_patch_at_a_negative_position_of_a_reshaped_value_is_the_hooked_models(opt):
     """OPT's layer output is its (rows * tokens, hidden) residual viewed as (rows, tokens, hidden). Compiled,
     inductor used to read ``h[:, -1]`` of it through that view at an offset it computes with C's ``%``: memory
-    before the tensor, another wrong value at each run (fxpatch/passes/specialize_negative_ints.py). Three runs of
+    before the tensor, another wrong value at each run (fxpatch/passes/count_from_end.py). Three runs of
     the compiled patch each equal the plain model with the patch in a hook, on the same batch."""
     torch._dynamo.reset()
     model = LanguageModel(opt._model, tokenizer=opt.tokenizer, compile=True)
@@ -219,7 +219,7 @@ def compiled_graph(tracer) -> torch.fx.GraphModule:
 
 def test_a_compiled_write_of_an_outside_tensor_at_a_position_equals_eager(gpt2):
     """An outside tensor indexed at a program's position (``v[:, p]``) is a graph input: compiled, its read at
-    p = -1 fused into the write read memory before it (fxpatch/passes/specialize_negative_ints.py). Compiled equals
+    p = -1 fused into the write read memory before it (fxpatch/passes/count_from_end.py). Compiled equals
     eager for p = -1."""
     torch._dynamo.reset()
     compiled = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
@@ -306,10 +306,11 @@ def test_a_compiled_program_that_only_reads_runs_the_head_on_its_positions_and_a
 
 def test_compiled_reads_at_negative_positions_through_a_flattened_view_equal_the_hooked_model(gpt2):
     """Found by the random compiled fuzz: ``split(16, dim=2)[1].flatten(1)[:, p:]`` of a replaced layer output
-    gave values near 1e35 for a negative ``p`` (fxpatch/passes/specialize_negative_ints.py: inductor took the
+    gave values near 1e35 for a negative ``p`` (fxpatch/passes/count_from_end.py: inductor took the
     position as a symbol it assumes non-negative). Positions -24, -3 and 5, and the same read stopped at -1,
     each equal the plain model's layer output, replaced in a hook, read the same way. The eager graph is one
-    for all three (the program's numbers are data); compiled, each negative position is a graph of its own."""
+    for all three (the program's numbers are data); compiled, it has two forms: one for both negative
+    positions, counted from the end of their dim (fxpatch/passes/count_from_end.py), one for 5."""
     torch._dynamo.reset()
     model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
     replaced = run_alone(gpt2, PROMPT_1, outputs={"transformer.h.0": lambda out: torch.relu(out) * -0.25},
@@ -323,7 +324,8 @@ def test_compiled_reads_at_negative_positions_through_a_flattened_view_equal_the
         expected = replaced.split(16, dim=2)[1].flatten(1)[:, p:][-1]
         torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stopped, replaced.flatten(1)[:, p:-1], atol=1e-5, rtol=1e-5)
-    assert len(tracer.graph.__dict__["_fxpatch_compiled"]) == 3
+    forms = tracer.graph.__dict__["_fxpatch_compiled"]
+    assert len(forms) == 2 and [len(key[4]) for key in forms] == [3, 1]  # p twice and -1 from the end; then -1
 
 
 def test_compiled_writes_at_the_same_negative_positions_in_two_invokes_equal_the_hooked_model(gpt2):
@@ -351,18 +353,43 @@ def test_compiled_writes_at_the_same_negative_positions_in_two_invokes_equal_the
         torch.testing.assert_close(value[0], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_loop_over_negative_positions_keeps_at_most_16_compiled_forms_of_a_graph(gpt2, monkeypatch):
-    """Each negative position is a compiled form of its own (a constant of the graph); a loop over 20 of them
-    keeps the 16 made last, and every read equals the plain model's. torch.compile is replaced by the graph
-    itself (no inductor), so the forms are the graphs the compile-only passes make."""
+def test_a_compiled_loop_over_negative_positions_compiles_once_and_reads_each_right(gpt2):
+    """A position counted from the end is an input of the compiled graph (as a non-negative one is): a loop
+    over -2 ... -12 compiles one graph, whose every read and write equals the plain model's with a hook."""
+    torch._dynamo.reset()
+    model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
+    prompt = " ".join(["word"] * 12)
+    layer = run_alone(gpt2, prompt, capture=["transformer.h.0"]).outputs["transformer.h.0"]
+    frames = []
+    for p in range(-1, -13, -1):
+        with torch.no_grad(), model.trace(prompt):
+            h = model.transformer.h[0].output
+            value = h[:, p].clone().save()  # a view would see the write below, as in eager torch
+            h[:, p:] = h[:, p:] * 2
+            doubled = model.transformer.h[0].output.clone().save()
+        torch.testing.assert_close(value, layer[:, p], atol=1e-5, rtol=1e-5)
+        want = layer.clone()
+        want[:, p:] *= 2
+        torch.testing.assert_close(doubled, want, atol=1e-5, rtol=1e-5)
+        frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # h[:, -1:] is one position: a graph of its own (torch's guards set size 1 apart); -2 ... -12 share one
+    assert frames[0] >= 1 and frames[-1] == frames[1], frames
+
+
+def test_a_loop_over_negative_ints_that_are_not_only_positions_keeps_at_most_16_compiled_forms(gpt2, monkeypatch):
+    """A negative int the graph cannot count from the end (a position after a tensor index, ``h[rows, p]``)
+    is a constant of a compiled form of its own (fxpatch/passes/specialize_negative_ints.py); a loop over 20
+    of them keeps the 16 made last, and every read equals the plain model's. torch.compile is replaced by the
+    graph itself (no inductor), so the forms are the graphs the compile-only passes make."""
     monkeypatch.setattr(torch, "compile", lambda gm, **kwargs: gm)
     model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
     prompt = " ".join(["word"] * 20)
     layer = run_alone(gpt2, prompt, capture=["transformer.h.0"]).outputs["transformer.h.0"]
+    rows = torch.tensor([0])
     for p in range(-1, -21, -1):
         with torch.no_grad(), model.trace(prompt) as tracer:
-            value = model.transformer.h[0].output[:, p].save()
-        torch.testing.assert_close(value, layer[:, p], atol=1e-6, rtol=1e-6)
+            value = model.transformer.h[0].output[rows, p].save()
+        torch.testing.assert_close(value, layer[rows, p], atol=1e-6, rtol=1e-6)
     forms = tracer.graph.__dict__["_fxpatch_compiled"]
     assert len(forms) == 16
     assert [dict(key[3]).popitem()[1] for key in forms] == list(range(-5, -21, -1))

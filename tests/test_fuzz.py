@@ -492,5 +492,6 @@ def compiled_lm(lm):
 def test_random_programs_compiled(compiled_lm, data):
     """20 random programs per architecture, compiled (each its own graph: seconds of inductor each), give the
     hook reference's logits and saved values: the graph torch.compile gets (``IndexBeforeLinear``,
-    ``OneDNNLinear``, ``SpecializeNegativeInts``) computes what the eager one does."""
+    ``IndexToOps``, ``CountFromEnd``, ``OneDNNLinear``, ``SpecializeNegativeInts``) computes what the eager
+    one does."""
     _draw_and_check(compiled_lm, data, max_steps=3)

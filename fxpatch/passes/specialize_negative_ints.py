@@ -1,15 +1,16 @@
 """Pass: a compiled graph's int inputs fed a negative value are that constant.
 
 After it runs, every placeholder marked ``meta["fxpatch_int"]`` (an int, negative: one a program's
-position such as ``h[:, -24:]`` is fed at this run, which its runner keys the compiled graph by) has no
-users; they use the int itself, as the graph of a program written with that literal would. Inductor
-takes a graph's int inputs as symbols it assumes are non-negative and simplifies its index arithmetic by
-that: ``x.reshape(-1)[n:]`` of a computed ``x`` becomes a read at ``(n + i) % numel``, which its C++ code
-takes with C's ``%``, so a negative ``n`` reads memory before the tensor (values near 1e35 that change
-from run to run; torch 2.13, CPU). Feeding ``-n`` and negating it in the graph is indexed right but
-meets other faults of the same torch (code that names a symbol it never binds, for a write through
-``[:, -m:]`` after a tensor op). Non-negative ints stay inputs, one compiled graph for all their values;
-each negative value compiles a graph of its own. Only the graph handed to ``torch.compile`` gets it.
+position is fed at this run, which its runner keys the compiled graph by) has no users; they use the int
+itself, as the graph of a program written with that literal would. Inductor takes a graph's int inputs as
+symbols it assumes are non-negative and simplifies its index arithmetic by that: ``x.reshape(-1)[n:]`` of
+a computed ``x`` becomes a read at ``(n + i) % numel``, which its C++ code takes with C's ``%``, so a
+negative ``n`` reads memory before the tensor (values near 1e35 that change from run to run; torch 2.13,
+CPU). A position used only as a position is counted from the end instead (``CountFromEnd``: one compiled
+graph for all its negative values); this pass is for the rest (a position after a tensor index,
+``h[rows, -1]``), each negative value a compiled graph of its own. Feeding ``-n`` and negating it in the
+graph (``[:, -m:]``) meets another fault of the same torch: code that names a symbol it never binds, for a
+write after a tensor op. Only the graph handed to ``torch.compile`` gets it.
 """
 
 from __future__ import annotations
