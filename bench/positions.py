@@ -2,7 +2,7 @@
 
 ``python -m bench.positions [--rounds N]`` takes the rewritten graph of the 8-invoke trace on the tiny
 GPT-2 (16 positions, all -1: reads and writes at the last token, the head on the rows read), compiles
-it twice, once as ``compile=True`` runs it now (each position an input ``m = -p`` the graph counts from
+it twice, once as ``compile=True`` runs it now (each position an input ``m = 1 - p`` the graph counts from
 the end, ``CountFromEnd``: one graph for every value) and once with each position a constant
 (``SpecializeNegativeInts``, a graph per value), checks that both give the same outputs, and times the
 two interleaved in one process, rounds of 20 calls each. The ratio is what counting from the end costs
@@ -21,6 +21,7 @@ import fxpatch.runner as runner
 from bench.cases import prompts
 from bench.suite import eight_invokes, tiny_gpt2, tokenizer
 from fxpatch import LanguageModel
+from fxpatch.passes.count_from_end import fed as fed_as
 
 
 def main() -> None:
@@ -48,8 +49,8 @@ def main() -> None:
         runner.compiled, runner.call_graph = compiled, call_graph
     gm, numbers, from_end, fed = seen["gm"], seen["numbers"], seen["from_end"], seen["args"]
     constants = list(fed)
-    for place in from_end:  # the run fed m = -p; the constant form is fed p
-        constants[place] = -constants[place]
+    for place in from_end:  # the run fed m = 1 - p; the constant form is fed p
+        constants[place] = fed_as(constants[place])
     forms = {"counted from the end": (compiled(gm, None, True, numbers, (), from_end), fed),
              "constants": (compiled(gm, None, True, numbers, tuple((p, constants[p]) for p in from_end)),
                            constants)}

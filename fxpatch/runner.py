@@ -32,7 +32,7 @@ from .passes import (
     SpecializeNegativeInts,
     StripSites,
 )
-from .passes.count_from_end import from_end_uses
+from .passes.count_from_end import fed, from_end_uses
 from .passes.functionalize_program import (
     Chains,
     TensorSpec,
@@ -539,7 +539,7 @@ def compiled(gm: torch.fx.GraphModule, mode: str | None = None, dynamic: bool = 
     """``gm`` through ``torch.compile`` (inductor, dynamic sizes), made once per rewritten graph, mode,
     ``numbers`` (the places of the inputs fed Python ints: positions an index may be moved above a linear
     with, ``IndexBeforeLinear``; a graph fed a tensor there gets its own), ``from_end`` (the places of those
-    fed a negative position ``p``, which the run feeds as ``-p``: the graph counts it from the end of its
+    fed a negative position ``p``, which the run feeds as ``1 - p``: the graph counts it from the end of its
     dim, ``CountFromEnd``) and ``negative`` (pairs ``(place, int)`` of those fed a negative int that is
     not only a position at this run: the compiled graph has the int, ``SpecializeNegativeInts``).
 
@@ -627,7 +627,7 @@ def run_program(model, mode: str, program: torch.fx.Graph, outputs: list[torch.f
         if from_end:
             run_feeds = list(feeds)
             for place in from_end:
-                run_feeds[place - start] = -run_feeds[place - start]
+                run_feeds[place - start] = fed(run_feeds[place - start])
     else:
         run = gm
     graphs = compile and uses_cuda_graphs(mode_) and any(t.is_cuda for t in model_inputs)

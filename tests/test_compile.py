@@ -356,8 +356,8 @@ def test_compiled_writes_at_the_same_negative_positions_in_two_invokes_equal_the
 def test_a_compiled_loop_over_negative_positions_compiles_once_and_reads_each_right(gpt2):
     """A position counted from the end is an input of the compiled graph (as a non-negative one is): a loop
     over -2 ... -11 of a 12-token prompt compiles one graph, whose every read and write equals the plain
-    model's with a hook. (-1 is fed as 1, a constant to torch, and -12 slices from 0, a guard of its own:
-    each would compile once more.)"""
+    model's with a hook. (At -1 the write's ``h[:, -1:]`` is one position, and torch guards a size of 1
+    apart; -12 slices from 0, a guard of its own: each would compile once more.)"""
     torch._dynamo.reset()
     model = LanguageModel(gpt2._model, tokenizer=gpt2.tokenizer, compile=True)
     prompt = [5, 17, 42, 8, 99, 3, 61, 7, 11, 4, 23, 70]  # token ids

@@ -152,9 +152,9 @@ def test_compiled_reads_at_positions_compile_once_per_sign(gpt2):
     """A program that only reads (``h[:, p]``, ``h[:, p:]``: no functional rewrite, so torch's own indexing
     reaches dynamo, which made ``p`` a constant and compiled again for each value) compiles one graph for
     the positive positions and one for the negative ones (fxpatch/passes/index_to_ops.py and
-    count_from_end.py), each read equal to the plain model's. Left out: -1 (fed as 1, which torch makes a
-    constant, as it does 0 and 1 anywhere) and -8 (the first token: a slice from 0 is a guard of its own),
-    each one compile more."""
+    count_from_end.py), each read equal to the plain model's. Left out, each one compile more: 0 and 1
+    (torch makes an int input of 0 or 1 a constant), -1 (``h[:, -1:]`` is one position: torch guards a
+    size of 1 apart) and -8 (the first token: a slice from 0 is a guard of its own)."""
     import torch._dynamo
 
     torch._dynamo.reset()

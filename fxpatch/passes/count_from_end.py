@@ -1,17 +1,19 @@
 """Pass: a compiled graph takes a program's negative positions as their distance from the end.
 
 After it runs, every placeholder marked ``meta["fxpatch_from_end"]`` (an int input its runner feeds
-as ``m = -p`` for a program's negative position ``p``: ``h[:, -1]``, ``h[:, -24:]``) is used only
-through ``size - m``, computed in the graph from the size of the dim it indexes: as an index
-(``select``, ``select_scatter``, ``t[..., p]``) that non-negative position, checked ``>= 0``; as a
-slice bound (``slice``, ``slice_scatter``, ``t[..., p:]``) ``max(size - m, 0)``, Python's clamp of a
-negative bound. Each is the element eager torch takes for ``p``, now written as the non-negative
-number inductor assumes its int inputs are (torch 2.13 takes them as symbols ``>= 0`` and simplifies
-``x.reshape(-1)[n:]`` to a read at ``(n + i) % numel`` in C's ``%``, which with a negative ``n``
-reads memory before the tensor). One compiled graph then serves every negative value of a position,
-as it does every non-negative one. ``from_end_uses`` says which placeholders the pass can rewrite:
-one used in any other way (an argument of a nested graph, an op not above) is left to
-``SpecializeNegativeInts``. Only the graph handed to ``torch.compile`` gets it.
+as ``m = fed(p) = 1 - p`` for a program's negative position ``p``: ``h[:, -1]`` is fed 2,
+``h[:, -24:]`` 25) is used only through ``size + 1 - m``, computed in the graph from the size of
+the dim it indexes: as an index (``select``, ``select_scatter``, ``t[..., p]``) that non-negative
+position, checked ``>= 0``; as a slice bound (``slice``, ``slice_scatter``, ``t[..., p:]``)
+``max(size + 1 - m, 0)``, Python's clamp of a negative bound. Each is the element eager torch takes
+for ``p``, now written with the non-negative number inductor assumes its int inputs are (torch 2.13
+takes them as symbols ``>= 0`` and simplifies ``x.reshape(-1)[n:]`` to a read at ``(n + i) % numel``
+in C's ``%``, which with a negative ``n`` reads memory before the tensor). One compiled graph then
+serves every negative value of a position, as it does every non-negative one; ``m`` is at least 2
+because torch makes an int input of 0 or 1 a constant of the graph, which would set ``-1`` apart.
+``from_end_uses`` says which placeholders the pass can rewrite: one used in any other way (an
+argument of a nested graph, an op not above) is left to ``SpecializeNegativeInts``. Only the graph
+handed to ``torch.compile`` gets it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ _POSITION_OPS = {
     aten.slice.Tensor: (0, 1, {2: "bound", 3: "bound"}),
     aten.slice_scatter.default: (0, 2, {3: "bound", 4: "bound"}),
 }
+
+
+def fed(p: int) -> int:
+    """The int a negative position ``p`` is fed as (and, the same function, the position an int fed stands for).
+
+    Example::
+
+        fed(-1), fed(-24), fed(fed(-3))   # 2, 25, -3
+    """
+    return 1 - p
 
 
 class Use(NamedTuple):
@@ -124,7 +136,7 @@ class CountFromEnd(PassBase):
     Example::
 
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        inputs[3].meta["fxpatch_from_end"] = True   # fed 24 for the program's h.flatten(1)[:, -24:]
+        inputs[3].meta["fxpatch_from_end"] = True   # fed 25 for the program's h.flatten(1)[:, -24:]
         gm = CountFromEnd()(gm).graph_module
     """
 
@@ -141,7 +153,8 @@ class CountFromEnd(PassBase):
             for use in uses:
                 with graph.inserting_before(use.user):
                     size = graph.call_function(aten.sym_size.int, (use.tensor, use.dim))
-                    position = graph.call_function(operator.sub, (size, node))
+                    end = graph.call_function(operator.add, (size, 1))  # fed 1 - p: size + p is end - m
+                    position = graph.call_function(operator.sub, (end, node))
                     if use.kind == "bound":
                         position = graph.call_function(torch.sym_max, (position, 0))
                     else:  # checked before the run too: a negative index here would wrap to a wrong element

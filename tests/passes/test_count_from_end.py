@@ -1,5 +1,5 @@
-"""``CountFromEnd``: a position fed as its distance from the end ``m = -p`` is used as ``size - m`` (a slice
-bound clamped at 0), so the graph computes what it computes with ``p``; compiled by inductor with dynamic
+"""``CountFromEnd``: a position fed as ``m = 1 - p`` is used as ``size + 1 - m`` (a slice bound clamped at
+0), so the graph computes what it computes with ``p``; compiled by inductor with dynamic
 sizes, one graph reads right at every negative position (with ``p`` itself as the input it does not)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch._dynamo
 import torch._dynamo.testing
 
 from fxpatch.passes import CountFromEnd
-from fxpatch.passes.count_from_end import from_end_uses
+from fxpatch.passes.count_from_end import fed, from_end_uses
 
 aten = torch.ops.aten
 
@@ -43,16 +43,16 @@ def counted(fn, marked: tuple[int, ...]) -> torch.fx.GraphModule:
     return CountFromEnd()(gm).graph_module
 
 
-def test_the_graph_fed_minus_p_computes_what_the_function_computes_with_p():
+def test_the_graph_fed_1_minus_p_computes_what_the_function_computes_with_p():
     x = torch.randn(6, 10, 4)
     for p in (-1, -7, -40, -240):
-        torch.testing.assert_close(counted(flat_tail, (1,))(x, -p), flat_tail(x, p), atol=0, rtol=0)
+        torch.testing.assert_close(counted(flat_tail, (1,))(x, fed(p)), flat_tail(x, p), atol=0, rtol=0)
     for p, q in ((-1, -1), (-10, -3), (-4, -30)):  # q = -30: a slice bound before the start, clamped to 0
-        torch.testing.assert_close(counted(row_write, (1, 2))(x, -p, -q), row_write(x, p, q), atol=0, rtol=0)
+        torch.testing.assert_close(counted(row_write, (1, 2))(x, fed(p), fed(q)), row_write(x, p, q), atol=0, rtol=0)
     for p, q, r in ((-1, -3, -1), (-10, -4, -2), (-5, -9, -50)):
-        torch.testing.assert_close(counted(indexed, (1, 2, 3))(x, -p, -q, -r), indexed(x, p, q, r), atol=0,
+        torch.testing.assert_close(counted(indexed, (1, 2, 3))(x, fed(p), fed(q), fed(r)), indexed(x, p, q, r), atol=0,
                                    rtol=0)
-    assert torch.equal(counted(indexed, (2,))(x, 3, 1, -1), indexed(x, 3, -1, -1))  # the others as they are
+    assert torch.equal(counted(indexed, (2,))(x, 3, fed(-1), -1), indexed(x, 3, -1, -1))  # the others as they are
 
 
 def test_inductor_with_dynamic_sizes_reads_every_negative_position_right_from_one_graph():
@@ -68,8 +68,22 @@ def test_inductor_with_dynamic_sizes_reads_every_negative_position_right_from_on
     compiled = torch.compile(counted(flat_tail, (1,)), backend=counter, dynamic=True)
     for value in (x, torch.randn(7, 40)):
         for p in (-24, -3, -2, -100):
-            torch.testing.assert_close(compiled(value, -p), flat_tail(value, p), atol=0, rtol=0)
+            torch.testing.assert_close(compiled(value, fed(p)), flat_tail(value, p), atol=0, rtol=0)
     assert counter.frame_count == 1
+
+
+def test_a_compiled_index_at_minus_1_shares_the_graph_of_the_other_negative_positions():
+    """-1 is fed as 2: fed as 1, torch would make it a constant of the graph and compile again for -2."""
+    def row(x, p):
+        return aten.select.int(x * 2, 1, p)
+
+    x = torch.randn(3, 10, 4)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(counted(row, (1,)), backend=counter, dynamic=True)
+    for p in (-1, -2, -7, -10):
+        torch.testing.assert_close(compiled(x, fed(p)), row(x, p), atol=0, rtol=0)
+    assert counter.frame_count == 1 and fed(-1) == 2
 
 
 def uses_of(fn, at: int):
