@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .indexing import ellipsis_at, nodes_in
+
 aten = torch.ops.aten
 # op -> (the argument holding the indexed tensor, the dim's, and each position's with what it is)
 _POSITION_OPS = {
@@ -66,7 +68,7 @@ def from_end_uses(node: torch.fx.Node, ints: set[torch.fx.Node] = frozenset()) -
     """
     uses = []
     for user in node.users:
-        if user.op != "call_function" or node in _nodes_in(user.kwargs):
+        if user.op != "call_function" or node in nodes_in(user.kwargs):
             return None
         if user.target in _POSITION_OPS:
             found = _positions_in_args(user, node)
@@ -90,7 +92,7 @@ def _positions_in_args(user: torch.fx.Node, node: torch.fx.Node) -> list[Use] | 
     for i, a in enumerate(user.args):
         if a is node and i in slots and type(dim) is int:
             uses.append(Use(user, i, user.args[tensor_at], dim, slots[i]))
-        elif node in _nodes_in(a):
+        elif node in nodes_in(a):
             return None
     return uses
 
@@ -100,7 +102,7 @@ def _positions_in_index(user: torch.fx.Node, node: torch.fx.Node, ints: set[torc
     positions, from the left, and after a ``...`` from the right (negative dims); across any other item (a
     tensor) the dim is not known here."""
     index = user.args[1]
-    split = next((k for k, item in enumerate(index) if item is Ellipsis), len(index))
+    split = ellipsis_at(index)
     left = _positions_counted(user, node, ints, index[:split], range(split), 1)
     right = _positions_counted(user, node, ints, index[split + 1:][::-1], range(len(index) - 1, split, -1), -1)
     return None if left is None or right is None else left + right
@@ -112,22 +114,16 @@ def _positions_counted(user, node, ints, items, places, step: int) -> list[Use] 
         if item is node:
             uses.append(Use(user, (k, None), user.args[0], dim, "index"))
         elif type(item) is slice:
-            if node in _nodes_in(item.step):
+            if node in nodes_in(item.step):
                 return None
             uses += [Use(user, (k, field), user.args[0], dim, "bound")
                      for field in ("start", "stop") if getattr(item, field) is node]
         elif item is None:
             continue  # a new dim of size 1: it indexes none of the tensor's
         elif not (type(item) is int or item in ints):
-            return None if node in _nodes_in(items) else uses  # a tensor or another ``...``
+            return None if node in nodes_in(items) else uses  # a tensor or another ``...``
         dim += step
     return uses
-
-
-def _nodes_in(value) -> list[torch.fx.Node]:
-    found: list[torch.fx.Node] = []
-    torch.fx.node.map_arg(value, found.append)
-    return found
 
 
 class CountFromEnd(PassBase):

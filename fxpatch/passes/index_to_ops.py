@@ -19,6 +19,8 @@ import operator
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .indexing import ellipsis_at, nodes_in
+
 aten = torch.ops.aten
 _FULL = slice(None, None, None)
 
@@ -42,7 +44,7 @@ class IndexToOps(PassBase):
                     and len(node.args) == 2 and not node.kwargs and type(node.args[1]) is tuple):
                 continue
             index = node.args[1]
-            if not any(n in ints for n in _nodes_in(index)) or not _basic(index, ints):
+            if not any(n in ints for n in nodes_in(index)) or not _basic(index, ints):
                 continue
             with graph.inserting_before(node):
                 value = _as_ops(graph, node.args[0], index)
@@ -68,7 +70,7 @@ def _basic(index: tuple, ints: set) -> bool:
 
 
 def _as_ops(graph: torch.fx.Graph, value: torch.fx.Node, index: tuple) -> torch.fx.Node:
-    split = next((k for k, item in enumerate(index) if item is Ellipsis), len(index))
+    split = ellipsis_at(index)
     dim = 0
     for item in index[:split]:
         value, dim = _item(graph, value, item, dim, 1)
@@ -90,8 +92,3 @@ def _item(graph: torch.fx.Graph, value: torch.fx.Node, item, dim: int, step: int
         return value, dim + step
     return graph.call_function(aten.select.int, (value, dim, item)), dim
 
-
-def _nodes_in(value) -> list[torch.fx.Node]:
-    found: list[torch.fx.Node] = []
-    torch.fx.node.map_arg(value, found.append)
-    return found
